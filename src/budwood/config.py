@@ -1,0 +1,164 @@
+"""Training configuration: pydantic models loadable from YAML, with `--set a.b=c` overrides.
+
+Unknown keys are errors that name the key and the closest valid one, so a typo never silently
+falls back to a default. The resolved config and its hash go into every adapter's provenance.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from budwood.errors import ConfigError, did_you_mean
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    train: Path = Field(description="training JSONL file")
+    validation: Path | None = Field(None, description="validation JSONL file")
+    validation_split: float = Field(0.0, ge=0.0, lt=0.5, description="share of train held out if no file")
+    format: Literal["auto", "openai", "prompt_completion", "alpaca", "sharegpt"] = Field(
+        "auto", description="record format; auto detects it from the first record")
+    min_examples: int = Field(1, ge=1, description="fewer valid examples than this is an error")
+
+
+class LoraConfig(_Strict):
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = Field(
+        "all-linear", description="'all-linear' or module names such as [q_proj, v_proj]")
+    use_rslora: bool = Field(False, description="scale by alpha / sqrt(r) (rank-stabilised LoRA)")
+
+
+class TrainingConfig(_Strict):
+    epochs: float = Field(3, gt=0, description="passes over the data; ignored when max_steps is set")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    learning_rate: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_steps: int | None = Field(None, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    batch_size: int = Field(8, ge=1, description="examples per micro-batch")
+    tokens_per_batch: int | None = Field(
+        None, ge=16, description="cap micro-batches by tokens instead of examples (long-tailed data)")
+    gradient_accumulation: int = Field(1, ge=1)
+    max_seq_len: int = Field(1024, ge=8, description="longer examples are truncated, with a warning")
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 42
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 where the CPU or GPU runs it fast, else fp32")
+    gradient_checkpointing: bool = False
+    batching: Literal["padded", "packed"] = Field(
+        "padded", description="padded: length-grouped rows; packed: examples share rows, exactly masked")
+    eval_every: int = Field(50, ge=1, description="optimizer steps between validation losses")
+    save_every: int = Field(100, ge=1, description="optimizer steps between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1)
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, mps")
+
+
+class LoggingConfig(_Strict):
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "budwood"
+    every: int = Field(1, ge=1, description="optimizer steps between metrics lines")
+
+
+class TrainConfig(_Strict):
+    base_model: str = Field("budwood-tiny", description="budwood-tiny, a local HF directory, or a hub id")
+    data: DataConfig
+    lora: LoraConfig = LoraConfig()
+    training: TrainingConfig = TrainingConfig()
+    output_dir: Path = Path("runs/adapter")
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _split_or_file(self) -> TrainConfig:
+        if self.data.validation is not None and self.data.validation_split > 0:
+            raise ValueError("give data.validation or data.validation_split, not both")
+        return self
+
+    def resolved(self) -> dict[str, Any]:
+        return json.loads(self.model_dump_json())
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.resolved(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _field_names(model: type[BaseModel], path: tuple) -> list[str]:
+    for part in path[:-1]:
+        if not isinstance(part, str) or part not in model.model_fields:
+            return []
+        ann = model.model_fields[part].annotation
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _explain(err: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            hint = did_you_mean(str(loc[-1]), _field_names(TrainConfig, loc))
+            lines.append(f"{source}: unknown key '{key}'{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"{source}: missing required key '{key}'")
+        else:
+            lines.append(f"{source}: {key}: {e['msg']} (got {e.get('input')!r})")
+    return ConfigError("\n".join(lines))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=c` strings; values are parsed as YAML so `--set training.max_steps=20` is an int."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. training.max_steps=20")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: '{p}' is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML config (relative data paths resolve against the YAML's folder)."""
+    raw: dict[str, Any] = dict(base or {})
+    source = "--set"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+        raw.update(loaded)
+        for key in ("train", "validation"):
+            value = (raw.get("data") or {}).get(key)
+            if isinstance(value, str) and not Path(value).is_absolute():
+                candidate = path.parent / value
+                if candidate.exists() or not Path(value).exists():
+                    raw["data"][key] = str(candidate)
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as e:
+        raise _explain(e, source) from None

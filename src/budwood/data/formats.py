@@ -1,0 +1,320 @@
+"""Read JSONL training data in four forms into one canonical conversation.
+
+Forms (registered by name, auto-detected from a record's keys):
+  openai             {"messages": [{"role", "content", "weight"?}]}  (OpenAI fine-tuning format)
+  prompt_completion  {"prompt", "completion"}
+  alpaca             {"instruction", "input"?, "output", "system"?}
+  sharegpt           {"conversations": [{"from", "value"}], "system"?}
+
+Every problem of a file is collected as an Issue (`file:line: code: message`) in one pass, so a
+user fixes a file once instead of once per error, as OpenAI's fine-tuning validator does.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from budwood.errors import DataError, did_you_mean
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Message:
+    role: str
+    content: str
+    weight: int | None = None  # assistant only: 0 = context, not trained on
+
+
+@dataclass
+class Conversation:
+    messages: list[Message]
+    source: str = ""  # file:line it came from
+
+    def canonical(self) -> dict:
+        return {"messages": [{k: v for k, v in asdict(m).items() if v is not None} for m in self.messages]}
+
+
+@dataclass
+class Issue:
+    file: str
+    line: int
+    code: str
+    message: str
+    level: str = "error"  # or "warning"
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.code}: {self.message}"
+
+
+@dataclass
+class Dataset:
+    path: str
+    format: str
+    conversations: list[Conversation] = field(default_factory=list)
+    issues: list[Issue] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Issue]:
+        return [i for i in self.issues if i.level == "error"]
+
+    def fingerprint(self) -> str:
+        return data_fingerprint(self.conversations)
+
+
+def data_fingerprint(conversations: list[Conversation]) -> str:
+    h = hashlib.sha256()
+    for c in conversations:
+        h.update(json.dumps(c.canonical(), sort_keys=True, ensure_ascii=False).encode() + b"\n")
+    return "sha256:" + h.hexdigest()
+
+
+class _Record:
+    """One JSON line being parsed; collects its issues."""
+
+    def __init__(self, file: str, line: int, issues: list[Issue]):
+        self.file, self.line, self.issues = file, line, issues
+        self.failed = False
+
+    def error(self, code: str, message: str) -> None:
+        self.failed = True
+        self.issues.append(Issue(self.file, self.line, code, message))
+
+    def warn(self, code: str, message: str) -> None:
+        self.issues.append(Issue(self.file, self.line, code, message, "warning"))
+
+    def text(self, obj: dict, key: str, where: str, required: bool = True) -> str | None:
+        if key not in obj or obj[key] is None:
+            if required:
+                self.error("missing_field" if where == "record" else "missing_content",
+                           f"{where} has no '{key}'")
+            return None
+        value = obj[key]
+        if not isinstance(value, str):
+            self.error("invalid_type", f"{where} '{key}' must be a string, got {type(value).__name__}")
+            return None
+        return value
+
+    def unknown_keys(self, obj: dict, allowed: tuple[str, ...], where: str, level: str = "error") -> None:
+        for key in obj:
+            if key not in allowed:
+                msg = f"{where} has unknown key '{key}'{did_you_mean(key, allowed)}; expected {', '.join(allowed)}"
+                (self.error if level == "error" else self.warn)("unknown_key", msg)
+
+
+Parser = Callable[[dict, _Record], list[Message] | None]
+FORMATS: dict[str, Parser] = {}
+DETECT: dict[str, tuple[str, ...]] = {}  # format -> keys any of which identifies it
+
+
+def register_format(name: str, identifying_keys: tuple[str, ...]):
+    def deco(fn: Parser) -> Parser:
+        FORMATS[name] = fn
+        DETECT[name] = identifying_keys
+        return fn
+    return deco
+
+
+def _content(raw, rec: _Record, where: str) -> str | None:
+    """OpenAI allows a string or a list of text parts."""
+    if isinstance(raw, str):
+        return raw
+    if isinstance(raw, list) and all(isinstance(p, dict) for p in raw):
+        if all(p.get("type") == "text" and isinstance(p.get("text"), str) for p in raw):
+            return "".join(p["text"] for p in raw)
+        rec.error("invalid_content", f"{where} content parts must all be {{'type': 'text', 'text': str}}")
+        return None
+    rec.error("invalid_content", f"{where} content must be a string or a list of text parts, "
+                                 f"got {type(raw).__name__}")
+    return None
+
+
+@register_format("openai", ("messages",))
+def parse_openai(obj: dict, rec: _Record) -> list[Message] | None:
+    rec.unknown_keys(obj, ("messages",), "record", level="warning")
+    msgs = obj.get("messages")
+    if msgs is None:
+        rec.error("missing_messages", "record has no 'messages' list")
+        return None
+    if not isinstance(msgs, list):
+        rec.error("messages_not_list", f"'messages' must be a list, got {type(msgs).__name__}")
+        return None
+    if not msgs:
+        rec.error("empty_messages", "'messages' is empty")
+        return None
+    out = []
+    for i, m in enumerate(msgs):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            rec.error("message_not_object", f"{where} must be an object, got {type(m).__name__}")
+            continue
+        for key in ("tool_calls", "function_call", "tool_call_id"):
+            if key in m:
+                rec.error("unsupported_key", f"{where} has '{key}': tool calls are not supported yet")
+        rec.unknown_keys({k: v for k, v in m.items() if k not in ("tool_calls", "function_call",
+                                                                   "tool_call_id")},
+                         ("role", "content", "weight", "name"), where)
+        role = m.get("role")
+        if role is None:
+            rec.error("missing_role", f"{where} has no 'role'")
+            continue
+        if role not in ROLES:
+            rec.error("unknown_role", f"{where} role {role!r} is not one of {', '.join(ROLES)}"
+                      f"{did_you_mean(str(role), ROLES)}")
+            continue
+        if m.get("content") is None:
+            rec.error("missing_content", f"{where} ({role}) has no 'content'")
+            continue
+        content = _content(m["content"], rec, where)
+        if content is None:
+            continue
+        weight = m.get("weight")
+        if weight is not None:
+            if role != "assistant":
+                rec.error("invalid_weight", f"{where} 'weight' is only allowed on assistant messages")
+            elif weight not in (0, 1) or isinstance(weight, bool):
+                rec.error("invalid_weight", f"{where} 'weight' must be 0 or 1, got {weight!r}")
+        out.append(Message(role, content, int(weight) if role == "assistant" and weight in (0, 1) else None))
+    return out
+
+
+@register_format("prompt_completion", ("prompt", "completion"))
+def parse_prompt_completion(obj: dict, rec: _Record) -> list[Message] | None:
+    rec.unknown_keys(obj, ("prompt", "completion"), "record")
+    prompt = rec.text(obj, "prompt", "record")
+    completion = rec.text(obj, "completion", "record")
+    if prompt is None or completion is None:
+        return None
+    return [Message("user", prompt), Message("assistant", completion)]
+
+
+@register_format("alpaca", ("instruction", "output"))
+def parse_alpaca(obj: dict, rec: _Record) -> list[Message] | None:
+    rec.unknown_keys(obj, ("instruction", "input", "output", "system"), "record")
+    instruction = rec.text(obj, "instruction", "record")
+    extra = rec.text(obj, "input", "record", required=False)
+    output = rec.text(obj, "output", "record")
+    system = rec.text(obj, "system", "record", required=False)
+    if instruction is None or output is None:
+        return None
+    user = instruction + (f"\n\n{extra}" if extra else "")
+    return ([Message("system", system)] if system else []) + [Message("user", user), Message("assistant", output)]
+
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant", "system": "system"}
+
+
+@register_format("sharegpt", ("conversations",))
+def parse_sharegpt(obj: dict, rec: _Record) -> list[Message] | None:
+    rec.unknown_keys(obj, ("conversations", "system"), "record", level="warning")
+    turns = obj.get("conversations")
+    if not isinstance(turns, list):
+        rec.error("messages_not_list", f"'conversations' must be a list, got {type(turns).__name__}")
+        return None
+    if not turns:
+        rec.error("empty_messages", "'conversations' is empty")
+        return None
+    system = rec.text(obj, "system", "record", required=False)
+    out = [Message("system", system)] if system else []
+    for i, t in enumerate(turns):
+        where = f"conversations[{i}]"
+        if not isinstance(t, dict):
+            rec.error("message_not_object", f"{where} must be an object, got {type(t).__name__}")
+            continue
+        rec.unknown_keys(t, ("from", "value", "weight"), where)
+        who = t.get("from")
+        if who is None:
+            rec.error("missing_role", f"{where} has no 'from'")
+            continue
+        if who not in SHAREGPT_ROLES:
+            rec.error("unknown_role", f"{where} 'from' {who!r} is not one of {', '.join(SHAREGPT_ROLES)}"
+                      f"{did_you_mean(str(who), SHAREGPT_ROLES)}")
+            continue
+        value = rec.text(t, "value", where)
+        if value is not None:
+            out.append(Message(SHAREGPT_ROLES[who], value))
+    return out
+
+
+def detect_format(obj: dict) -> str | None:
+    return next((name for name, keys in DETECT.items() if any(k in obj for k in keys)), None)
+
+
+def _check_conversation(messages: list[Message], rec: _Record) -> None:
+    assistants = [m for m in messages if m.role == "assistant"]
+    if not assistants:
+        rec.error("no_assistant_message", "example has no assistant message to learn from")
+    elif all(m.weight == 0 for m in assistants):
+        rec.error("no_trainable_assistant", "every assistant message has weight 0: nothing to train on")
+    for i, m in enumerate(messages):
+        if m.role == "assistant" and not m.content.strip() and m.weight != 0:
+            rec.error("empty_content", f"message {i} (assistant) has empty content")
+        if m.role == "system" and i != 0:
+            rec.warn("system_not_first", f"message {i} is a system message after the first turn")
+
+
+def read_dataset(path: str | Path, format: str = "auto", min_examples: int = 1, raise_errors: bool = True
+                 ) -> Dataset:
+    """Parse a JSONL file; raise DataError listing every error unless raise_errors is False."""
+    path = Path(path)
+    if format != "auto" and format not in FORMATS:
+        raise DataError(f"unknown data format {format!r}{did_you_mean(format, FORMATS)}; "
+                        f"expected auto or one of {', '.join(FORMATS)}")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such data file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, expected a JSONL file") from None
+    ds = Dataset(str(path), format)
+    file = str(path)
+    records = 0
+    for lineno, line_bytes in enumerate(raw.splitlines(), start=1):
+        rec = _Record(file, lineno, ds.issues)
+        try:
+            line = line_bytes.decode("utf-8")
+        except UnicodeDecodeError as e:
+            rec.error("invalid_encoding", f"not UTF-8 at byte {e.start + 1}")
+            continue
+        if not line.strip():
+            continue
+        records += 1
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            rec.error("invalid_json", f"column {e.colno}: {e.msg}")
+            continue
+        if not isinstance(obj, dict):
+            rec.error("not_an_object", f"each line must be a JSON object, got {type(obj).__name__}")
+            continue
+        found = detect_format(obj)
+        if ds.format == "auto":
+            if found is None:
+                rec.error("unknown_format", f"cannot tell the format from keys {sorted(obj)}; expected "
+                                            "'messages', 'prompt'/'completion', 'instruction'/'output' "
+                                            "or 'conversations'")
+                continue
+            ds.format = found
+        elif found is not None and found != ds.format:
+            rec.error("format_mismatch", f"record looks like {found} but the file is {ds.format}")
+            continue
+        messages = FORMATS[ds.format](obj, rec)
+        if messages is None or rec.failed:
+            continue
+        _check_conversation(messages, rec)
+        if not rec.failed:
+            ds.conversations.append(Conversation(messages, f"{file}:{lineno}"))
+    if records == 0:
+        ds.issues.append(Issue(file, 0, "empty_file", "the file has no records"))
+    elif len(ds.conversations) < min_examples:
+        ds.issues.append(Issue(file, 0, "too_few_examples",
+                               f"{len(ds.conversations)} valid examples, at least {min_examples} needed"))
+    if raise_errors and ds.errors:
+        shown = "\n".join(str(i) for i in ds.errors[:50])
+        more = f"\n... and {len(ds.errors) - 50} more" if len(ds.errors) > 50 else ""
+        raise DataError(f"{path}: {len(ds.errors)} problem(s):\n{shown}{more}", ds.issues)
+    return ds

@@ -1,0 +1,76 @@
+"""Chat-template tokenisation with loss on assistant tokens only.
+
+The conversation is rendered once with the tokenizer's own chat template (so training sees exactly
+the text inference will produce), and each trainable assistant turn's character span is found by
+rendering the prefix before it (with the generation prompt) and the conversation up to it. Tokens
+whose first character falls in a span get labels; the rest get -100. This works for any template,
+with or without `{% generation %}` markers, as long as rendering is prefix-stable.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from budwood.data.formats import Conversation, Issue
+from budwood.errors import DataError
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def _render(tokenizer, msgs: list[dict], generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def assistant_spans(tokenizer, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text and the [start, end) character spans of trainable assistant turns."""
+    msgs = [{"role": m.role, "content": m.content} for m in conv.messages]
+    full = _render(tokenizer, msgs)
+    spans = []
+    for i, m in enumerate(conv.messages):
+        if m.role != "assistant" or m.weight == 0:
+            continue
+        prefix = _render(tokenizer, msgs[:i], generation_prompt=True) if i else ""
+        upto = _render(tokenizer, msgs[: i + 1])
+        if not (full.startswith(upto) and upto.startswith(prefix)):
+            raise DataError(f"{conv.source}: the chat template does not render turn {i} as a prefix of "
+                            "the whole conversation, so the assistant tokens cannot be located")
+        spans.append((len(prefix), len(upto)))
+    return full, spans
+
+
+def encode_conversations(tokenizer, conversations: list[Conversation], max_seq_len: int,
+                         issues: list[Issue] | None = None) -> list[Encoded]:
+    """Tokenise in one batched call; over-long examples are truncated (a warning each)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError("budwood needs a fast (Rust) tokenizer for character offsets")
+    rendered = [assistant_spans(tokenizer, c) for c in conversations]
+    enc = tokenizer([t for t, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for conv, (_, spans), ids, offsets in zip(conversations, rendered, enc["input_ids"],
+                                              enc["offset_mapping"], strict=True):
+        labels = [IGNORE] * len(ids)
+        for t, (start, _) in enumerate(offsets):
+            if any(s <= start < e for s, e in spans):
+                labels[t] = ids[t]
+        file, _, line = conv.source.rpartition(":")
+        if len(ids) > max_seq_len:
+            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+            if issues is not None:
+                issues.append(Issue(file, int(line or 0), "too_long", f"{len(offsets)} tokens, truncated "
+                                    f"to max_seq_len {max_seq_len}", "warning"))
+        if all(x == IGNORE for x in labels[1:]):
+            if issues is not None:
+                issues.append(Issue(file, int(line or 0), "no_trainable_tokens",
+                                    "no assistant tokens left after truncation; example skipped", "warning"))
+            continue
+        out.append(Encoded(list(ids), labels, conv.source))
+    return out

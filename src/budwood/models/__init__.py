@@ -1,0 +1,1 @@
+"""Base models: loading by name, local directory or hub id, and fingerprints."""

@@ -1,0 +1,103 @@
+"""Load a base model + tokenizer from `budwood-tiny`, a local HF directory, or a hub id.
+
+The hub path is the ordinary `from_pretrained` one, so a user with a network gets any HF model;
+tests and the demo use the tiny model that ships inside this package.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from budwood.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+TINY_NAME = "budwood-tiny"
+TINY_DIR = Path(__file__).parent / "tiny"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?$")
+
+
+def resolve_model_path(name: str) -> str:
+    """Map a user's model name to what `from_pretrained` takes; reject names that are neither."""
+    if name == TINY_NAME:
+        return str(TINY_DIR)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{path}: not a Hugging Face model directory (no config.json)")
+        return str(path)
+    if name.startswith((".", "/", "~")) or not _HUB_ID.match(name) or ".." in name:
+        raise ModelError(f"{name!r}: no such model directory, and not a hub id like 'org/model' "
+                         f"(or use the built-in '{TINY_NAME}')")
+    return name
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """bf16 pays off on GPUs that have it and on CPUs with AMX or AVX512-BF16 units."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        return "amx_bf16" in flags or "avx512_bf16" in flags
+    return False
+
+
+def pick_device(spec: str = "auto") -> torch.device:
+    if spec != "auto":
+        return torch.device(spec)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto":
+        return torch.bfloat16 if bf16_is_fast(device) else torch.float32
+    raise ModelError(f"precision {precision!r}: expected auto, fp32 or bf16")
+
+
+@dataclass
+class Base:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    path: str
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not getattr(tok, "chat_template", None):
+        raise ModelError(f"{name}: the tokenizer has no chat template; budwood trains chat models "
+                         "(use an instruct model or add a chat_template to tokenizer_config.json)")
+    return tok
+
+
+def load_base(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Base:
+    """Load weights from safetensors only: a pickled checkpoint could run code on load."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    except OSError as e:
+        raise ModelError(f"{name}: could not load a safetensors causal LM: {e}") from None
+    model.to(device)
+    return Base(model=model, tokenizer=load_tokenizer(name), name=name, path=path)

@@ -1,0 +1,1 @@
+"""Training: the LoRA recipe, its checkpoints and its metrics."""

@@ -1,0 +1,92 @@
+"""Checkpoints that survive SIGKILL: written to a temporary folder, then renamed into place.
+
+A checkpoint holds everything that makes resume exact: the adapter, the optimizer and scheduler
+states, the RNG states, and the data cursor. Tensors go to safetensors (no pickle); the rest to JSON.
+Only folders named step-NNNNNNNN are checkpoints; a half-written `.tmp-*` folder is never read.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from budwood.errors import TrainingError
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(root: Path, step: int, peft_model, opt, scheduler, rng: dict, trainer_state: dict,
+                    keep: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    peft_model.save_pretrained(tmp)
+    tensors, meta = optimizer_to_files(opt)
+    save_file(tensors, tmp / "optimizer.safetensors")
+    save_file({k: v.contiguous() for k, v in rng.items()}, tmp / "rng.safetensors")
+    state = dict(trainer_state, optimizer=meta, scheduler=scheduler.state_dict())
+    (tmp / "trainer_state.json").write_text(json.dumps(state, default=_jsonable))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _jsonable(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint")
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    if not root.exists():
+        return []
+    for stale in root.glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and (p / "trainer_state.json").exists())
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict, dict]:
+    """(adapter weights, optimizer tensors, rng tensors, trainer state)."""
+    try:
+        return (load_file(path / "adapter_model.safetensors"), load_file(path / "optimizer.safetensors"),
+                load_file(path / "rng.safetensors"), json.loads((path / "trainer_state.json").read_text()))
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"{path}: unreadable checkpoint: {e}") from None

@@ -1,0 +1,336 @@
+"""The LoRA fine-tuning recipe, read top to bottom: setup -> data -> model -> loop -> save.
+
+One function, `train(config)`, with no trainer hierarchy or callback maze. Every step is exact and
+reproducible: the data plan is a pure function of (seed, epoch), RNG states are checkpointed, and
+`resume=True` after a kill gives the same adapter weights as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+import budwood
+from budwood.config import TrainConfig
+from budwood.data.formats import Conversation, Dataset, Issue, data_fingerprint, read_dataset
+from budwood.data.pack import collate, plan_epoch
+from budwood.data.template import Encoded, encode_conversations
+from budwood.errors import TrainingError
+from budwood.models.fingerprint import model_fingerprint
+from budwood.models.load import load_base, pick_device, pick_dtype
+from budwood.train.checkpoint import list_checkpoints, load_checkpoint, optimizer_from_files, save_checkpoint
+from budwood.train.loss import token_losses
+from budwood.train.metrics import MetricsLog
+
+log = logging.getLogger(__name__)
+
+
+class TrainingInterrupted(TrainingError):
+    """Ctrl-C or SIGTERM: a checkpoint was saved, and `--resume` continues from it."""
+
+
+class Progress(Protocol):
+    def start(self, total_steps: int, first_step: int) -> None: ...
+    def update(self, record: dict) -> None: ...
+    def note(self, message: str) -> None: ...
+
+
+class _LogProgress:
+    def start(self, total_steps: int, first_step: int) -> None:
+        log.info("training steps %d..%d", first_step + 1, total_steps)
+
+    def update(self, record: dict) -> None:
+        log.info("%s", record)
+
+    def note(self, message: str) -> None:
+        log.info("%s", message)
+
+
+@dataclass
+class PreparedData:
+    train: list[Encoded]
+    validation: list[Encoded]
+    fingerprints: dict
+    issues: list[Issue] = field(default_factory=list)
+
+
+def prepare_data(config: TrainConfig, tokenizer) -> PreparedData:
+    """Read, validate, split and tokenise; warnings are collected, errors raise DataError."""
+    dc = config.data
+    train_ds = read_dataset(dc.train, dc.format, dc.min_examples)
+    issues = list(train_ds.issues)
+    convs = train_ds.conversations
+    val_convs: list[Conversation] = []
+    val_ds: Dataset | None = None
+    if dc.validation is not None:
+        val_ds = read_dataset(dc.validation, dc.format)
+        issues += val_ds.issues
+        val_convs = val_ds.conversations
+    elif dc.validation_split > 0:
+        order = list(range(len(convs)))
+        random.Random(config.training.seed).shuffle(order)
+        n_val = max(1, round(len(convs) * dc.validation_split))
+        held = set(order[:n_val])
+        val_convs = [c for i, c in enumerate(convs) if i in held]
+        convs = [c for i, c in enumerate(convs) if i not in held]
+    max_len = config.training.max_seq_len
+    train = encode_conversations(tokenizer, convs, max_len, issues)
+    validation = encode_conversations(tokenizer, val_convs, max_len, issues)
+    if not train:
+        raise TrainingError(f"{dc.train}: no example has trainable assistant tokens")
+    fingerprints = {"train": {"path": str(dc.train), "format": train_ds.format, "examples": len(convs),
+                              "fingerprint": data_fingerprint(convs)}}
+    if val_convs:
+        fingerprints["validation"] = {"path": str(dc.validation or dc.train), "examples": len(val_convs),
+                                      "fingerprint": data_fingerprint(val_convs),
+                                      "split": dc.validation_split if val_ds is None else None}
+    return PreparedData(train, validation, fingerprints, issues)
+
+
+def build_lora_model(base_model, config: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lc = config.lora
+    peft_config = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                             target_modules=lc.target_modules, use_rslora=lc.use_rslora,
+                             bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(base_model, peft_config)
+    for p in model.parameters():  # trainable LoRA weights stay fp32 even on a bf16 base
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(rng_tensors: dict, device: torch.device) -> None:
+    torch.set_rng_state(rng_tensors["torch"])
+    if device.type == "cuda" and "cuda" in rng_tensors:
+        torch.cuda.set_rng_state(rng_tensors["cuda"], device)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+
+@torch.no_grad()
+def validation_loss(model, examples: list[Encoded], config: TrainConfig, pad_id: int,
+                    device: torch.device, dtype: torch.dtype) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    t = config.training
+    for indices in plan_epoch([len(e) for e in examples], "padded", t.batch_size, t.tokens_per_batch, 0, 0):
+        with _autocast(device, dtype):
+            losses, _ = token_losses(model.get_base_model(), collate(examples, indices, "padded", pad_id).to(device))
+        total += losses.sum().item()
+        count += losses.numel()
+    model.train()
+    return total / max(count, 1)
+
+
+def hardware() -> dict:
+    info = {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def versions() -> dict:
+    import peft
+    import safetensors
+    import tokenizers
+    import transformers
+
+    return {"budwood": budwood.__version__, "python": sys.version.split()[0], "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "tokenizers": tokenizers.__version__, "safetensors": safetensors.__version__}
+
+
+def train(config: TrainConfig, resume: bool = False, progress: Progress | None = None) -> Path:
+    """Train a LoRA adapter; return the adapter directory (config.output_dir)."""
+    progress = progress or _LogProgress()
+    t = config.training
+    out = Path(config.output_dir)
+    ckpt_root = out / "checkpoints"
+    started = time.time()
+
+    # --- setup -------------------------------------------------------------------------------
+    torch.manual_seed(t.seed)
+    random.seed(t.seed)
+    device = pick_device(t.device)
+    dtype = pick_dtype(t.precision, device)
+    checkpoints = list_checkpoints(ckpt_root) if resume else []
+    if resume and not checkpoints:
+        raise TrainingError(f"--resume: no checkpoint in {ckpt_root}")
+    if not resume and checkpoints:
+        raise TrainingError(f"{out} already has checkpoints; pass --resume to continue, or choose "
+                            "another output_dir")
+    base = load_base(config.base_model, dtype=dtype, device=device)
+    tokenizer = base.tokenizer
+    pad_id = tokenizer.pad_token_id
+
+    # --- data --------------------------------------------------------------------------------
+    data = prepare_data(config, tokenizer)
+    for issue in data.issues:
+        progress.note(f"warning: {issue}")
+    lengths = [len(e) for e in data.train]
+    micro_per_epoch = len(plan_epoch(lengths, t.batching, t.batch_size, t.tokens_per_batch, t.seed, 0))
+    steps_per_epoch = max(1, micro_per_epoch // t.gradient_accumulation)
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+
+    # --- model, optimizer, schedule ------------------------------------------------------------
+    from transformers import get_scheduler
+
+    model = build_lora_model(base.model, config)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay,
+                            fused=device.type in ("cuda", "cpu"))
+    warmup = t.warmup_steps if t.warmup_steps is not None else round(t.warmup_ratio * total_steps)
+    scheduler = get_scheduler(t.scheduler, opt, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+    step, epoch, cursor, tokens_seen, trained_tokens, elapsed_before = 0, 0, 0, 0, 0, 0.0
+    if resume:
+        from peft import set_peft_model_state_dict
+
+        adapter, opt_tensors, rng_tensors, state = load_checkpoint(checkpoints[-1])
+        if state["config_hash"] != _resume_hash(config):
+            raise TrainingError(f"{checkpoints[-1]}: the checkpoint was written with a different config; "
+                                "resume needs the same config (only the step budget may change)")
+        set_peft_model_state_dict(model, adapter)
+        optimizer_from_files(opt, opt_tensors, state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(rng_tensors, device)
+        step, epoch, cursor = state["step"], state["epoch"], state["cursor"]
+        tokens_seen, trained_tokens = state["tokens_seen"], state["trained_tokens"]
+        elapsed_before = state["elapsed_s"]
+        progress.note(f"resumed from {checkpoints[-1]} (step {step})")
+    metrics = MetricsLog(out / "metrics.jsonl", step if resume else None, config.logging.tensorboard,
+                         config.logging.wandb, config.logging.wandb_project, config.resolved())
+
+    def checkpoint(rng: dict) -> Path:
+        state = {"step": step, "epoch": epoch, "cursor": cursor, "tokens_seen": tokens_seen,
+                 "trained_tokens": trained_tokens, "elapsed_s": elapsed_before + time.time() - loop_start,
+                 "config_hash": _resume_hash(config)}
+        return save_checkpoint(ckpt_root, step, model, opt, scheduler, rng, state, t.keep_checkpoints)
+
+    # --- loop ----------------------------------------------------------------------------------
+    lm = model.get_base_model()
+    plan = plan_epoch(lengths, t.batching, t.batch_size, t.tokens_per_batch, t.seed, epoch)
+    progress.start(total_steps, step)
+    loop_start = time.time()
+    window_start, window_tokens = time.time(), 0
+    last_train_loss = last_val_loss = None
+    rng_after_step = _rng_state(device)
+    try:
+        while step < total_steps:
+            window = []
+            while len(window) < t.gradient_accumulation:
+                if cursor >= len(plan):
+                    epoch, cursor = epoch + 1, 0
+                    plan = plan_epoch(lengths, t.batching, t.batch_size, t.tokens_per_batch, t.seed, epoch)
+                window.append(collate(data.train, plan[cursor], t.batching, pad_id))
+                cursor += 1
+            n_labels = sum(b.n_label_tokens for b in window)
+            loss_sum = 0.0
+            for batch in window:
+                with _autocast(device, dtype):
+                    losses, _ = token_losses(lm, batch.to(device))
+                    loss = losses.sum() / n_labels
+                loss.backward()
+                loss_sum += losses.sum().item()
+            train_loss = loss_sum / n_labels
+            if not math.isfinite(train_loss):
+                kept = list_checkpoints(ckpt_root)
+                raise TrainingError(f"loss became {train_loss} at step {step + 1}; stopped without applying "
+                                    f"the update. Last good checkpoint: {kept[-1] if kept else 'none'}. "
+                                    "Try a lower training.learning_rate or precision fp32.")
+            grad_norm = (torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm).item()
+                         if t.max_grad_norm else None)
+            opt.step()
+            scheduler.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            rng_after_step = _rng_state(device)
+            batch_tokens = sum(b.n_tokens for b in window)
+            tokens_seen += batch_tokens
+            trained_tokens += n_labels
+            window_tokens += batch_tokens
+            last_train_loss = train_loss
+            if step % config.logging.every == 0 or step == total_steps:
+                now = time.time()
+                tps = window_tokens / max(now - window_start, 1e-9)
+                window_start, window_tokens = now, 0
+                done = elapsed_before + now - loop_start
+                record = {"step": step, "epoch": round(epoch + cursor / max(len(plan), 1), 4),
+                          "loss": round(train_loss, 6), "lr": scheduler.get_last_lr()[0],
+                          "grad_norm": grad_norm, "tokens": tokens_seen, "tokens_per_s": round(tps, 1),
+                          "elapsed_s": round(done, 2)}
+                metrics.write(record)
+                progress.update(dict(record, total_steps=total_steps))
+            if data.validation and (step % t.eval_every == 0 or step == total_steps):
+                last_val_loss = validation_loss(model, data.validation, config, pad_id, device, dtype)
+                metrics.write({"step": step, "val_loss": round(last_val_loss, 6)})
+                progress.update({"step": step, "val_loss": last_val_loss, "total_steps": total_steps})
+            if step % t.save_every == 0 and step < total_steps:
+                checkpoint(rng_after_step)
+    except KeyboardInterrupt:
+        path = checkpoint(rng_after_step) if step > 0 else None
+        metrics.close()
+        raise TrainingInterrupted(f"interrupted at step {step}; " + (
+            f"checkpoint saved to {path}; run again with --resume to continue" if path
+            else "nothing to save yet")) from None
+
+    # --- save ----------------------------------------------------------------------------------
+    checkpoint(rng_after_step)
+    model.save_pretrained(out)
+    metrics.close()
+    provenance = {
+        "budwood_version": budwood.__version__,
+        "base_model": {"name": config.base_model, "fingerprint": model_fingerprint(config.base_model)},
+        "data": data.fingerprints,
+        "config": config.resolved(),
+        "config_hash": config.config_hash(),
+        "versions": versions(),
+        "hardware": dict(hardware(), device=str(device), dtype=str(dtype).replace("torch.", "")),
+        "steps": step, "epochs": round(epoch + cursor / max(len(plan), 1), 4),
+        "tokens_seen": tokens_seen, "trained_tokens": trained_tokens,
+        "wall_time_s": round(time.time() - started, 2),
+        "train_time_s": round(elapsed_before + time.time() - loop_start, 2),
+        "final": {"train_loss": last_train_loss, "val_loss": last_val_loss},
+        "data_warnings": len(data.issues),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    tmp = out / "budwood.json.tmp"
+    tmp.write_text(json.dumps(provenance, indent=2) + "\n")
+    os.replace(tmp, out / "budwood.json")
+    return out
+
+
+def _resume_hash(config: TrainConfig) -> str:
+    """Everything but the step budget must match between a checkpoint and its resume."""
+    import hashlib
+
+    resolved = config.resolved()
+    resolved["training"].pop("max_steps", None)
+    resolved["training"].pop("epochs", None)
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:16]
