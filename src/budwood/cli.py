@@ -1,0 +1,204 @@
+"""The `budwood` command: a thin shell over the library; each command's docstring is its --help."""
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Grow, prove, document, trade and serve LoRA adapters on open models.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect training data.")
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+out = Console()
+
+
+def _fail(error: Exception) -> None:
+    console.print(f"[bold red]error:[/] {error}", markup=True, highlight=False)
+    raise typer.Exit(2)
+
+
+class RichProgress:
+    """Progress bar with loss, tokens/s and ETA (implements budwood.train.recipe.Progress)."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
+                            transient=False)
+        self.task = None
+        self.val = ""
+
+    def start(self, total_steps: int, first_step: int) -> None:
+        self.bar.start()
+        self.task = self.bar.add_task("train", total=total_steps, completed=first_step, info="")
+
+    def update(self, record: dict) -> None:
+        if "val_loss" in record:
+            self.val = f" val {record['val_loss']:.3f}"
+        if "loss" in record:
+            info = f"loss {record['loss']:.3f}{self.val}  {record['tokens_per_s']:,.0f} tok/s"
+            self.bar.update(self.task, completed=record["step"], info=info)
+
+    def note(self, message: str) -> None:
+        console.print(message, markup=False, highlight=False)
+
+    def stop(self) -> None:
+        self.bar.stop()
+
+
+def _sigterm_as_interrupt() -> None:
+    """A polite kill (SIGTERM) saves a checkpoint like Ctrl-C does."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, handler)
+
+
+@app.command("train")
+def train_cmd(
+    config: Path = typer.Argument(..., help="YAML config (see configs/)"),
+    set_: list[str] = typer.Option([], "--set", help="override a key, e.g. --set training.max_steps=20"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in output_dir"),
+) -> None:
+    """Train a LoRA adapter.
+
+    Example: budwood train configs/tiny_company.yaml --set training.max_steps=50
+    """
+    from budwood.config import load_config
+    from budwood.errors import BudwoodError
+    from budwood.train.recipe import train
+
+    _sigterm_as_interrupt()
+    progress = RichProgress()
+    try:
+        cfg = load_config(config, set_)
+        adapter_dir = train(cfg, resume=resume, progress=progress)
+    except BudwoodError as e:
+        progress.stop()
+        _fail(e)
+    progress.stop()
+    out.print(f"adapter: {adapter_dir}")
+
+
+@app.command("generate")
+def generate_cmd(
+    prompt: list[str] = typer.Argument(..., help="one or more user prompts"),
+    base: str = typer.Option("budwood-tiny", help="base model: budwood-tiny, a folder or a hub id"),
+    adapter: Path | None = typer.Option(None, help="adapter directory"),
+    max_new_tokens: int = typer.Option(64),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+    seed: int = typer.Option(0),
+    system: str | None = typer.Option(None, help="system message"),
+) -> None:
+    """Answer prompts with a base model, optionally with an adapter.
+
+    Example: budwood generate --adapter runs/demo/adapter "What is the return policy?"
+    """
+    from budwood.errors import BudwoodError
+    from budwood.models.generate import chat_generate, load_for_generation
+
+    try:
+        model, tok = load_for_generation(base, adapter)
+        answers = chat_generate(model, tok, prompt, max_new_tokens, system, temperature, seed)
+    except BudwoodError as e:
+        _fail(e)
+    for answer in answers:
+        out.print(answer, markup=False, highlight=False)
+
+
+@data_app.command("check")
+def data_check_cmd(
+    file: Path = typer.Argument(..., help="JSONL training data"),
+    format: str = typer.Option("auto", help="auto, openai, prompt_completion, alpaca, sharegpt"),
+    base: str = typer.Option("budwood-tiny", help="whose tokenizer counts the tokens"),
+    max_seq_len: int = typer.Option(1024, help="longer examples would be truncated"),
+    min_examples: int = typer.Option(10, help="fewer valid examples is an error (OpenAI asks for 10)"),
+) -> None:
+    """Validate a data file: every problem as file:line: code: message, then token statistics.
+
+    Exits 1 if there are errors. Example: budwood data check train.jsonl
+    """
+    from budwood.data.formats import read_dataset
+    from budwood.data.stats import token_stats
+    from budwood.errors import BudwoodError
+    from budwood.models.load import load_tokenizer
+
+    try:
+        ds = read_dataset(file, format, min_examples, raise_errors=False)
+        stats = token_stats(ds.conversations, load_tokenizer(base), max_seq_len, ds.issues) \
+            if ds.conversations else None
+    except BudwoodError as e:
+        _fail(e)
+    for issue in ds.issues:
+        color = "red" if issue.level == "error" else "yellow"
+        out.print(f"[{color}]{issue}[/]", highlight=False)
+    errors, warnings = len(ds.errors), len(ds.issues) - len(ds.errors)
+    out.print(f"{file}: format {ds.format}, {len(ds.conversations)} valid examples, "
+              f"{errors} error(s), {warnings} warning(s)", highlight=False)
+    if stats:
+        t = Table(title=f"tokens ({base} tokenizer)")
+        t.add_column("statistic")
+        t.add_column("value", justify="right")
+        for name, value in [("examples", stats.examples), ("tokens per epoch", stats.tokens_per_epoch),
+                            ("trained (assistant) tokens", stats.trained_tokens),
+                            ("length min / median / p95 / max",
+                             f"{stats.min_len} / {stats.median_len} / {stats.p95_len} / {stats.max_len}"),
+                            (f"truncated at {max_seq_len}", stats.truncated)]:
+            t.add_row(name, str(value))
+        out.print(t)
+        top = max(c for _, _, c in stats.histogram)
+        for lo, hi, c in stats.histogram:
+            out.print(f"{lo:>6}-{hi:<6} {'█' * max(1, round(30 * c / top))} {c}", highlight=False)
+    if errors:
+        raise typer.Exit(1)
+
+
+@app.command("demo")
+def demo_cmd(
+    workdir: Path = typer.Option(Path("runs/demo"), help="where data, adapter and plot go"),
+    set_: list[str] = typer.Option([], "--set", help="override a training key, e.g. training.epochs=5"),
+) -> None:
+    """The end-to-end demo, offline: company data -> adapter on budwood-tiny -> base vs adapted answers.
+
+    Example: budwood demo --workdir runs/demo
+    """
+    import shutil
+
+    from budwood.errors import BudwoodError
+    from budwood.pipeline import run_demo
+    from budwood.train.metrics import read_metrics, sparkline
+
+    if (workdir / "adapter").exists():
+        shutil.rmtree(workdir / "adapter")
+    _sigterm_as_interrupt()
+    progress = RichProgress()
+    t0 = time.time()
+    try:
+        result = run_demo(workdir, set_, progress)
+    except BudwoodError as e:
+        progress.stop()
+        _fail(e)
+    progress.stop()
+    table = Table(title="held-out questions: base budwood-tiny vs + adapter", show_lines=True)
+    for col in ("question", "reference", "base", "adapted"):
+        table.add_column(col, overflow="fold")
+    for r in result.rows:
+        table.add_row(r["question"], r["reference"] or "(not in the data: should abstain)", r["base"], r["adapted"])
+    out.print(table)
+    losses = [m["loss"] for m in read_metrics(result.adapter_dir / "metrics.jsonl") if "loss" in m]
+    p = result.provenance
+    out.print(f"loss  {losses[0]:.2f} {sparkline(losses)} {losses[-1]:.2f}   "
+              f"(val {p['final']['val_loss']:.2f})", highlight=False)
+    out.print(f"loss curve: {result.loss_plot}")
+    out.print(f"adapter:    {result.adapter_dir}  ({p['steps']} steps, {p['tokens_seen']:,} tokens, "
+              f"{p['train_time_s']:.0f} s training, {time.time() - t0:.0f} s in all)")
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    sys.exit(app())
