@@ -171,14 +171,21 @@ def parse_openai(obj: dict, rec: _Record) -> list[Message] | None:
         content = _content(m["content"], rec, where)
         if content is None:
             continue
-        weight = m.get("weight")
-        if weight is not None:
-            if role != "assistant":
-                rec.error("invalid_weight", f"{where} 'weight' is only allowed on assistant messages")
-            elif weight not in (0, 1) or isinstance(weight, bool):
-                rec.error("invalid_weight", f"{where} 'weight' must be 0 or 1, got {weight!r}")
-        out.append(Message(role, content, int(weight) if role == "assistant" and weight in (0, 1) else None))
+        out.append(Message(role, content, _weight(m, role, rec, where)))
     return out
+
+
+def _weight(message: dict, role: str, rec: _Record, where: str) -> int | None:
+    weight = message.get("weight")
+    if weight is None:
+        return None
+    if role != "assistant":
+        rec.error("invalid_weight", f"{where} 'weight' is only allowed on assistant messages")
+        return None
+    if weight not in (0, 1) or isinstance(weight, bool):
+        rec.error("invalid_weight", f"{where} 'weight' must be 0 or 1, got {weight!r}")
+        return None
+    return int(weight)
 
 
 @register_format("prompt_completion", ("prompt", "completion"))
@@ -212,6 +219,9 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 def parse_sharegpt(obj: dict, rec: _Record) -> list[Message] | None:
     rec.unknown_keys(obj, ("conversations", "system"), "record", level="warning")
     turns = obj.get("conversations")
+    if turns is None:
+        rec.error("missing_messages", "record has no 'conversations' list")
+        return None
     if not isinstance(turns, list):
         rec.error("messages_not_list", f"'conversations' must be a list, got {type(turns).__name__}")
         return None
@@ -230,13 +240,14 @@ def parse_sharegpt(obj: dict, rec: _Record) -> list[Message] | None:
         if who is None:
             rec.error("missing_role", f"{where} has no 'from'")
             continue
-        if who not in SHAREGPT_ROLES:
+        if not isinstance(who, str) or who not in SHAREGPT_ROLES:
             rec.error("unknown_role", f"{where} 'from' {who!r} is not one of {', '.join(SHAREGPT_ROLES)}"
                       f"{did_you_mean(str(who), SHAREGPT_ROLES)}")
             continue
         value = rec.text(t, "value", where)
+        weight = _weight(t, SHAREGPT_ROLES[who], rec, where)
         if value is not None:
-            out.append(Message(SHAREGPT_ROLES[who], value))
+            out.append(Message(SHAREGPT_ROLES[who], value, weight))
     return out
 
 
@@ -275,14 +286,14 @@ def read_dataset(path: str | Path, format: str = "auto", min_examples: int = 1, 
     records = 0
     for lineno, line_bytes in enumerate(raw.splitlines(), start=1):
         rec = _Record(file, lineno, ds.issues)
+        if not line_bytes.strip():
+            continue
+        records += 1
         try:
-            line = line_bytes.decode("utf-8")
+            line = line_bytes.decode("utf-8-sig" if lineno == 1 else "utf-8")
         except UnicodeDecodeError as e:
             rec.error("invalid_encoding", f"not UTF-8 at byte {e.start + 1}")
             continue
-        if not line.strip():
-            continue
-        records += 1
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:

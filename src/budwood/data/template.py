@@ -38,7 +38,10 @@ def assistant_spans(tokenizer, conv: Conversation) -> tuple[str, list[tuple[int,
     for i, m in enumerate(conv.messages):
         if m.role != "assistant" or m.weight == 0:
             continue
-        prefix = _render(tokenizer, msgs[:i], generation_prompt=True) if i else ""
+        if i:
+            prefix = _render(tokenizer, msgs[:i], generation_prompt=True)
+        else:  # templates refuse an empty conversation: take what precedes a sentinel content
+            prefix = _render(tokenizer, [{"role": "assistant", "content": "\x00"}]).split("\x00")[0]
         upto = _render(tokenizer, msgs[: i + 1])
         if not (full.startswith(upto) and upto.startswith(prefix)):
             raise DataError(f"{conv.source}: the chat template does not render turn {i} as a prefix of "

@@ -175,7 +175,7 @@ def train(config: TrainConfig, resume: bool = False, progress: Progress | None =
     random.seed(t.seed)
     device = pick_device(t.device)
     dtype = pick_dtype(t.precision, device)
-    checkpoints = list_checkpoints(ckpt_root) if resume else []
+    checkpoints = list_checkpoints(ckpt_root)
     if resume and not checkpoints:
         raise TrainingError(f"--resume: no checkpoint in {ckpt_root}")
     if not resume and checkpoints:

@@ -1,0 +1,3 @@
+from budwood.cli import app
+
+app(prog_name="budwood")
