@@ -1,0 +1,51 @@
+import pytest
+
+from budwood.config import load_config
+from budwood.errors import ConfigError
+
+
+def _yaml(tmp_path, text):
+    (tmp_path / "train.jsonl").write_text("")
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_loads_yaml_resolves_data_relative_to_config_and_applies_overrides(tmp_path):
+    p = _yaml(tmp_path, "base_model: budwood-tiny\ndata:\n  train: train.jsonl\nlora:\n  r: 4\n")
+    cfg = load_config(p, ["training.max_steps=20", "lora.target_modules=[q_proj, v_proj]"])
+    assert cfg.data.train == tmp_path / "train.jsonl"
+    assert cfg.training.max_steps == 20 and cfg.lora.r == 4
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert len(cfg.config_hash()) == 16
+    assert cfg.config_hash() != load_config(p, ["training.max_steps=21"]).config_hash()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("data:\n  train: t.jsonl\ntraning:\n  epochs: 1\n", "unknown key 'traning' (did you mean 'training'?)"),
+    ("data:\n  train: t.jsonl\nlora:\n  rank: 8\n", "unknown key 'lora.rank'"),
+    ("data:\n  train: t.jsonl\ntraining:\n  learning_rat: 1e-4\n",
+     "unknown key 'training.learning_rat' (did you mean 'learning_rate'?)"),
+    ("data:\n  trian: t.jsonl\n", "missing required key 'data.train'"),
+    ("lora:\n  r: 4\n", "missing required key 'data'"),
+    ("data:\n  train: t.jsonl\nlora:\n  r: 0\n", "lora.r: Input should be greater than or equal to 1"),
+    ("data:\n  train: t.jsonl\ntraining:\n  precision: fp16\n", "training.precision"),
+    ("data:\n  train: t.jsonl\n  validation: v.jsonl\n  validation_split: 0.1\n", "not both"),
+    ("- a\n- b\n", "expected a mapping"),
+    ("data: [unclosed\n", "not valid YAML"),
+])
+def test_bad_configs_name_the_key(tmp_path, text, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(_yaml(tmp_path, text))
+    assert expected in str(err.value)
+    assert "c.yaml" in str(err.value)
+
+
+def test_bad_override_and_missing_file(tmp_path):
+    p = _yaml(tmp_path, "data:\n  train: t.jsonl\n")
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(p, ["training.max_steps"])
+    with pytest.raises(ConfigError, match="unknown key 'training.max_step'"):
+        load_config(p, ["training.max_step=3"])
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "nope.yaml")
