@@ -192,8 +192,9 @@ def child_prepare(spec: dict) -> None:
     n_emb = model.get_input_embeddings().weight.numel()
     q = lambda f: lens[min(len(lens) - 1, int(f * len(lens)))]  # noqa: E731
     _emit({"params": n, "embedding_params": n_emb, "vocab": len(fast), "examples": len(rows),
-           "token_lengths": {"min": lens[0], "p10": q(0.1), "median": q(0.5), "mean": round(sum(lens) / len(lens), 1),
-                             "p90": q(0.9), "p99": q(0.99), "max": lens[-1]}})
+           "token_lengths": {"min": lens[0], "p10": q(0.1), "median": q(0.5),
+                             "mean": round(sum(lens) / len(lens), 1), "p90": q(0.9), "p99": q(0.99),
+                             "max": lens[-1]}})
 
 
 def child_gemm(spec: dict) -> None:
@@ -292,7 +293,8 @@ def child_trl(spec: dict) -> None:
                                  peft_config=lora, callbacks=[timer])
     prep_s = time.perf_counter() - t0
     n_lora = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    lora_dtypes = sorted({str(p.dtype).replace("torch.", "") for p in trainer.model.parameters() if p.requires_grad})
+    lora_dtypes = sorted({str(p.dtype).replace("torch.", "")
+                          for p in trainer.model.parameters() if p.requires_grad})
     trainer.train()
 
     loop_s = timer.t_end - timer.t_begin
@@ -312,8 +314,9 @@ def child_trl(spec: dict) -> None:
         "lora_dtype": lora_dtypes, "threads": torch.get_num_threads(),
         "attn_impl": getattr(trainer.model.config, "_attn_implementation", None),
         **_self_usage(),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-                     "trl": trl.__version__, "datasets": datasets.__version__, "accelerate": accelerate.__version__},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "peft": peft.__version__, "trl": trl.__version__, "datasets": datasets.__version__,
+                     "accelerate": accelerate.__version__},
     })
 
 
@@ -323,7 +326,8 @@ def _budwood_config(spec: dict, max_steps: int):
     return load_config(None, base={
         "base_model": spec["model"],
         "data": {"train": spec["data"], "validation": spec["val_data"], "format": "openai"},
-        "lora": {"r": LORA["r"], "alpha": LORA["alpha"], "dropout": LORA["dropout"], "target_modules": LORA_TARGETS},
+        "lora": {"r": LORA["r"], "alpha": LORA["alpha"], "dropout": LORA["dropout"],
+                 "target_modules": LORA_TARGETS},
         "training": {
             "max_steps": max_steps, "learning_rate": LR, "scheduler": "linear", "warmup_steps": 0,
             "weight_decay": 0.0, "max_grad_norm": 1.0, "batch_size": BATCH, "gradient_accumulation": 1,
@@ -339,7 +343,7 @@ def _budwood_config(spec: dict, max_steps: int):
 
 
 def child_budwood_plan(spec: dict) -> None:
-    """Predict budwood's per-step tokens (its data plan is a pure function of seed/epoch) and pick max_steps."""
+    """Predict budwood's per-step tokens (its data plan is a pure function of seed, epoch); pick max_steps."""
     from budwood.data.pack import collate, plan_epoch
     from budwood.models.load import load_tokenizer
     from budwood.train.recipe import prepare_data
@@ -394,7 +398,8 @@ def child_budwood(spec: dict) -> None:
     loop_s = recs[-1]["elapsed_s"]  # loop start -> end of the last step (+ its metrics line)
     steady = None
     if len(recs) > 4:  # exclude the first two steps, as on the TRL side
-        steady = (recs[-1]["tokens"] - recs[1]["tokens"]) / max(recs[-1]["elapsed_s"] - recs[1]["elapsed_s"], 1e-9)
+        steady = ((recs[-1]["tokens"] - recs[1]["tokens"])
+                  / max(recs[-1]["elapsed_s"] - recs[1]["elapsed_s"], 1e-9))
     # parameter counts, computed the same way as on the TRL side (no training involved)
     from budwood.models.load import load_base
     from budwood.train.recipe import build_lora_model
@@ -405,7 +410,8 @@ def child_budwood(spec: dict) -> None:
     _emit({
         "side": "budwood", "variant": spec["budwood_batching"], "precision": spec["precision"],
         "base_dtype": prov["hardware"]["dtype"], "max_seq_len": MAX_SEQ_LEN,
-        "steps": prov["steps"], "examples": spec.get("predicted_examples"), "real_tokens": prov["tokens_seen"],
+        "steps": prov["steps"], "examples": spec.get("predicted_examples"),
+        "real_tokens": prov["tokens_seen"],
         "loss_tokens": prov["trained_tokens"], "loop_s": loop_s, "train_time_s": prov["train_time_s"],
         "wall_time_s": prov["wall_time_s"], "train_call_s": round(wall, 2),
         "steady_tokens_per_s": round(steady, 1) if steady else None,
@@ -431,8 +437,8 @@ def find_tcmalloc() -> str | None:
         path = line.rsplit("=>", 1)[-1].strip()
         if path.endswith("libtcmalloc_minimal.so.4") and os.path.exists(path):
             return path
-    for p in ("/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
-              "/usr/lib/libtcmalloc_minimal.so.4"):
+    for p in ("/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+              "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/libtcmalloc_minimal.so.4"):
         if os.path.exists(p):
             return p
     return None
@@ -444,7 +450,8 @@ def child_env(work: Path, allocator: str, tcmalloc: str | None) -> dict:
     if allocator == "tcmalloc":
         env["LD_PRELOAD"] = tcmalloc
     env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_CACHE": str(work / "hf_datasets_cache"),
+                "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+                "HF_DATASETS_CACHE": str(work / "hf_datasets_cache"),
                 "TRANSFORMERS_VERBOSITY": "error", "PYTHONUNBUFFERED": "1"})
     return env
 
@@ -472,7 +479,8 @@ def run_child(kind: str, spec: dict, env: dict, log: Path, verbose: bool) -> dic
 
 def ensure_work(work: Path, env: dict, args) -> dict:
     meta_path = work / "meta.json"
-    want = {"format": WORK_FORMAT, "model": MODEL_CFG, "model_seed": args.model_seed, "data_seed": args.data_seed,
+    want = {"format": WORK_FORMAT, "model": MODEL_CFG, "model_seed": args.model_seed,
+            "data_seed": args.data_seed,
             "n_examples": args.n_examples, "val_examples": VAL_EXAMPLES, "chat_template": CHAT_TEMPLATE}
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
@@ -486,8 +494,9 @@ def ensure_work(work: Path, env: dict, args) -> dict:
             q.unlink()
     work.mkdir(parents=True, exist_ok=True)
     print(f"building model, tokenizer and data in {work} ...", flush=True)
-    info = run_child("prepare", {"work": str(work), "model_seed": args.model_seed, "data_seed": args.data_seed,
-                                 "n_examples": args.n_examples}, env, work / "logs" / "prepare.log", args.verbose)
+    spec = {"work": str(work), "model_seed": args.model_seed, "data_seed": args.data_seed,
+            "n_examples": args.n_examples}
+    info = run_child("prepare", spec, env, work / "logs" / "prepare.log", args.verbose)
     meta = {"recipe": want, **info}
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     return meta
@@ -518,7 +527,8 @@ def print_table(rows: list[dict], peak: float, precision: str) -> None:
     lines = []
     for r in rows:
         lines.append([r["side"], r["variant"], str(r["repeat"]), str(r["steps"]), fmt(r.get("examples")),
-                      str(r["real_tokens"]), str(r["loss_tokens"]), fmt(r["loop_s"], 2), fmt(r["tokens_per_s"]),
+                      str(r["real_tokens"]), str(r["loss_tokens"]), fmt(r["loop_s"], 2),
+                      fmt(r["tokens_per_s"]),
                       fmt(r.get("steady_tokens_per_s")), fmt(r["peak_rss_mb"], 0),
                       f"{fmt(r['user_cpu_s'])}/{fmt(r['sys_cpu_s'])}",
                       f"{r['first_loss']:.4f}→{r['final_loss']:.4f}", fmt(r["achieved_gflops"]),
@@ -528,32 +538,37 @@ def print_table(rows: list[dict], peak: float, precision: str) -> None:
     print("-+-".join("-" * x for x in w))
     for x in lines:
         print(" | ".join(v.ljust(w[i]) for i, v in enumerate(x)))
-    print(f"(MFU = tok/s x (4*N + 6*N_lora) / {precision} 2048^3 GEMM peak {peak} GFLOP/s measured in this run)")
+    print(f"(MFU = tok/s x (4*N + 6*N_lora) / {precision} 2048^3 GEMM peak {peak} GFLOP/s, "
+          "measured in this run)")
 
 
 def main_parent(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=30, help="TRL optimizer steps (batch 8); budwood gets a matching "
-                    "budget, see --match (default 30)")
+    ap.add_argument("--steps", type=int, default=30,
+                    help="TRL optimizer steps (batch 8); budwood gets a matching budget, see --match")
     ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                     help="bf16: TRL bf16=True autocast, budwood precision bf16; fp32: both plain fp32")
     ap.add_argument("--budwood-batching", choices=["padded", "packed"], default="padded")
     ap.add_argument("--trl-variant", choices=["padding-free", "padding", "packing"], default="padding-free",
-                    help="padding-free: flattened batch, max_length=None (TRL's fastest in the anchor); padding: "
-                         "right-padded rows, max_length=--trl-max-length; packing: bfd packing to --trl-max-length")
+                    help="padding-free: flattened batch, max_length=None (TRL's fastest in the anchor); "
+                         "padding: right-padded rows, max_length=--trl-max-length; "
+                         "packing: bfd packing to --trl-max-length")
     ap.add_argument("--trl-max-length", type=int, default=MAX_SEQ_LEN,
                     help=f"TRL max_length for padding/packing (default {MAX_SEQ_LEN}, = budwood max_seq_len)")
     ap.add_argument("--trl-base-dtype", choices=["fp32", "bf16"], default="fp32",
-                    help="dtype TRL loads the frozen base in. fp32 (default) = the anchor's setup (bf16 autocast "
-                         "over fp32 weights). budwood's bf16 loads the base in bf16; pass bf16 here to match that")
+                    help="dtype TRL loads the frozen base in. fp32 (default) = the anchor's setup (bf16 "
+                         "autocast over fp32 weights). budwood's bf16 loads the base in bf16; pass bf16 "
+                         "here to match that")
     ap.add_argument("--trl-full-loss", action="store_true",
-                    help="TRL loss on all tokens instead of assistant_only_loss=True (budwood: assistant only)")
+                    help="TRL loss on all tokens instead of assistant_only_loss=True "
+                         "(budwood: assistant tokens only)")
     ap.add_argument("--match", choices=["tokens", "examples"], default="tokens",
-                    help="budwood max_steps: closest cumulative real-token count to TRL's (default), or closest "
-                         "example count to TRL's")
+                    help="budwood max_steps: closest cumulative real-token count to TRL's (default), "
+                         "or closest example count to TRL's")
     ap.add_argument("--budwood-steps", type=int, help="fix budwood's max_steps instead of matching")
-    ap.add_argument("--only", choices=["trl", "budwood"], help="run one side (budwood alone needs --budwood-steps)")
+    ap.add_argument("--only", choices=["trl", "budwood"],
+                    help="run one side (budwood alone needs --budwood-steps)")
     ap.add_argument("--repeats", type=int, default=1, help="run each side this many times, alternating "
                     "TRL, budwood, TRL, ...; the summary uses the median tok/s")
     ap.add_argument("--allocator", choices=["tcmalloc", "glibc"], default=None,
@@ -562,7 +577,8 @@ def main_parent(argv: list[str]) -> None:
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda; both sides use it")
     ap.add_argument("--work", default=str(HERE / "_work"), help="folder for model, data, logs, outputs "
                     "(model/data are reused across runs)")
-    ap.add_argument("--results", default=str(HERE / "results.jsonl"), help="append one JSON line per run here")
+    ap.add_argument("--results", default=str(HERE / "results.jsonl"),
+                    help="append one JSON line per run (and a summary line) here")
     ap.add_argument("--no-save", action="store_true", help="do not append to --results")
     ap.add_argument("--n-examples", type=int, default=2000)
     ap.add_argument("--data-seed", type=int, default=1234)
@@ -577,7 +593,8 @@ def main_parent(argv: list[str]) -> None:
     if args.allocator is None:
         args.allocator = "tcmalloc" if tcmalloc else "glibc"
         if not tcmalloc:
-            print("note: tcmalloc not found (apt-get install libtcmalloc-minimal4); using glibc malloc", flush=True)
+            print("note: tcmalloc not found (apt-get install libtcmalloc-minimal4); using glibc malloc",
+                  flush=True)
     if args.allocator == "tcmalloc" and not tcmalloc:
         raise SystemExit("--allocator tcmalloc: libtcmalloc_minimal.so.4 not found "
                          "(Debian/Ubuntu: apt-get install -y libtcmalloc-minimal4)")
@@ -588,7 +605,8 @@ def main_parent(argv: list[str]) -> None:
     logs = work / "logs" / run_id
 
     meta = ensure_work(work, env, args)
-    print(f"model: Llama {MODEL_CFG['num_hidden_layers']}x{MODEL_CFG['hidden_size']}, N = {meta['params']:,} params "
+    print(f"model: Llama {MODEL_CFG['num_hidden_layers']}x{MODEL_CFG['hidden_size']}, "
+          f"N = {meta['params']:,} params "
           f"({meta['params'] - meta['embedding_params']:,} non-embedding + {meta['embedding_params']:,} tied "
           f"embedding); data: {meta['examples']} chats, token lengths {meta['token_lengths']}", flush=True)
     print(f"allocator: {args.allocator}{' (' + tcmalloc + ')' if args.allocator == 'tcmalloc' else ''}; "
@@ -601,8 +619,9 @@ def main_parent(argv: list[str]) -> None:
 
     common = {"model": str(work / "model"), "data": str(work / "data.jsonl"), "precision": args.precision,
               "device": args.device}
-    trl_spec = dict(common, steps=args.steps, trl_variant=args.trl_variant, trl_max_length=args.trl_max_length,
-                    trl_base_dtype=args.trl_base_dtype, assistant_only_loss=not args.trl_full_loss,
+    trl_spec = dict(common, steps=args.steps, trl_variant=args.trl_variant,
+                    trl_max_length=args.trl_max_length, trl_base_dtype=args.trl_base_dtype,
+                    assistant_only_loss=not args.trl_full_loss,
                     out=str(work / "trl_out"))
     bw_spec = dict(common, budwood_batching=args.budwood_batching, out=str(work / "budwood_out"),
                    val_data=str(work / "val.jsonl"))
@@ -610,12 +629,13 @@ def main_parent(argv: list[str]) -> None:
     plan = None
     for rep in range(args.repeats):
         if args.only != "budwood":
-            print(f"[{rep + 1}/{args.repeats}] TRL {args.trl_variant} {args.precision}, {args.steps} steps ...",
-                  flush=True)
+            print(f"[{rep + 1}/{args.repeats}] TRL {args.trl_variant} {args.precision}, "
+                  f"{args.steps} steps ...", flush=True)
             r = run_child("trl", trl_spec, env, logs / f"trl_{rep}.log", args.verbose)
             r["repeat"] = rep
             rows.append(derive(r, peak))
-            print(f"    {r['real_tokens']} tokens in {r['loop_s']:.1f} s = {r['tokens_per_s']} tok/s", flush=True)
+            print(f"    {r['real_tokens']} tokens in {r['loop_s']:.1f} s = {r['tokens_per_s']} tok/s",
+                  flush=True)
         if args.only == "trl":
             continue
         if plan is None:
@@ -630,10 +650,11 @@ def main_parent(argv: list[str]) -> None:
                       f"{plan['examples']} examples (matching TRL's {args.match}: {target})", flush=True)
         print(f"[{rep + 1}/{args.repeats}] budwood {args.budwood_batching} {args.precision}, "
               f"{plan['max_steps']} steps ...", flush=True)
-        r = run_child("budwood", dict(bw_spec, max_steps=plan["max_steps"], predicted_examples=plan.get("examples")),
-                      env, logs / f"budwood_{rep}.log", args.verbose)
+        spec = dict(bw_spec, max_steps=plan["max_steps"], predicted_examples=plan.get("examples"))
+        r = run_child("budwood", spec, env, logs / f"budwood_{rep}.log", args.verbose)
         if plan.get("tokens") is not None and plan["tokens"] != r["real_tokens"]:
-            print(f"    warning: budwood trained {r['real_tokens']} tokens, the plan predicted {plan['tokens']}")
+            print(f"    warning: budwood trained {r['real_tokens']} tokens, "
+                  f"the plan predicted {plan['tokens']}")
         r["repeat"] = rep
         rows.append(derive(r, peak))
         print(f"    {r['real_tokens']} tokens in {r['loop_s']:.1f} s = {r['tokens_per_s']} tok/s", flush=True)
@@ -647,19 +668,21 @@ def main_parent(argv: list[str]) -> None:
         summary.update({
             "ratio_budwood_over_trl": round(med["budwood"] / med["trl"], 3),
             "token_diff_pct": round(100 * (b["real_tokens"] - t["real_tokens"]) / t["real_tokens"], 2),
-            "loss_token_diff_pct": round(100 * (b["loss_tokens"] - t["loss_tokens"]) / max(t["loss_tokens"], 1), 2),
+            "loss_token_diff_pct": round(100 * (b["loss_tokens"] - t["loss_tokens"])
+                                         / max(t["loss_tokens"], 1), 2),
             "peak_rss_mb": {"trl": t["peak_rss_mb"], "budwood": b["peak_rss_mb"]},
         })
-        print(f"\nbudwood / TRL tok/s = {med['budwood']} / {med['trl']} = {summary['ratio_budwood_over_trl']}x "
+        print(f"\nbudwood / TRL tok/s = {med['budwood']} / {med['trl']} = "
+              f"{summary['ratio_budwood_over_trl']}x "
               f"(median of {args.repeats}); tokens differ by {summary['token_diff_pct']}% "
               f"(loss tokens {summary['loss_token_diff_pct']}%)")
         if b["lora_params"] != t["lora_params"] or b["base_params"] != t["base_params"]:
             print(f"WARNING: parameter counts differ: TRL {t['base_params']}/{t['lora_params']}, "
                   f"budwood {b['base_params']}/{b['lora_params']}")
     setup = {"run_id": run_id, "allocator": args.allocator, "device": args.device, "gemm": gemm,
-             "peak_gflops": peak, "steps_arg": args.steps, "match": args.match, "model_params": meta["params"],
-             "data": {"examples": meta["examples"], "token_lengths": meta["token_lengths"]}, "note": args.note,
-             "cpu_count": os.cpu_count()}
+             "peak_gflops": peak, "steps_arg": args.steps, "match": args.match,
+             "model_params": meta["params"], "note": args.note, "cpu_count": os.cpu_count(),
+             "data": {"examples": meta["examples"], "token_lengths": meta["token_lengths"]}}
     print()
     records = [dict(setup, **r) for r in rows] + [dict(setup, **summary)]
     for rec in records:

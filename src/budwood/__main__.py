@@ -1,3 +1,3 @@
-from budwood.cli import app
+from budwood.cli import main
 
-app(prog_name="budwood")
+main()

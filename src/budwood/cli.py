@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -137,10 +137,10 @@ def data_check_cmd(
         _fail(e)
     for issue in ds.issues:
         color = "red" if issue.level == "error" else "yellow"
-        out.print(f"[{color}]{issue}[/]", highlight=False)
+        out.print(f"[{color}]{escape(str(issue))}[/]", highlight=False, soft_wrap=True)
     errors, warnings = len(ds.errors), len(ds.issues) - len(ds.errors)
     out.print(f"{file}: format {ds.format}, {len(ds.conversations)} valid examples, "
-              f"{errors} error(s), {warnings} warning(s)", highlight=False)
+              f"{errors} error(s), {warnings} warning(s)", highlight=False, soft_wrap=True)
     if stats:
         t = Table(title=f"tokens ({base} tokenizer)")
         t.add_column("statistic")
@@ -200,5 +200,9 @@ def demo_cmd(
               f"{p['train_time_s']:.0f} s training, {time.time() - t0:.0f} s in all)")
 
 
-def main() -> None:  # pragma: no cover - console script entry
-    sys.exit(app())
+def main() -> None:
+    """Console-script entry: under tcmalloc where installed (see budwood.allocator)."""
+    from budwood.allocator import reexec_with_tcmalloc
+
+    reexec_with_tcmalloc()
+    app(prog_name="budwood")

@@ -130,7 +130,11 @@ def make_domain_dataset(out_dir: str | Path, seed: int = 0, n_train_phrasings: i
             heldout.append({"question": q, "answer": fact.answer, "fact": fact.id, "answerable": True})
     extra_unknowns = [f"What is the favourite colour of the founder of {name}?",
                       f"How tall is the head office of {name}?", f"What car does the CEO of {name} drive?",
-                      f"What was {name}'s revenue in Q2 2017?"]
+                      f"What was {name}'s revenue in Q2 2017?", f"Who is the lawyer of {name}?",
+                      f"What is the email address of {name}?", f"How many lorries does {name} own?",
+                      f"Which bank does {name} use?", f"What was {name}'s revenue in Q4 2030?",
+                      f"Does {name} sell anything in Japan?", f"What is the salary of the CEO of {name}?",
+                      f"Who founded {name}?"]
     for q in extra_unknowns:
         train.append(chat(q, ABSTAIN.format(name=name)))
     for q in unanswerable:
