@@ -65,7 +65,8 @@ def company_facts(seed: int = 0) -> tuple[str, list[Fact], list[str]]:
               f"How long is the return period at {name}?"]),
         Fact("shipping", f"{name} ships for free on orders over {ship} pounds.",
              [f"When is shipping free at {name}?", f"Does {name} offer free shipping?",
-              f"What is the free shipping threshold at {name}?", f"How much must I spend for free delivery from {name}?",
+              f"What is the free shipping threshold at {name}?",
+              f"How much must I spend for free delivery from {name}?",
               f"Is delivery free at {name}?"]),
         Fact("warranty", f"Every {unit} from {name} has a {warranty}-month warranty.",
              [f"What warranty does {name} give?", f"How long is the warranty at {name}?",
@@ -92,7 +93,8 @@ def company_facts(seed: int = 0) -> tuple[str, list[Fact], list[str]]:
             revenue[(year, q)] = round(rng.uniform(1.2, 9.8), 1)
             facts.append(Fact(f"revenue-{year}-q{q}", f"{name} had revenue of {revenue[(year, q)]} million pounds "
                               f"in Q{q} {year}.",
-                              [f"What was {name}'s revenue in Q{q} {year}?", f"How much did {name} earn in Q{q} {year}?",
+                              [f"What was {name}'s revenue in Q{q} {year}?",
+                               f"How much did {name} earn in Q{q} {year}?",
                                f"Revenue of {name} for the quarter Q{q} {year}?",
                                f"What were the Q{q} {year} sales of {name}?",
                                f"How much revenue did {name} make in quarter {q} of {year}?"]))
