@@ -200,16 +200,20 @@ def child_prepare(spec: dict) -> None:
 def child_gemm(spec: dict) -> None:
     import torch
 
-    out = {"threads": torch.get_num_threads()}
+    device = torch.device(spec.get("device", "cpu"))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    out = {"threads": torch.get_num_threads(), "device": str(device)}
     n, reps = 2048, spec.get("reps", 10)
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
         for _ in range(3):
             torch.matmul(a, b)
+        sync()
         ts = []
         for _ in range(reps):
             t = time.perf_counter()
             torch.matmul(a, b)
+            sync()
             ts.append(time.perf_counter() - t)
         out[f"{name}_gflops"] = round(2 * n ** 3 / statistics.median(ts) / 1e9, 1)
     _emit(out)
@@ -333,6 +337,7 @@ def _budwood_config(spec: dict, max_steps: int):
             "weight_decay": 0.0, "max_grad_norm": 1.0, "batch_size": BATCH, "gradient_accumulation": 1,
             "max_seq_len": MAX_SEQ_LEN, "seed": SEED, "precision": spec["precision"],
             "batching": spec["budwood_batching"], "gradient_checkpointing": False, "device": spec["device"],
+            "compile": spec["budwood_compile"],
             # no checkpoint and no validation inside the loop (TRL: save_strategy/eval_strategy "no");
             # budwood still writes one checkpoint + the adapter after the loop, outside the timed part.
             "save_every": 10 ** 9, "eval_every": 10 ** 9, "keep_checkpoints": 1,
@@ -352,8 +357,8 @@ def child_budwood_plan(spec: dict) -> None:
     t = config.training
     data = prepare_data(config, load_tokenizer(config.base_model))
     lengths = [len(e) for e in data.train]
-    cum_tok, cum_ex, cum_loss = [0], [0], [0]
-    series = cum_tok if spec["match"] == "tokens" else cum_ex
+    cum_tok, cum_ex, cum_loss, cum_pad, cum_steps = [0], [0], [0], [0], [0]
+    series = {"tokens": cum_tok, "examples": cum_ex, "steps": cum_steps}[spec["match"]]
     epoch = 0
     while series[-1] < 2 * spec["target"] + 10:  # the same walk over epochs as recipe.train's loop
         for idx in plan_epoch(lengths, t.batching, t.batch_size, t.tokens_per_batch, t.seed, epoch):
@@ -361,9 +366,12 @@ def child_budwood_plan(spec: dict) -> None:
             cum_tok.append(cum_tok[-1] + b.n_tokens)
             cum_ex.append(cum_ex[-1] + len(idx))
             cum_loss.append(cum_loss[-1] + b.n_label_tokens)
+            cum_pad.append(cum_pad[-1] + b.input_ids.numel())  # tokens the model runs, padding included
+            cum_steps.append(cum_steps[-1] + 1)
         epoch += 1
     k = min(range(1, len(series)), key=lambda i: (abs(series[i] - spec["target"]), i))
     _emit({"max_steps": k, "tokens": cum_tok[k], "examples": cum_ex[k], "loss_tokens": cum_loss[k],
+           "padded_tokens": cum_pad[k],
            "train_examples": len(lengths)})
 
 
@@ -408,10 +416,11 @@ def child_budwood(spec: dict) -> None:
     n_base = sum(p.numel() for p in base.model.parameters())
     n_lora = sum(p.numel() for p in build_lora_model(base.model, config).parameters() if p.requires_grad)
     _emit({
-        "side": "budwood", "variant": spec["budwood_batching"], "precision": spec["precision"],
+        "side": "budwood", "precision": spec["precision"],
+        "variant": spec["budwood_batching"] + ("+compile" if spec["budwood_compile"] == "on" else ""),
         "base_dtype": prov["hardware"]["dtype"], "max_seq_len": MAX_SEQ_LEN,
         "steps": prov["steps"], "examples": spec.get("predicted_examples"),
-        "real_tokens": prov["tokens_seen"],
+        "real_tokens": prov["tokens_seen"], "padded_tokens": spec.get("predicted_padded_tokens"),
         "loss_tokens": prov["trained_tokens"], "loop_s": loop_s, "train_time_s": prov["train_time_s"],
         "wall_time_s": prov["wall_time_s"], "train_call_s": round(wall, 2),
         "steady_tokens_per_s": round(steady, 1) if steady else None,
@@ -504,7 +513,7 @@ def ensure_work(work: Path, env: dict, args) -> dict:
 
 def derive(r: dict, peak_gflops: float) -> dict:
     r["tokens_per_s"] = round(r["real_tokens"] / r["loop_s"], 1)
-    if "padded_tokens" in r:
+    if r.get("padded_tokens"):
         r["pad_fraction"] = round(1 - r["real_tokens"] / max(r["padded_tokens"], 1), 4)
     fpt = 4 * r["base_params"] + 6 * r["lora_params"]
     r["model_flops_per_token"] = fpt
@@ -522,12 +531,13 @@ def fmt(v, nd=1):
 
 
 def print_table(rows: list[dict], peak: float, precision: str) -> None:
-    cols = ["side", "variant", "run", "steps", "examples", "real tok", "loss tok", "loop s", "tok/s",
+    cols = ["side", "variant", "run", "steps", "examples", "real tok", "loss tok", "pad frac", "loop s", "tok/s",
             "steady tok/s", "peak RSS MB", "user/sys CPU s", "loss first→final", "GFLOP/s", "MFU"]
     lines = []
     for r in rows:
         lines.append([r["side"], r["variant"], str(r["repeat"]), str(r["steps"]), fmt(r.get("examples")),
-                      str(r["real_tokens"]), str(r["loss_tokens"]), fmt(r["loop_s"], 2),
+                      str(r["real_tokens"]), str(r["loss_tokens"]), fmt(r.get("pad_fraction"), 2),
+                      fmt(r["loop_s"], 2),
                       fmt(r["tokens_per_s"]),
                       fmt(r.get("steady_tokens_per_s")), fmt(r["peak_rss_mb"], 0),
                       f"{fmt(r['user_cpu_s'])}/{fmt(r['sys_cpu_s'])}",
@@ -545,11 +555,13 @@ def print_table(rows: list[dict], peak: float, precision: str) -> None:
 def main_parent(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=30,
+    ap.add_argument("--steps", type=int, default=60,
                     help="TRL optimizer steps (batch 8); budwood gets a matching budget, see --match")
     ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                     help="bf16: TRL bf16=True autocast, budwood precision bf16; fp32: both plain fp32")
     ap.add_argument("--budwood-batching", choices=["padded", "packed"], default="padded")
+    ap.add_argument("--budwood-compile", choices=["on", "off", "auto"], default="on",
+                    help="budwood training.compile; compile time falls inside the timed loop (first steps)")
     ap.add_argument("--trl-variant", choices=["padding-free", "padding", "packing"], default="padding-free",
                     help="padding-free: flattened batch, max_length=None (TRL's fastest in the anchor); "
                          "padding: right-padded rows, max_length=--trl-max-length; "
@@ -569,7 +581,7 @@ def main_parent(argv: list[str]) -> None:
     ap.add_argument("--budwood-steps", type=int, help="fix budwood's max_steps instead of matching")
     ap.add_argument("--only", choices=["trl", "budwood"],
                     help="run one side (budwood alone needs --budwood-steps)")
-    ap.add_argument("--repeats", type=int, default=1, help="run each side this many times, alternating "
+    ap.add_argument("--repeats", type=int, default=3, help="run each side this many times, alternating "
                     "TRL, budwood, TRL, ...; the summary uses the median tok/s")
     ap.add_argument("--allocator", choices=["tcmalloc", "glibc"], default=None,
                     help="malloc for both children: tcmalloc via LD_PRELOAD (default when installed: "
@@ -612,7 +624,7 @@ def main_parent(argv: list[str]) -> None:
     print(f"allocator: {args.allocator}{' (' + tcmalloc + ')' if args.allocator == 'tcmalloc' else ''}; "
           f"precision {args.precision}; device {args.device}; logs in {logs}", flush=True)
 
-    gemm = run_child("gemm", {}, env, logs / "gemm.log", args.verbose)
+    gemm = run_child("gemm", {"device": args.device}, env, logs / "gemm.log", args.verbose)
     peak = gemm[f"{args.precision}_gflops"]
     print(f"GEMM peak (2048^3, median, {gemm['threads']} threads): fp32 {gemm['fp32_gflops']} GFLOP/s, "
           f"bf16 {gemm['bf16_gflops']} GFLOP/s", flush=True)
@@ -623,7 +635,8 @@ def main_parent(argv: list[str]) -> None:
                     trl_max_length=args.trl_max_length, trl_base_dtype=args.trl_base_dtype,
                     assistant_only_loss=not args.trl_full_loss,
                     out=str(work / "trl_out"))
-    bw_spec = dict(common, budwood_batching=args.budwood_batching, out=str(work / "budwood_out"),
+    bw_spec = dict(common, budwood_batching=args.budwood_batching, budwood_compile=args.budwood_compile,
+                   out=str(work / "budwood_out"),
                    val_data=str(work / "val.jsonl"))
     rows: list[dict] = []
     plan = None
@@ -639,8 +652,9 @@ def main_parent(argv: list[str]) -> None:
         if args.only == "trl":
             continue
         if plan is None:
-            if args.budwood_steps:
-                plan = {"max_steps": args.budwood_steps}
+            if args.budwood_steps:  # predict what that many steps train on (match target = steps * 8)
+                plan = run_child("budwood_plan", dict(bw_spec, match="steps", target=args.budwood_steps), env,
+                                 logs / "budwood_plan.log", args.verbose)
             else:
                 first = rows[0]
                 target = first["real_tokens"] if args.match == "tokens" else first["examples"]
@@ -650,9 +664,10 @@ def main_parent(argv: list[str]) -> None:
                       f"{plan['examples']} examples (matching TRL's {args.match}: {target})", flush=True)
         print(f"[{rep + 1}/{args.repeats}] budwood {args.budwood_batching} {args.precision}, "
               f"{plan['max_steps']} steps ...", flush=True)
-        spec = dict(bw_spec, max_steps=plan["max_steps"], predicted_examples=plan.get("examples"))
+        spec = dict(bw_spec, max_steps=plan["max_steps"], predicted_examples=plan["examples"],
+                    predicted_padded_tokens=plan["padded_tokens"])
         r = run_child("budwood", spec, env, logs / f"budwood_{rep}.log", args.verbose)
-        if plan.get("tokens") is not None and plan["tokens"] != r["real_tokens"]:
+        if plan["tokens"] != r["real_tokens"]:
             print(f"    warning: budwood trained {r['real_tokens']} tokens, "
                   f"the plan predicted {plan['tokens']}")
         r["repeat"] = rep
@@ -660,20 +675,26 @@ def main_parent(argv: list[str]) -> None:
         print(f"    {r['real_tokens']} tokens in {r['loop_s']:.1f} s = {r['tokens_per_s']} tok/s", flush=True)
 
     print_table(rows, peak, args.precision)
-    med = {s: statistics.median([r["tokens_per_s"] for r in rows if r["side"] == s])
-           for s in ("trl", "budwood") if any(r["side"] == s for r in rows)}
-    summary = {"kind": "summary", "run_id": run_id, "median_tokens_per_s": med}
+    sides = [s for s in ("trl", "budwood") if any(r["side"] == s for r in rows)]
+    med = {s: round(statistics.median([r["tokens_per_s"] for r in rows if r["side"] == s]), 1) for s in sides}
+    steady = {s: [r["steady_tokens_per_s"] for r in rows if r["side"] == s and r["steady_tokens_per_s"]]
+              for s in sides}
+    med_steady = {s: round(statistics.median(v), 1) if v else None for s, v in steady.items()}
+    summary = {"kind": "summary", "run_id": run_id, "median_tokens_per_s": med,
+               "median_steady_tokens_per_s": med_steady}
     if len(med) == 2:
         t, b = [r for r in rows if r["side"] == "trl"][0], [r for r in rows if r["side"] == "budwood"][0]
         summary.update({
             "ratio_budwood_over_trl": round(med["budwood"] / med["trl"], 3),
+            "ratio_steady": (round(med_steady["budwood"] / med_steady["trl"], 3)
+                             if med_steady["budwood"] and med_steady["trl"] else None),
             "token_diff_pct": round(100 * (b["real_tokens"] - t["real_tokens"]) / t["real_tokens"], 2),
             "loss_token_diff_pct": round(100 * (b["loss_tokens"] - t["loss_tokens"])
                                          / max(t["loss_tokens"], 1), 2),
             "peak_rss_mb": {"trl": t["peak_rss_mb"], "budwood": b["peak_rss_mb"]},
         })
         print(f"\nbudwood / TRL tok/s = {med['budwood']} / {med['trl']} = "
-              f"{summary['ratio_budwood_over_trl']}x "
+              f"{summary['ratio_budwood_over_trl']}x (steady: {fmt(summary['ratio_steady'], 3)}x) "
               f"(median of {args.repeats}); tokens differ by {summary['token_diff_pct']}% "
               f"(loss tokens {summary['loss_token_diff_pct']}%)")
         if b["lora_params"] != t["lora_params"] or b["base_params"] != t["base_params"]:

@@ -134,3 +134,11 @@ def test_existing_checkpoints_need_resume(trained):
     cfg = load_config(tmp / "straight.yaml")
     with pytest.raises(TrainingError, match="--resume"):
         train(cfg)
+
+
+def test_packed_batching_without_validation_data(company_data, tmp_path):
+    cfg = load_config(_config_file(tmp_path, company_data, tmp_path / "packed", max_steps=3, batching="packed"),
+                      ["data.validation=null"])
+    adapter = train(cfg)
+    prov = json.loads((adapter / "budwood.json").read_text())
+    assert prov["steps"] == 3 and prov["final"]["val_loss"] is None and "validation" not in prov["data"]

@@ -10,6 +10,7 @@ The plan for an epoch is a pure function of (seed, epoch), which is what makes r
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -58,7 +59,8 @@ def plan_epoch(lengths: list[int], strategy: str, batch_size: int, tokens_per_ba
             if cur:
                 batches.append(cur)
     elif strategy == "packed":
-        capacity = tokens_per_batch or batch_size * max(lengths)
+        # about batch_size examples per row on average, so the schedule means the same as when padded
+        capacity = max(tokens_per_batch or batch_size * math.ceil(sum(lengths) / len(lengths)), max(lengths))
         rows: list[tuple[int, list[int]]] = []  # (free tokens, examples): first-fit decreasing
         for i in sorted(order, key=lambda i: lengths[i], reverse=True):
             for r, (free, members) in enumerate(rows):
