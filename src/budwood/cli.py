@@ -72,13 +72,17 @@ def train_cmd(
     """
     from budwood.config import load_config
     from budwood.errors import BudwoodError
-    from budwood.train.recipe import train
+    from budwood.train.recipe import TrainingInterrupted, train
 
     _sigterm_as_interrupt()
     progress = RichProgress()
     try:
         cfg = load_config(config, set_)
         adapter_dir = train(cfg, resume=resume, progress=progress)
+    except TrainingInterrupted as e:
+        progress.stop()
+        console.print(f"[yellow]{escape(str(e))}[/]")
+        raise typer.Exit(130) from None
     except BudwoodError as e:
         progress.stop()
         _fail(e)
