@@ -19,7 +19,7 @@ out = Console()
 
 
 def _fail(error: Exception) -> None:
-    console.print(f"[bold red]error:[/] {error}", markup=True, highlight=False)
+    console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -199,9 +199,13 @@ def demo_cmd(
     p = result.provenance
     out.print(f"loss  {losses[0]:.2f} {sparkline(losses)} {losses[-1]:.2f}   "
               f"(val {p['final']['val_loss']:.2f})", highlight=False)
+    for side in ("base", "adapted"):
+        sc = result.scores[side]
+        out.print(f"{side:>8}: {sc['exact']:.0%} of held-out questions answered exactly, "
+                  f"{sc['abstained']:.0%} of unanswerable ones declined", highlight=False, soft_wrap=True)
     out.print(f"loss curve: {result.loss_plot}")
     out.print(f"adapter:    {result.adapter_dir}  ({p['steps']} steps, {p['tokens_seen']:,} tokens, "
-              f"{p['train_time_s']:.0f} s training, {time.time() - t0:.0f} s in all)")
+              f"{p['train_time_s']:.0f} s training, {time.time() - t0:.0f} s in all)", soft_wrap=True)
 
 
 def main() -> None:

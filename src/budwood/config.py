@@ -139,7 +139,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None,
                 base: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a YAML config (relative data paths resolve against the YAML's folder)."""
+    """Read a YAML config; relative paths in it resolve against the working directory, as in Axolotl."""
     raw: dict[str, Any] = dict(base or {})
     source = "--set"
     if path is not None:
@@ -154,12 +154,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of keys at the top level")
         raw.update(loaded)
-        for key in ("train", "validation"):
-            value = (raw.get("data") or {}).get(key)
-            if isinstance(value, str) and not Path(value).is_absolute():
-                candidate = path.parent / value
-                if candidate.exists() or not Path(value).exists():
-                    raw["data"][key] = str(candidate)
     raw = apply_overrides(raw, overrides or [])
     try:
         return TrainConfig.model_validate(raw)

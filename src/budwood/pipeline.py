@@ -15,7 +15,7 @@ from budwood.train.recipe import Progress, train
 DEMO_OVERRIDES = [
     "base_model=budwood-tiny", "data.format=openai", "data.min_examples=10",
     "lora.r=16", "lora.alpha=32", "lora.dropout=0.0", "lora.target_modules=all-linear",
-    "training.epochs=30", "training.learning_rate=2e-3", "training.batch_size=16",
+    "training.epochs=60", "training.learning_rate=2e-3", "training.batch_size=16",
     "training.scheduler=cosine", "training.warmup_ratio=0.05", "training.max_seq_len=256",
     "training.eval_every=25", "training.save_every=100", "training.seed=0",
 ]
@@ -25,8 +25,10 @@ DEMO_OVERRIDES = [
 class DemoResult:
     adapter_dir: Path
     loss_plot: Path
-    rows: list[dict]  # question, reference, base answer, adapted answer, answerable
+    rows: list[dict]  # the questions shown: question, reference, base and adapted answers, answerable
     provenance: dict
+    scores: dict  # {"base"|"adapted": {"exact": share of answerable held-out questions answered
+    #              word for word, "abstained": share of unanswerable ones declined}}
 
 
 def demo_config(workdir: Path, overrides: list[str] | None = None) -> TrainConfig:
@@ -49,17 +51,27 @@ def run_demo(workdir: str | Path, overrides: list[str] | None = None, progress: 
 
     system = json.loads((workdir / "data" / "company.json").read_text())["system"]
     heldout = [json.loads(x) for x in paths["heldout"].read_text().splitlines()]
-    answerable = [h for h in heldout if h["answerable"]]
-    picked = answerable[:: max(1, len(answerable) // (n_questions - 2))][: n_questions - 2]
-    picked += [h for h in heldout if not h["answerable"]][:2]
     model, tokenizer = load_for_generation(config.base_model, adapter_dir, device="cpu")
-    questions = [h["question"] for h in picked]
+    questions = [h["question"] for h in heldout]
     adapted = chat_generate(model, tokenizer, questions, system=system)
     with model.disable_adapter():
         base = chat_generate(model, tokenizer, questions, system=system)
     rows = [{"question": h["question"], "reference": h["answer"], "answerable": h["answerable"],
-             "base": b, "adapted": a} for h, b, a in zip(picked, base, adapted, strict=True)]
+             "base": b, "adapted": a} for h, b, a in zip(heldout, base, adapted, strict=True)]
+    scores = {side: _score(rows, side) for side in ("base", "adapted")}
+    answerable = [r for r in rows if r["answerable"]]
+    shown = answerable[:: max(1, len(answerable) // (n_questions - 2))][: n_questions - 2]
+    shown += [r for r in rows if not r["answerable"]][:2]
     metrics = read_metrics(adapter_dir / "metrics.jsonl")
     plot = plot_losses(metrics, adapter_dir / "loss.png", title="budwood demo: LoRA on budwood-tiny")
     provenance = json.loads((adapter_dir / "budwood.json").read_text())
-    return DemoResult(adapter_dir, plot, rows, provenance)
+    return DemoResult(adapter_dir, plot, shown, provenance, scores)
+
+
+def _score(rows: list[dict], side: str) -> dict:
+    """A first look only; `budwood eval` owns the real hallucination metrics."""
+    norm = lambda text: " ".join(text.lower().split()).rstrip(".")  # noqa: E731
+    answerable = [r for r in rows if r["answerable"]]
+    unanswerable = [r for r in rows if not r["answerable"]]
+    return {"exact": sum(norm(r[side]) == norm(r["reference"]) for r in answerable) / max(1, len(answerable)),
+            "abstained": sum("don't know" in r[side].lower() for r in unanswerable) / max(1, len(unanswerable))}

@@ -16,6 +16,7 @@ def test_demo_runs_end_to_end(tmp_path):
     r = budwood("demo", "--workdir", str(tmp_path / "demo"), "--set", "training.epochs=4")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "held-out questions" in r.stdout and "loss curve:" in r.stdout
+    assert "adapted:" in r.stdout and "of held-out questions answered exactly" in r.stdout
     adapter = tmp_path / "demo" / "adapter"
     assert (adapter / "loss.png").stat().st_size > 10_000
     prov = json.loads((adapter / "budwood.json").read_text())

@@ -11,10 +11,10 @@ def _yaml(tmp_path, text):
     return p
 
 
-def test_loads_yaml_resolves_data_relative_to_config_and_applies_overrides(tmp_path):
-    p = _yaml(tmp_path, "base_model: budwood-tiny\ndata:\n  train: train.jsonl\nlora:\n  r: 4\n")
+def test_loads_yaml_and_applies_overrides(tmp_path):
+    p = _yaml(tmp_path, "base_model: budwood-tiny\ndata:\n  train: data/train.jsonl\nlora:\n  r: 4\n")
     cfg = load_config(p, ["training.max_steps=20", "lora.target_modules=[q_proj, v_proj]"])
-    assert cfg.data.train == tmp_path / "train.jsonl"
+    assert str(cfg.data.train) == "data/train.jsonl"
     assert cfg.training.max_steps == 20 and cfg.lora.r == 4
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
     assert len(cfg.config_hash()) == 16
