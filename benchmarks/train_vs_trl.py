@@ -337,7 +337,7 @@ def _budwood_config(spec: dict, max_steps: int):
             "weight_decay": 0.0, "max_grad_norm": 1.0, "batch_size": BATCH, "gradient_accumulation": 1,
             "max_seq_len": MAX_SEQ_LEN, "seed": SEED, "precision": spec["precision"],
             "batching": spec["budwood_batching"], "gradient_checkpointing": False, "device": spec["device"],
-            "compile": spec["budwood_compile"],
+            "compile": {"on": True, "off": False, "auto": "auto"}[spec["budwood_compile"]],
             # no checkpoint and no validation inside the loop (TRL: save_strategy/eval_strategy "no");
             # budwood still writes one checkpoint + the adapter after the loop, outside the timed part.
             "save_every": 10 ** 9, "eval_every": 10 ** 9, "keep_checkpoints": 1,

@@ -56,7 +56,7 @@ class TrainingConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 where the CPU or GPU runs it fast, else fp32")
     gradient_checkpointing: bool = False
-    compile: Literal["auto", "on", "off"] = Field(
+    compile: bool | Literal["auto"] = Field(
         "auto", description="torch.compile each decoder layer: ~1.4x faster on CPU after a one-time compile "
         "of about a minute (cached on disk); auto turns it on for runs of 5M tokens or more")
     batching: Literal["padded", "packed"] = Field(

@@ -213,7 +213,7 @@ def train(config: TrainConfig, resume: bool = False, progress: Progress | None =
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    if t.compile == "on" or (t.compile == "auto" and total_steps * t.gradient_accumulation / micro_per_epoch
+    if t.compile is True or (t.compile == "auto" and total_steps * t.gradient_accumulation / micro_per_epoch
                                           * sum(lengths) >= COMPILE_AUTO_TOKENS):
         compile_layers(model.get_base_model())
     model.train()
