@@ -12,6 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from budwood.allocator import find_tcmalloc
 from budwood.config import load_config
 from budwood.errors import TrainingError
 from budwood.train.checkpoint import list_checkpoints
@@ -110,6 +111,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(company_data, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and '"loss"' in metrics.read_text()):
         time.sleep(0.05)
+    if find_tcmalloc():  # the CLI re-executes itself under tcmalloc wherever it is installed
+        assert "libtcmalloc" in Path(f"/proc/{proc.pid}/maps").read_text()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
