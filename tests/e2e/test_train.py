@@ -160,3 +160,55 @@ def test_compiled_layers_train_like_eager_ones(company_data, tmp_path):
     # later steps differ only by float reassociation (which Adam can amplify for near-zero gradients)
     assert losses[0] == pytest.approx(losses[1], rel=1e-3)
     assert losses[0][-1] < losses[0][0]
+
+
+def test_interrupt_in_the_middle_of_a_step_resumes_exactly(company_data, tmp_path, monkeypatch):
+    from budwood.train import recipe
+
+    settings = dict(max_steps=6, gradient_accumulation=2, save_every=100)
+    straight = train(load_config(_config_file(tmp_path, company_data, tmp_path / "straight2", **settings)))
+    cfg = load_config(_config_file(tmp_path, company_data, tmp_path / "interrupted", **settings))
+    calls, original = [0], recipe.token_losses
+
+    def interrupted_in_step_4(lm, batch):
+        calls[0] += 1
+        if calls[0] == 8:  # the second micro-batch of step 4
+            raise KeyboardInterrupt
+        return original(lm, batch)
+
+    monkeypatch.setattr(recipe, "token_losses", interrupted_in_step_4)
+    with pytest.raises(recipe.TrainingInterrupted, match="interrupted at step 3"):
+        train(cfg)
+    monkeypatch.undo()
+    train(cfg, resume=True)
+    a = load_file(straight / "adapter_model.safetensors")
+    b = load_file(tmp_path / "interrupted" / "adapter_model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_resume_refuses_changed_data(company_data, tmp_path):
+    data = dict(company_data, train=tmp_path / "train.jsonl")
+    data["train"].write_text(company_data["train"].read_text())
+    train(load_config(_config_file(tmp_path, data, tmp_path / "run", max_steps=2, save_every=1)))
+    lines = data["train"].read_text().splitlines()
+    data["train"].write_text("\n".join(lines[1:]) + "\n")
+    with pytest.raises(TrainingError, match="train data .* changed"):
+        train(load_config(_config_file(tmp_path, data, tmp_path / "run", max_steps=4)), resume=True)
+
+
+def test_step_count_from_epochs_spans_accumulation_windows_across_epochs():
+    from budwood.config import TrainingConfig
+    from budwood.train.recipe import count_steps
+
+    assert count_steps(TrainingConfig(epochs=3, gradient_accumulation=3), micro_per_epoch=5) == 5
+    assert count_steps(TrainingConfig(epochs=2, gradient_accumulation=4), micro_per_epoch=5) == 3
+    assert count_steps(TrainingConfig(epochs=1, gradient_accumulation=8), micro_per_epoch=2) == 1
+    assert count_steps(TrainingConfig(max_steps=7, gradient_accumulation=8), micro_per_epoch=2) == 7
+
+
+def test_refuses_an_output_dir_of_someone_elses_files(company_data, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    with pytest.raises(TrainingError, match="not empty"):
+        train(load_config(_config_file(tmp_path, company_data, tmp_path / "mine", max_steps=1)))
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"

@@ -16,20 +16,31 @@ from budwood.models.load import resolve_model_path
 CACHE = Path(os.environ.get("BUDWOOD_CACHE", Path.home() / ".cache" / "budwood")) / "fingerprints.json"
 
 
+WEIGHT_PATTERNS = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"]
+
+
 def _model_dir(name: str) -> Path:
     path = Path(resolve_model_path(name))
     if path.is_dir():
         return path
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(name, allow_patterns=["config.json", "*.safetensors"]))
+    return Path(snapshot_download(name, allow_patterns=WEIGHT_PATTERNS))
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files transformers loads: the shards an index names, or model.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (folder / "model.safetensors").exists():
+        return [folder / "model.safetensors"]
+    raise ModelError(f"{folder}: no model.safetensors (or index) to fingerprint")
 
 
 def model_fingerprint(name: str) -> str:
     folder = _model_dir(name)
-    files = [folder / "config.json"] + sorted(folder.glob("*.safetensors"))
-    if len(files) == 1:
-        raise ModelError(f"{folder}: no .safetensors weights to fingerprint")
+    files = [folder / "config.json"] + weight_files(folder)
     key = json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
     cache = json.loads(CACHE.read_text()) if CACHE.exists() else {}
     if key in cache:

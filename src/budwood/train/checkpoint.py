@@ -49,6 +49,8 @@ def save_checkpoint(root: Path, step: int, peft_model, opt, scheduler, rng: dict
                     keep: int) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
+    if (final / "trainer_state.json").exists():  # the same step's state is the same: never rewrite a good one
+        return final
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     peft_model.save_pretrained(tmp)
@@ -60,8 +62,7 @@ def save_checkpoint(root: Path, step: int, peft_model, opt, scheduler, rng: dict
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
+    shutil.rmtree(final, ignore_errors=True)  # a folder without trainer_state.json is not a checkpoint
     os.replace(tmp, final)
     _fsync_dir(root)
     for old in list_checkpoints(root)[:-keep]:

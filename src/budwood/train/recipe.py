@@ -14,6 +14,8 @@ import platform
 import random
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -27,7 +29,7 @@ from budwood.data.pack import collate, plan_epoch
 from budwood.data.template import Encoded, encode_conversations
 from budwood.errors import TrainingError
 from budwood.models.fingerprint import model_fingerprint
-from budwood.models.load import load_base, pick_device, pick_dtype
+from budwood.models.load import load_base, load_tokenizer, pick_device, pick_dtype
 from budwood.train.checkpoint import list_checkpoints, load_checkpoint, optimizer_from_files, save_checkpoint
 from budwood.train.loss import token_losses
 from budwood.train.metrics import MetricsLog
@@ -114,6 +116,11 @@ def build_lora_model(base_model, config: TrainConfig):
 COMPILE_AUTO_TOKENS = 5_000_000
 
 
+def count_steps(t, micro_per_epoch: int) -> int:
+    """Optimizer steps for the run; accumulation windows run across epoch boundaries."""
+    return t.max_steps or max(1, math.ceil(t.epochs * micro_per_epoch / t.gradient_accumulation))
+
+
 def compile_layers(lm) -> None:
     """Compile each decoder layer (dynamic shapes): fuses the norm, rotary, activation, LoRA-scaling and
     residual element-wise work that otherwise costs as much as the matrix products on a small model.
@@ -176,13 +183,17 @@ def versions() -> dict:
 
 def train(config: TrainConfig, resume: bool = False, progress: Progress | None = None) -> Path:
     """Train a LoRA adapter; return the adapter directory (config.output_dir)."""
-    progress = progress or _LogProgress()
+    with locked_output_dir(Path(config.output_dir)):
+        return _train(config, resume, progress or _LogProgress())
+
+
+def _train(config: TrainConfig, resume: bool, progress: Progress) -> Path:
     t = config.training
     out = Path(config.output_dir)
     ckpt_root = out / "checkpoints"
     started = time.perf_counter()
 
-    # --- setup -------------------------------------------------------------------------------
+    # --- setup: cheap checks first, weights last ---------------------------------------------
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     device = pick_device(t.device)
@@ -193,22 +204,20 @@ def train(config: TrainConfig, resume: bool = False, progress: Progress | None =
     if not resume and checkpoints:
         raise TrainingError(f"{out} already has checkpoints; pass --resume to continue, or choose "
                             "another output_dir")
-    base = load_base(config.base_model, dtype=dtype, device=device)
-    tokenizer = base.tokenizer
+    tokenizer = load_tokenizer(config.base_model)
     pad_id = tokenizer.pad_token_id
-
-    # --- data --------------------------------------------------------------------------------
     data = prepare_data(config, tokenizer)
     for issue in data.issues:
         progress.note(f"warning: {issue}")
+    base_fingerprint = model_fingerprint(config.base_model)
     lengths = [len(e) for e in data.train]
     micro_per_epoch = len(plan_epoch(lengths, t.batching, t.batch_size, t.tokens_per_batch, t.seed, 0))
-    steps_per_epoch = max(1, micro_per_epoch // t.gradient_accumulation)
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+    total_steps = count_steps(t, micro_per_epoch)
 
     # --- model, optimizer, schedule ------------------------------------------------------------
     from transformers import get_scheduler
 
+    base = load_base(config.base_model, dtype=dtype, device=device)
     model = build_lora_model(base.model, config)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -223,39 +232,40 @@ def train(config: TrainConfig, resume: bool = False, progress: Progress | None =
     warmup = t.warmup_steps if t.warmup_steps is not None else round(t.warmup_ratio * total_steps)
     scheduler = get_scheduler(t.scheduler, opt, num_warmup_steps=warmup, num_training_steps=total_steps)
 
-    step, epoch, cursor, tokens_seen, trained_tokens, elapsed_before = 0, 0, 0, 0, 0, 0.0
+    # `done` is the state after the last completed optimizer step: the only thing a checkpoint saves
+    done = {"step": 0, "epoch": 0, "cursor": 0, "tokens_seen": 0, "trained_tokens": 0, "elapsed_s": 0.0,
+            "train_loss": None, "val_loss": None, "data": data.fingerprints, "base_fingerprint": base_fingerprint,
+            "config_hash": _resume_hash(config)}
+    rng_after_step = _rng_state(device)
     if resume:
         from peft import set_peft_model_state_dict
 
         adapter, opt_tensors, rng_tensors, state = load_checkpoint(checkpoints[-1])
-        if state["config_hash"] != _resume_hash(config):
-            raise TrainingError(f"{checkpoints[-1]}: the checkpoint was written with a different config; "
-                                "resume needs the same config (only the step budget may change)")
+        _check_resumable(checkpoints[-1], state, done)
         set_peft_model_state_dict(model, adapter)
         optimizer_from_files(opt, opt_tensors, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(rng_tensors, device)
-        step, epoch, cursor = state["step"], state["epoch"], state["cursor"]
-        tokens_seen, trained_tokens = state["tokens_seen"], state["trained_tokens"]
-        elapsed_before = state["elapsed_s"]
-        progress.note(f"resumed from {checkpoints[-1]} (step {step})")
-    metrics = MetricsLog(out / "metrics.jsonl", step if resume else None, config.logging.tensorboard,
+        rng_after_step = rng_tensors
+        done.update({k: state[k] for k in ("step", "epoch", "cursor", "tokens_seen", "trained_tokens",
+                                           "elapsed_s", "train_loss", "val_loss")})
+        progress.note(f"resumed from {checkpoints[-1]} (step {done['step']})")
+    metrics = MetricsLog(out / "metrics.jsonl", done["step"] if resume else None, config.logging.tensorboard,
                          config.logging.wandb, config.logging.wandb_project, config.resolved())
 
-    def checkpoint(rng: dict) -> Path:
-        state = {"step": step, "epoch": epoch, "cursor": cursor, "tokens_seen": tokens_seen,
-                 "trained_tokens": trained_tokens, "elapsed_s": elapsed_before + time.perf_counter() - loop_start,
-                 "config_hash": _resume_hash(config)}
-        return save_checkpoint(ckpt_root, step, model, opt, scheduler, rng, state, t.keep_checkpoints)
+    def checkpoint() -> Path:
+        state = dict(done, elapsed_s=done["elapsed_s"] + time.perf_counter() - loop_start)
+        return save_checkpoint(ckpt_root, done["step"], model, opt, scheduler, rng_after_step, state,
+                               t.keep_checkpoints)
 
     # --- loop ----------------------------------------------------------------------------------
     lm = model.get_base_model()
+    step, epoch, cursor = done["step"], done["epoch"], done["cursor"]
     plan = plan_epoch(lengths, t.batching, t.batch_size, t.tokens_per_batch, t.seed, epoch)
     progress.start(total_steps, step)
     loop_start = time.perf_counter()
+    elapsed_before = done["elapsed_s"]
     window_start, window_tokens = loop_start, 0
-    last_train_loss = last_val_loss = None
-    rng_after_step = _rng_state(device)
     try:
         while step < total_steps:
             window = []
@@ -274,65 +284,66 @@ def train(config: TrainConfig, resume: bool = False, progress: Progress | None =
                 loss.backward()
                 loss_sum += losses.sum().item()
             train_loss = loss_sum / n_labels
-            if not math.isfinite(train_loss):
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf")).item()
+            if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
                 kept = list_checkpoints(ckpt_root)
-                raise TrainingError(f"loss became {train_loss} at step {step + 1}; stopped without applying "
-                                    f"the update. Last good checkpoint: {kept[-1] if kept else 'none'}. "
-                                    "Try a lower training.learning_rate or precision fp32.")
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm).item()
-                         if t.max_grad_norm else None)
+                what = (f"loss became {train_loss}" if not math.isfinite(train_loss)
+                        else f"gradient norm became {grad_norm}")
+                raise TrainingError(f"{what} at step {step + 1}; stopped without applying the update. Last good "
+                                    f"checkpoint: {kept[-1] if kept else 'none'}. Lower training.learning_rate "
+                                    "(or use precision fp32) and start again in a new output_dir.")
             opt.step()
             scheduler.step()
             opt.zero_grad(set_to_none=True)
             step += 1
             rng_after_step = _rng_state(device)
             batch_tokens = sum(b.n_tokens for b in window)
-            tokens_seen += batch_tokens
-            trained_tokens += n_labels
             window_tokens += batch_tokens
-            last_train_loss = train_loss
+            done.update(step=step, epoch=epoch, cursor=cursor, train_loss=train_loss,
+                        tokens_seen=done["tokens_seen"] + batch_tokens,
+                        trained_tokens=done["trained_tokens"] + n_labels)
             if step % config.logging.every == 0 or step == total_steps:
                 now = time.perf_counter()
                 tps = window_tokens / max(now - window_start, 1e-9)
                 window_start, window_tokens = now, 0
-                done = elapsed_before + now - loop_start
                 record = {"step": step, "epoch": round(epoch + cursor / max(len(plan), 1), 4),
                           "loss": round(train_loss, 6), "lr": scheduler.get_last_lr()[0],
-                          "grad_norm": grad_norm, "tokens": tokens_seen, "tokens_per_s": round(tps, 1),
-                          "elapsed_s": round(done, 2)}
+                          "grad_norm": grad_norm, "tokens": done["tokens_seen"], "tokens_per_s": round(tps, 1),
+                          "elapsed_s": round(elapsed_before + now - loop_start, 2)}
                 metrics.write(record)
                 progress.update(dict(record, total_steps=total_steps))
             if data.validation and (step % t.eval_every == 0 or step == total_steps):
-                last_val_loss = validation_loss(model, data.validation, config, pad_id, device, dtype)
-                metrics.write({"step": step, "val_loss": round(last_val_loss, 6)})
-                progress.update({"step": step, "val_loss": last_val_loss, "total_steps": total_steps})
+                done["val_loss"] = validation_loss(model, data.validation, config, pad_id, device, dtype)
+                metrics.write({"step": step, "val_loss": round(done["val_loss"], 6)})
+                progress.update({"step": step, "val_loss": done["val_loss"], "total_steps": total_steps})
             if step % t.save_every == 0 and step < total_steps:
-                checkpoint(rng_after_step)
+                checkpoint()
     except KeyboardInterrupt:
-        path = checkpoint(rng_after_step) if step > 0 else None
+        path = checkpoint() if done["step"] > 0 else None
         metrics.close()
-        raise TrainingInterrupted(f"interrupted at step {step}; " + (
+        raise TrainingInterrupted(f"interrupted at step {done['step']}; " + (
             f"checkpoint saved to {path}; run again with --resume to continue" if path
             else "nothing to save yet")) from None
 
     # --- save ----------------------------------------------------------------------------------
     train_time = elapsed_before + time.perf_counter() - loop_start
-    checkpoint(rng_after_step)
+    checkpoint()
     model.save_pretrained(out)
+    _portable_base_name(out / "adapter_config.json", config.base_model)
     metrics.close()
     provenance = {
         "budwood_version": budwood.__version__,
-        "base_model": {"name": config.base_model, "fingerprint": model_fingerprint(config.base_model)},
+        "base_model": {"name": config.base_model, "fingerprint": base_fingerprint},
         "data": data.fingerprints,
         "config": config.resolved(),
         "config_hash": config.config_hash(),
         "versions": versions(),
         "hardware": dict(hardware(), device=str(device), dtype=str(dtype).replace("torch.", "")),
         "steps": step, "epochs": round(epoch + cursor / max(len(plan), 1), 4),
-        "tokens_seen": tokens_seen, "trained_tokens": trained_tokens,
+        "tokens_seen": done["tokens_seen"], "trained_tokens": done["trained_tokens"],
         "wall_time_s": round(time.perf_counter() - started, 2),
         "train_time_s": round(train_time, 2),
-        "final": {"train_loss": last_train_loss, "val_loss": last_val_loss},
+        "final": {"train_loss": done["train_loss"], "val_loss": done["val_loss"]},
         "data_warnings": len(data.issues),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -342,11 +353,50 @@ def train(config: TrainConfig, resume: bool = False, progress: Progress | None =
     return out
 
 
+@contextmanager
+def locked_output_dir(out: Path) -> Iterator[None]:
+    """One training process per output_dir (a second one would interleave checkpoints), and never
+    into a folder of someone else's files."""
+    import fcntl
+
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"output_dir {out} is a file, expected a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "checkpoints").exists() and not (out / ".lock").exists():
+        raise TrainingError(f"output_dir {out} is not empty and was not made by budwood; choose an empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / ".lock", "w")
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TrainingError(f"{out} is in use by another training process") from None
+        yield
+
+
+def _portable_base_name(adapter_config: Path, base_model: str) -> None:
+    """peft records the local path it loaded from; record the name others can load instead."""
+    cfg = json.loads(adapter_config.read_text())
+    cfg["base_model_name_or_path"] = base_model
+    adapter_config.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _check_resumable(path: Path, saved: dict, now: dict) -> None:
+    if saved["config_hash"] != now["config_hash"]:
+        raise TrainingError(f"{path}: the checkpoint was written with a different config; resume needs the same "
+                            "model, data, LoRA and optimisation settings (the step budget may change)")
+    if saved.get("base_fingerprint") != now["base_fingerprint"]:
+        raise TrainingError(f"{path}: the base model's weights changed since the checkpoint")
+    for split, info in now["data"].items():
+        if saved.get("data", {}).get(split, {}).get("fingerprint") != info["fingerprint"]:
+            raise TrainingError(f"{path}: the {split} data ({info['path']}) changed since the checkpoint")
+
+
 def _resume_hash(config: TrainConfig) -> str:
-    """Everything but the step budget must match between a checkpoint and its resume."""
+    """What must match between a checkpoint and its resume: all but the step budget and bookkeeping."""
     import hashlib
 
     resolved = config.resolved()
-    resolved["training"].pop("max_steps", None)
-    resolved["training"].pop("epochs", None)
+    for key in ("max_steps", "epochs", "save_every", "eval_every", "keep_checkpoints", "compile"):
+        resolved["training"].pop(key, None)
+    resolved.pop("logging", None)
     return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:16]
