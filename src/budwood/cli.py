@@ -95,7 +95,7 @@ def generate_cmd(
     prompt: list[str] = typer.Argument(..., help="one or more user prompts"),
     base: str = typer.Option("budwood-tiny", help="base model: budwood-tiny, a folder or a hub id"),
     adapter: Path | None = typer.Option(None, help="adapter directory"),
-    max_new_tokens: int = typer.Option(64),
+    max_new_tokens: int = typer.Option(64, min=1),
     temperature: float = typer.Option(0.0, help="0 = greedy"),
     seed: int = typer.Option(0),
     system: str | None = typer.Option(None, help="system message"),
@@ -172,14 +172,10 @@ def demo_cmd(
 
     Example: budwood demo --workdir runs/demo
     """
-    import shutil
-
     from budwood.errors import BudwoodError
     from budwood.pipeline import run_demo
     from budwood.train.metrics import read_metrics, sparkline
 
-    if (workdir / "adapter").exists():
-        shutil.rmtree(workdir / "adapter")
     _sigterm_as_interrupt()
     progress = RichProgress()
     t0 = time.time()
@@ -197,8 +193,9 @@ def demo_cmd(
     out.print(table)
     losses = [m["loss"] for m in read_metrics(result.adapter_dir / "metrics.jsonl") if "loss" in m]
     p = result.provenance
-    out.print(f"loss  {losses[0]:.2f} {sparkline(losses)} {losses[-1]:.2f}   "
-              f"(val {p['final']['val_loss']:.2f})", highlight=False)
+    val = p["final"]["val_loss"]
+    out.print(f"loss  {losses[0]:.2f} {sparkline(losses)} {losses[-1]:.2f}" +
+              (f"   (val {val:.2f})" if val is not None else ""), highlight=False, soft_wrap=True)
     for side in ("base", "adapted"):
         sc = result.scores[side]
         out.print(f"{side:>8}: {sc['exact']:.0%} of held-out questions answered exactly, "

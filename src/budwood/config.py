@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from budwood.errors import ConfigError, did_you_mean
 
@@ -24,9 +24,19 @@ class DataConfig(_Strict):
     train: Path = Field(description="training JSONL file")
     validation: Path | None = Field(None, description="validation JSONL file")
     validation_split: float = Field(0.0, ge=0.0, lt=0.5, description="share of train held out if no file")
-    format: Literal["auto", "openai", "prompt_completion", "alpaca", "sharegpt"] = Field(
-        "auto", description="record format; auto detects it from the first record")
+    format: str = Field("auto", description="auto (detect from the first record) or a registered format: "
+                        "openai, prompt_completion, alpaca, sharegpt")
     min_examples: int = Field(1, ge=1, description="fewer valid examples than this is an error")
+
+    @field_validator("format")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        from budwood.data.formats import FORMATS
+
+        if value != "auto" and value not in FORMATS:
+            raise ValueError(f"unknown format {value!r}{did_you_mean(value, FORMATS)}; expected auto or one of "
+                             f"{', '.join(FORMATS)}")
+        return value
 
 
 class LoraConfig(_Strict):
@@ -64,7 +74,7 @@ class TrainingConfig(_Strict):
     eval_every: int = Field(50, ge=1, description="optimizer steps between validation losses")
     save_every: int = Field(100, ge=1, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, mps")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto, cpu, cuda, cuda:1, mps")
 
 
 class LoggingConfig(_Strict):
@@ -106,18 +116,19 @@ def _field_names(model: type[BaseModel], path: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _explain(err: ValidationError, source: str) -> ConfigError:
+def _explain(err: ValidationError, source: str, overridden: set[str]) -> ConfigError:
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
         key = ".".join(str(p) for p in loc) or "(top level)"
+        where = f"--set {key}" if key in overridden else source
         if e["type"] == "extra_forbidden":
             hint = did_you_mean(str(loc[-1]), _field_names(TrainConfig, loc))
-            lines.append(f"{source}: unknown key '{key}'{hint}")
+            lines.append(f"{where}: unknown key '{key}'{hint}")
         elif e["type"] == "missing":
-            lines.append(f"{source}: missing required key '{key}'")
+            lines.append(f"{where}: missing required key '{key}'")
         else:
-            lines.append(f"{source}: {key}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"{where}: {key}: {e['msg']} (got {e.get('input')!r})")
     return ConfigError("\n".join(lines))
 
 
@@ -133,7 +144,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: '{p}' is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
     return raw
 
 
@@ -146,9 +160,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
         path = Path(path)
         source = str(path)
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such config file") from None
+        except (IsADirectoryError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not a UTF-8 YAML file ({e.__class__.__name__})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
@@ -158,4 +174,5 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as e:
-        raise _explain(e, source) from None
+        overridden = {o.split("=", 1)[0].strip() for o in overrides or []}
+        raise _explain(e, source, overridden) from None

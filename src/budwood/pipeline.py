@@ -6,10 +6,12 @@ publish) join here as they land, and the hosted service's workers call the same 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from budwood.config import TrainConfig, load_config
+from budwood.errors import BudwoodError
 from budwood.train.recipe import Progress, train
 
 DEMO_OVERRIDES = [
@@ -45,6 +47,9 @@ def run_demo(workdir: str | Path, overrides: list[str] | None = None, progress: 
     from budwood.train.metrics import plot_losses, read_metrics
 
     workdir = Path(workdir)
+    if workdir.is_dir() and any(workdir.iterdir()) and not (workdir / "data" / "company.json").exists():
+        raise BudwoodError(f"{workdir} is not empty and is not a budwood demo folder; choose another --workdir")
+    shutil.rmtree(workdir / "adapter", ignore_errors=True)  # the demo's own previous adapter
     paths = make_domain_dataset(workdir / "data", seed=0)
     config = demo_config(workdir, overrides)
     adapter_dir = train(config, progress=progress)

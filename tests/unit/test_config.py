@@ -49,3 +49,20 @@ def test_bad_override_and_missing_file(tmp_path):
         load_config(p, ["training.max_step=3"])
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_set_values_are_checked_and_blamed_on_the_override(tmp_path):
+    p = _yaml(tmp_path, "data:\n  train: t.jsonl\n")
+    with pytest.raises(ConfigError, match=r"--set 'training.max_steps=\[1': the value is not valid YAML"):
+        load_config(p, ["training.max_steps=[1"])
+    with pytest.raises(ConfigError, match=r"^--set training.max_steps: training.max_steps: Input should be"):
+        load_config(p, ["training.max_steps=abc"])
+    with pytest.raises(ConfigError, match="training.device"):
+        load_config(p, ["training.device=gpu"])
+    with pytest.raises(ConfigError, match="did you mean 'alpaca'"):
+        load_config(p, ["data.format=alpacca"])
+    with pytest.raises(ConfigError, match="not a UTF-8 YAML file"):
+        load_config(tmp_path)
+    (tmp_path / "latin1.yaml").write_bytes(b"data:\n  train: caf\xe9.jsonl\n")
+    with pytest.raises(ConfigError, match="not a UTF-8 YAML file"):
+        load_config(tmp_path / "latin1.yaml")

@@ -26,6 +26,10 @@ class Encoded:
         return len(self.input_ids)
 
 
+class TemplateMismatch(ValueError):
+    pass
+
+
 def _render(tokenizer, msgs: list[dict], generation_prompt: bool = False) -> str:
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
 
@@ -44,22 +48,35 @@ def assistant_spans(tokenizer, conv: Conversation) -> tuple[str, list[tuple[int,
             prefix = _render(tokenizer, [{"role": "assistant", "content": "\x00"}]).split("\x00")[0]
         upto = _render(tokenizer, msgs[: i + 1])
         if not (full.startswith(upto) and upto.startswith(prefix)):
-            raise DataError(f"{conv.source}: the chat template does not render turn {i} as a prefix of "
-                            "the whole conversation, so the assistant tokens cannot be located")
+            raise TemplateMismatch(f"the chat template does not render turn {i} as a prefix of the whole "
+                                   "conversation, so its assistant tokens cannot be located")
         spans.append((len(prefix), len(upto)))
     return full, spans
 
 
 def encode_conversations(tokenizer, conversations: list[Conversation], max_seq_len: int,
                          issues: list[Issue] | None = None) -> list[Encoded]:
-    """Tokenise in one batched call; over-long examples are truncated (a warning each)."""
+    """Tokenise in one batched call; over-long examples are truncated (a warning each), and examples the
+    chat template rejects are left out with an error issue each (the caller decides whether to stop)."""
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("budwood needs a fast (Rust) tokenizer for character offsets")
-    rendered = [assistant_spans(tokenizer, c) for c in conversations]
+    from jinja2 import TemplateError
+
+    issues = issues if issues is not None else []
+    rendered, kept = [], []
+    for conv in conversations:
+        try:
+            rendered.append(assistant_spans(tokenizer, conv))
+            kept.append(conv)
+        except (TemplateError, TemplateMismatch) as e:  # e.g. a template that allows no system role
+            file, _, line = conv.source.rpartition(":")
+            issues.append(Issue(file, int(line or 0), "template_error", f"the chat template rejects this "
+                                f"example: {e}"))
+    if not kept:
+        return []
     enc = tokenizer([t for t, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
     out = []
-    for conv, (_, spans), ids, offsets in zip(conversations, rendered, enc["input_ids"],
-                                              enc["offset_mapping"], strict=True):
+    for conv, (_, spans), ids, offsets in zip(kept, rendered, enc["input_ids"], enc["offset_mapping"], strict=True):
         labels = [IGNORE] * len(ids)
         for t, (start, _) in enumerate(offsets):
             if any(s <= start < e for s, e in spans):
@@ -67,13 +84,11 @@ def encode_conversations(tokenizer, conversations: list[Conversation], max_seq_l
         file, _, line = conv.source.rpartition(":")
         if len(ids) > max_seq_len:
             ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-            if issues is not None:
-                issues.append(Issue(file, int(line or 0), "too_long", f"{len(offsets)} tokens, truncated "
-                                    f"to max_seq_len {max_seq_len}", "warning"))
+            issues.append(Issue(file, int(line or 0), "too_long", f"{len(offsets)} tokens, truncated "
+                                f"to max_seq_len {max_seq_len}", "warning"))
         if all(x == IGNORE for x in labels[1:]):
-            if issues is not None:
-                issues.append(Issue(file, int(line or 0), "no_trainable_tokens",
-                                    "no assistant tokens left after truncation; example skipped", "warning"))
+            issues.append(Issue(file, int(line or 0), "no_trainable_tokens",
+                                "no assistant tokens left after truncation; example skipped", "warning"))
             continue
         out.append(Encoded(list(ids), labels, conv.source))
     return out

@@ -21,9 +21,14 @@ def load_for_generation(base_name: str, adapter_dir: str | Path | None = None, d
         from peft import PeftModel
 
         adapter_dir = Path(adapter_dir)
-        if not (adapter_dir / "adapter_config.json").exists():
-            raise ModelError(f"{adapter_dir}: not an adapter directory (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        for name in ("adapter_config.json", "adapter_model.safetensors"):  # never a pickled adapter
+            if not (adapter_dir / name).exists():
+                raise ModelError(f"{adapter_dir}: not a safetensors adapter directory (no {name})")
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ModelError(f"{adapter_dir}: does not fit base model {base_name!r} (was it trained on another "
+                             f"base?): {str(e).splitlines()[0]}") from None
     model.eval()
     return model, base.tokenizer
 
@@ -39,8 +44,10 @@ def chat_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     enc = {k: v.to(model.device) for k, v in enc.items()}
     torch.manual_seed(seed)
+    # the model's generation config may list several end-of-turn tokens; only fill in a missing one
+    eos = None if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                          temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                         eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
     new = out[:, enc["input_ids"].shape[1]:]
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]

@@ -51,7 +51,12 @@ def bf16_is_fast(device: torch.device) -> bool:
 
 def pick_device(spec: str = "auto") -> torch.device:
     if spec != "auto":
-        return torch.device(spec)
+        device = torch.device(spec)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ModelError(f"device {spec!r}: this torch build or machine has no CUDA GPU")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ModelError(f"device {spec!r}: MPS is not available here")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -81,7 +86,10 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name)
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{name}: could not load its tokenizer: {str(e).splitlines()[0]}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if not getattr(tok, "chat_template", None):
@@ -97,7 +105,7 @@ def load_base(name: str, dtype: torch.dtype = torch.float32, device: str | torch
     path = resolve_model_path(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
-    except OSError as e:
-        raise ModelError(f"{name}: could not load a safetensors causal LM: {e}") from None
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{name}: could not load a safetensors causal LM: {str(e).splitlines()[0]}") from None
     model.to(device)
     return Base(model=model, tokenizer=load_tokenizer(name), name=name, path=path)

@@ -27,7 +27,7 @@ from budwood.config import TrainConfig
 from budwood.data.formats import Conversation, Dataset, Issue, data_fingerprint, read_dataset
 from budwood.data.pack import collate, plan_epoch
 from budwood.data.template import Encoded, encode_conversations
-from budwood.errors import TrainingError
+from budwood.errors import DataError, TrainingError
 from budwood.models.fingerprint import model_fingerprint
 from budwood.models.load import load_base, load_tokenizer, pick_device, pick_dtype
 from budwood.train.checkpoint import list_checkpoints, load_checkpoint, optimizer_from_files, save_checkpoint
@@ -88,6 +88,9 @@ def prepare_data(config: TrainConfig, tokenizer) -> PreparedData:
     max_len = config.training.max_seq_len
     train = encode_conversations(tokenizer, convs, max_len, issues)
     validation = encode_conversations(tokenizer, val_convs, max_len, issues) if val_convs else []
+    errors = [i for i in issues if i.level == "error"]
+    if errors:
+        raise DataError(f"{len(errors)} example(s) cannot be tokenised:\n" + "\n".join(map(str, errors[:50])), errors)
     if not train:
         raise TrainingError(f"{dc.train}: no example has trainable assistant tokens")
     fingerprints = {"train": {"path": str(dc.train), "format": train_ds.format, "examples": len(convs),
