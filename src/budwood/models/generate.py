@@ -45,9 +45,10 @@ def chat_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64
     enc = {k: v.to(model.device) for k, v in enc.items()}
     torch.manual_seed(seed)
     # the model's generation config may list several end-of-turn tokens; only fill in a missing one
-    eos = None if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
+    # (an explicit eos_token_id=None would switch stopping off)
+    stop = {} if model.generation_config.eos_token_id is not None else {"eos_token_id": tokenizer.eos_token_id}
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                          temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
-                         eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+                         pad_token_id=tokenizer.pad_token_id, **stop)
     new = out[:, enc["input_ids"].shape[1]:]
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]

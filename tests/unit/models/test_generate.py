@@ -15,5 +15,7 @@ def test_only_safetensors_adapters_load(tmp_path):
 def test_base_model_answers_and_stops(tiny_tokenizer):
     model, tok = load_for_generation("budwood-tiny")
     answers = chat_generate(model, tok, ["Who wrote Treasure Island?", "Continue the story: Once upon a time"],
-                            max_new_tokens=60)
+                            max_new_tokens=120)
     assert len(answers) == 2 and all(a and "<|end|>" not in a for a in answers)
+    # greedy budwood-tiny answers this in one sentence and ends its turn there (no run-on text)
+    assert "Stevenson" in answers[0] and len(answers[0]) < 80 and "\n" not in answers[0]
