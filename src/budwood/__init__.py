@@ -4,29 +4,16 @@ The public verbs are imported lazily so that `budwood --help` does not import to
 """
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
-__all__ = ["train", "load_base", "read_dataset", "TrainConfig", "BudwoodError"]
+_VERBS = {"train": "budwood.train.recipe", "load_base": "budwood.models.load",
+          "read_dataset": "budwood.data.formats", "TrainConfig": "budwood.config",
+          "BudwoodError": "budwood.errors"}
+__all__ = list(_VERBS)
 
 
 def __getattr__(name: str):
-    if name == "train":
-        from budwood.train.recipe import train
-
-        return train
-    if name == "load_base":
-        from budwood.models.load import load_base
-
-        return load_base
-    if name == "read_dataset":
-        from budwood.data.formats import read_dataset
-
-        return read_dataset
-    if name == "TrainConfig":
-        from budwood.config import TrainConfig
-
-        return TrainConfig
-    if name == "BudwoodError":
-        from budwood.errors import BudwoodError
-
-        return BudwoodError
-    raise AttributeError(f"module 'budwood' has no attribute {name!r}")
+    if name not in _VERBS:
+        raise AttributeError(f"module 'budwood' has no attribute {name!r}")
+    return getattr(importlib.import_module(_VERBS[name]), name)

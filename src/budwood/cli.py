@@ -149,7 +149,7 @@ def data_check_cmd(
         t = Table(title=f"tokens ({base} tokenizer)")
         t.add_column("statistic")
         t.add_column("value", justify="right")
-        for name, value in [("examples", stats.examples), ("tokens per epoch", stats.tokens_per_epoch),
+        for name, value in [("examples", stats.examples), ("tokens per epoch", stats.total_tokens),
                             ("trained (assistant) tokens", stats.trained_tokens),
                             ("length min / median / p95 / max",
                              f"{stats.min_len} / {stats.median_len} / {stats.p95_len} / {stats.max_len}"),

@@ -49,6 +49,12 @@ class Issue:
     def __str__(self) -> str:
         return f"{self.file}:{self.line}: {self.code}: {self.message}"
 
+    @classmethod
+    def at(cls, source: str, code: str, message: str, level: str = "error") -> Issue:
+        """An issue about the record a conversation came from (its source is 'file:line')."""
+        file, _, line = source.rpartition(":")
+        return cls(file, int(line or 0), code, message, level)
+
 
 @dataclass
 class Dataset:
@@ -132,18 +138,25 @@ def _content(raw, rec: _Record, where: str) -> str | None:
     return None
 
 
+def _turn_list(obj: dict, key: str, rec: _Record) -> list | None:
+    """The record's non-empty list of turns, or None after reporting why not."""
+    turns = obj.get(key)
+    if turns is None:
+        rec.error("missing_messages", f"record has no '{key}' list")
+    elif not isinstance(turns, list):
+        rec.error("messages_not_list", f"'{key}' must be a list, got {type(turns).__name__}")
+    elif not turns:
+        rec.error("empty_messages", f"'{key}' is empty")
+    else:
+        return turns
+    return None
+
+
 @register_format("openai", ("messages",))
 def parse_openai(obj: dict, rec: _Record) -> list[Message] | None:
     rec.unknown_keys(obj, ("messages",), "record", level="warning")
-    msgs = obj.get("messages")
+    msgs = _turn_list(obj, "messages", rec)
     if msgs is None:
-        rec.error("missing_messages", "record has no 'messages' list")
-        return None
-    if not isinstance(msgs, list):
-        rec.error("messages_not_list", f"'messages' must be a list, got {type(msgs).__name__}")
-        return None
-    if not msgs:
-        rec.error("empty_messages", "'messages' is empty")
         return None
     out = []
     for i, m in enumerate(msgs):
@@ -218,15 +231,8 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 @register_format("sharegpt", ("conversations",))
 def parse_sharegpt(obj: dict, rec: _Record) -> list[Message] | None:
     rec.unknown_keys(obj, ("conversations", "system"), "record", level="warning")
-    turns = obj.get("conversations")
+    turns = _turn_list(obj, "conversations", rec)
     if turns is None:
-        rec.error("missing_messages", "record has no 'conversations' list")
-        return None
-    if not isinstance(turns, list):
-        rec.error("messages_not_list", f"'conversations' must be a list, got {type(turns).__name__}")
-        return None
-    if not turns:
-        rec.error("empty_messages", "'conversations' is empty")
         return None
     system = rec.text(obj, "system", "record", required=False)
     out = [Message("system", system)] if system else []

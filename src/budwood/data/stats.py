@@ -10,7 +10,7 @@ from budwood.data.template import IGNORE, encode_conversations
 @dataclass
 class TokenStats:
     examples: int
-    total_tokens: int
+    total_tokens: int  # = tokens per epoch
     trained_tokens: int
     min_len: int
     median_len: int
@@ -18,10 +18,6 @@ class TokenStats:
     max_len: int
     truncated: int
     histogram: list[tuple[int, int, int]]  # (low, high, count), power-of-two buckets
-
-    @property
-    def tokens_per_epoch(self) -> int:
-        return self.total_tokens
 
 
 def token_stats(conversations: list[Conversation], tokenizer, max_seq_len: int,

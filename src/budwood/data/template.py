@@ -69,9 +69,7 @@ def encode_conversations(tokenizer, conversations: list[Conversation], max_seq_l
             rendered.append(assistant_spans(tokenizer, conv))
             kept.append(conv)
         except (TemplateError, TemplateMismatch) as e:  # e.g. a template that allows no system role
-            file, _, line = conv.source.rpartition(":")
-            issues.append(Issue(file, int(line or 0), "template_error", f"the chat template rejects this "
-                                f"example: {e}"))
+            issues.append(Issue.at(conv.source, "template_error", f"the chat template rejects this example: {e}"))
     if not kept:
         return []
     enc = tokenizer([t for t, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
@@ -81,14 +79,13 @@ def encode_conversations(tokenizer, conversations: list[Conversation], max_seq_l
         for t, (start, _) in enumerate(offsets):
             if any(s <= start < e for s, e in spans):
                 labels[t] = ids[t]
-        file, _, line = conv.source.rpartition(":")
         if len(ids) > max_seq_len:
             ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-            issues.append(Issue(file, int(line or 0), "too_long", f"{len(offsets)} tokens, truncated "
-                                f"to max_seq_len {max_seq_len}", "warning"))
+            issues.append(Issue.at(conv.source, "too_long", f"{len(offsets)} tokens, truncated to max_seq_len "
+                                   f"{max_seq_len}", "warning"))
         if all(x == IGNORE for x in labels[1:]):
-            issues.append(Issue(file, int(line or 0), "no_trainable_tokens",
-                                "no assistant tokens left after truncation; example skipped", "warning"))
+            issues.append(Issue.at(conv.source, "no_trainable_tokens",
+                                   "no assistant tokens left after truncation; example skipped", "warning"))
             continue
         out.append(Encoded(list(ids), labels, conv.source))
     return out

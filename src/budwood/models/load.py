@@ -98,8 +98,10 @@ def load_tokenizer(name: str):
     return tok
 
 
-def load_base(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Base:
-    """Load weights from safetensors only: a pickled checkpoint could run code on load."""
+def load_base(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+              tokenizer=None) -> Base:
+    """Load weights from safetensors only: a pickled checkpoint could run code on load.
+    Pass `tokenizer` when it is already loaded (training reads the data before the weights)."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name)
@@ -108,4 +110,4 @@ def load_base(name: str, dtype: torch.dtype = torch.float32, device: str | torch
     except (OSError, ValueError) as e:
         raise ModelError(f"{name}: could not load a safetensors causal LM: {str(e).splitlines()[0]}") from None
     model.to(device)
-    return Base(model=model, tokenizer=load_tokenizer(name), name=name, path=path)
+    return Base(model=model, tokenizer=tokenizer or load_tokenizer(name), name=name, path=path)

@@ -58,7 +58,7 @@ def save_checkpoint(root: Path, step: int, peft_model, opt, scheduler, rng: dict
     save_file(tensors, tmp / "optimizer.safetensors")
     save_file({k: v.contiguous() for k, v in rng.items()}, tmp / "rng.safetensors")
     state = dict(trainer_state, optimizer=meta, scheduler=scheduler.state_dict())
-    (tmp / "trainer_state.json").write_text(json.dumps(state, default=_jsonable))
+    (tmp / "trainer_state.json").write_text(json.dumps(state))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -68,12 +68,6 @@ def save_checkpoint(root: Path, step: int, peft_model, opt, scheduler, rng: dict
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _jsonable(value):
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint")
 
 
 def list_checkpoints(root: Path) -> list[Path]:

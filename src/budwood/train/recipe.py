@@ -220,7 +220,7 @@ def _train(config: TrainConfig, resume: bool, progress: Progress) -> Path:
     # --- model, optimizer, schedule ------------------------------------------------------------
     from transformers import get_scheduler
 
-    base = load_base(config.base_model, dtype=dtype, device=device)
+    base = load_base(config.base_model, dtype=dtype, device=device, tokenizer=tokenizer)
     model = build_lora_model(base.model, config)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
