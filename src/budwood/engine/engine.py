@@ -1,0 +1,487 @@
+"""The engine: one base model, many adapters, continuous batching; `step()` = schedule → run → sample.
+
+The synchronous `Engine` is what evaluation uses (`generate`, `score_continuations`); the server
+wraps it in `AsyncEngine`, which runs steps on one thread and streams results to asyncio callers.
+
+Reproducibility contract (see docs/serving.md): with `seed` set, a request's tokens depend only on
+(base weights, adapter weights, prompt tokens, sampling parameters, seed, choice index) — not on
+batch size, batch composition, arrival order, prefix-cache hits or concurrency — for the same
+hardware, dtype, torch and BLAS build.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from budwood.engine.adapters import (
+    AdapterCache,
+    AdapterError,
+    FolderResolver,
+    LoadedAdapter,
+    StaticResolver,
+    load_adapter,
+)
+from budwood.engine.cache import BlockPool
+from budwood.engine.runner import Runner, StepItem
+from budwood.engine.sampling import ParamError, SamplingParams, TokenLogprob, make_generator, sample_row, top_logprobs
+from budwood.engine.scheduler import Scheduler, Sequence
+from budwood.errors import BudwoodError
+
+log = logging.getLogger(__name__)
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    base: str = Field("budwood-tiny", description="base model: budwood-tiny, a local HF folder or a hub id")
+    adapters: str | None = Field(None, description="folder whose subfolders are adapter directories")
+    precision: str = Field("auto", pattern="^(auto|fp32|bf16)$")
+    device: str = "auto"
+    max_loaded_adapters: int = Field(8, ge=1, description="adapters kept in memory (LRU)")
+    max_num_seqs: int = Field(64, ge=1, description="sequences decoding at once")
+    max_batch_tokens: int = Field(512, ge=16, description="tokens per step (decode + prompt chunks)")
+    kv_cache_tokens: int = Field(65536, ge=256, description="KV-cache capacity in tokens")
+    block_size: int = Field(64, ge=16, description="KV-cache block and attention block size")
+    batch_invariant: bool = Field(True, description="seeded outputs independent of the batch (see docs)")
+    max_queue: int = Field(256, ge=1, description="requests waiting or running before 429")
+
+
+class RequestTooLong(ParamError):
+    pass
+
+
+@dataclass
+class ChoiceDelta:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_ids: list[int]
+    choices: list[ChoiceDelta]
+    finished: bool
+    prompt_tokens: int
+    completion_tokens: int
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence] = field(default_factory=list)
+    arrival: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class ContinuationScore:
+    logprob: float  # sum over the continuation's tokens
+    is_greedy: bool  # every continuation token was the argmax
+    token_logprobs: list[float]
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None, **overrides):
+        from budwood.models.fingerprint import model_fingerprint
+        from budwood.models.load import load_base, pick_device, pick_dtype
+
+        self.config = config = (config or EngineConfig()).model_copy(update=overrides)
+        device = pick_device(config.device)
+        dtype = pick_dtype(config.precision, device)
+        base = load_base(config.base, dtype=dtype, device=device)
+        self.base_name, self.tokenizer = config.base, base.tokenizer
+        self.base_fingerprint = model_fingerprint(config.base)
+        num_blocks = -(-config.kv_cache_tokens // config.block_size) + 1
+        self.runner = Runner(base.model, block_size=config.block_size, num_blocks=num_blocks,
+                             batch_invariant=config.batch_invariant)
+        self.device, self.dtype = device, dtype
+        self.scheduler = Scheduler(BlockPool(num_blocks, config.block_size), config.max_batch_tokens,
+                                   config.max_num_seqs)
+        self.static = StaticResolver()
+        resolvers = [self.static] + ([FolderResolver(config.adapters)] if config.adapters else [])
+        self.adapters = AdapterCache(resolvers, self._load_adapter, config.max_loaded_adapters)
+        self.stop_ids = _stop_ids(base.model, self.tokenizer)
+        self.requests: dict[str, Request] = {}
+        from budwood import __version__
+        # the same for the same weights, dtype, device and software: OpenAI's system_fingerprint
+        self.system_fingerprint = "fp_" + uuid.uuid5(uuid.NAMESPACE_OID, "|".join(
+            [self.base_fingerprint, str(dtype), device.type, torch.__version__, __version__,
+             str(config.batch_invariant)])).hex[:12]
+
+    # -- adapters ---------------------------------------------------------------------------------
+    def _load_adapter(self, name: str, path: Path) -> LoadedAdapter:
+        return load_adapter(name, path, self.runner.shapes, len(self.runner.layers), self.device,
+                            self.base_fingerprint)
+
+    def adapter(self, name: str | None) -> LoadedAdapter | None:
+        """None or the base's own name mean the bare base."""
+        if name is None or name == self.base_name:
+            return None
+        return self.adapters.get(name)
+
+    def register_adapter(self, name: str, path: str | Path) -> LoadedAdapter:
+        """Serve the adapter at `path` as `name` (checked by loading it now)."""
+        path = Path(path).expanduser().resolve()
+        if not (path / "adapter_config.json").exists():
+            raise AdapterError(f"{path}: not an adapter directory (no adapter_config.json)")
+        adapter = self._load_adapter(name, path)
+        self.static.paths[name] = path
+        self.adapters.forget(name)
+        self.adapters.get(name)
+        return adapter
+
+    def unregister_adapter(self, name: str) -> None:
+        if name not in self.static.paths and name not in self.adapters.loaded:
+            raise AdapterError(f"adapter {name!r} is not loaded")
+        self.static.paths.pop(name, None)
+        self.adapters.forget(name)
+
+    # -- prompts ----------------------------------------------------------------------------------
+    def chat_prompt(self, messages: list[dict], adapter: LoadedAdapter | None = None,
+                    add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation through the chat template (the adapter's own if it ships one)."""
+        template = adapter.chat_template if adapter is not None and adapter.chat_template else None
+        text = self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # -- requests ---------------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, adapter: LoadedAdapter | None = None,
+                    request_id: str | None = None, logprobs_from: int = 1,
+                    after: Sequence | None = None) -> Request:
+        if not prompt_ids:
+            raise ParamError("prompt", "the prompt is empty")
+        bad = [t for t in prompt_ids if not 0 <= t < self.runner.vocab_size]
+        if bad:
+            raise ParamError("prompt", f"token id {bad[0]} is outside the vocabulary (0..{self.runner.vocab_size - 1})")
+        limit = self.runner.max_model_len
+        max_new = limit - len(prompt_ids) if params.max_tokens is None else params.max_tokens
+        if len(prompt_ids) + max_new > limit or max_new < 0:
+            raise RequestTooLong("messages" if params.max_tokens is None else "max_tokens",
+                                 f"This model's maximum context length is {limit} tokens. However, you requested "
+                                 f"{len(prompt_ids) + max(max_new, 0)} tokens ({len(prompt_ids)} in the prompt, "
+                                 f"{max(max_new, 0)} for the completion). Please reduce the length.")
+        capacity = (self.scheduler.pool.num_blocks - 1) * self.scheduler.pool.block_size
+        if len(prompt_ids) + max_new > capacity:
+            raise RequestTooLong("max_tokens", f"prompt + max_tokens = {len(prompt_ids) + max_new} tokens exceed "
+                                               f"the KV cache ({capacity} tokens)")
+        request = Request(request_id or uuid.uuid4().hex, list(prompt_ids), params)
+        first = None
+        for i in range(params.n):
+            seed = None if params.seed is None else params.seed + i
+            seq = Sequence(request.request_id, i, list(prompt_ids), len(prompt_ids), max_new, params, adapter,
+                           make_generator(seed, self.device), logprobs_from=logprobs_from,
+                           after=after if i == 0 else first,
+                           matcher=params.grammar.matcher() if params.grammar is not None else None)
+            seq.prefix_offset = seq.read_offset = len(prompt_ids)
+            first = first or seq
+            request.seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request.request_id] = request
+        return request
+
+    def abort(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        for seq in request.seqs if request else []:
+            if not seq.finished:
+                self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        """One forward over the scheduled tokens; returns what each touched request gained."""
+        plan = self.scheduler.schedule()
+        if not plan:
+            return []
+        items = [StepItem(s.seq.blocks, s.seq.computed, s.seq.tokens[s.seq.computed:s.seq.computed + s.n],
+                          s.seq.adapter, s.logits_from) for s in plan]
+        logits = self.runner.forward(items)
+        touched: dict[str, Request] = {}
+        at = 0
+        for s in plan:
+            seq, rows = s.seq, logits[at:at + s.n - s.logits_from]
+            at += s.n - s.logits_from
+            start = seq.computed
+            self.scheduler.computed(seq, s.n)
+            if seq.params.prompt_logprobs is not None and start < seq.prompt_len:
+                self._prompt_logprobs(seq, start + s.logits_from, rows)
+            if seq.computed == len(seq.tokens) and len(rows):
+                self._sample(seq, rows[-1])
+            touched[seq.request_id] = self.requests[seq.request_id]
+        return [self._output(r) for r in touched.values()]
+
+    def _prompt_logprobs(self, seq: Sequence, first_pos: int, rows: torch.Tensor) -> None:
+        """Row j holds the prediction for token first_pos + j + 1."""
+        if not seq.prompt_logprobs:
+            seq.prompt_logprobs = [None] * seq.prompt_len
+        targets = [(j, first_pos + j + 1) for j in range(len(rows)) if first_pos + j + 1 < seq.prompt_len]
+        if not targets:
+            return
+        lp = torch.log_softmax(rows[[j for j, _ in targets]], dim=-1)
+        for (_, pos), v in zip(targets, top_logprobs(lp, [seq.tokens[p] for _, p in targets],
+                                                     seq.params.prompt_logprobs)):
+            seq.prompt_logprobs[pos] = v
+
+    def _sample(self, seq: Sequence, row: torch.Tensor) -> None:
+        params = seq.params
+        if seq.max_new == 0:
+            self.scheduler.finish(seq, "length")
+            return
+        allowed = seq.matcher.allowed().to(row.device) if seq.matcher is not None else None
+        stop_ids = self.stop_ids + params.stop_token_ids
+        token = sample_row(row, params, seq.output_ids, seq.tokens[:seq.prompt_len], seq.generator, allowed,
+                           self.stop_ids)
+        if params.logprobs is not None:
+            seq.logprobs.append(top_logprobs(torch.log_softmax(row[None], -1), [token], params.logprobs)[0])
+        seq.tokens.append(token)
+        if seq.matcher is not None and token not in stop_ids:
+            seq.matcher.accept(token)
+        if token in stop_ids and not (params.ignore_eos and token in self.stop_ids):
+            self.scheduler.finish(seq, "stop")
+            seq.token_ends.append(len(seq.text))
+            return
+        before = len(seq.text)
+        self._detokenize(seq)
+        found = [(i, s) for s in params.stop if (i := seq.text.find(s, max(0, before - len(s) + 1))) >= 0]
+        if found:
+            seq.text = seq.text[:min(found)[0]]
+            self.scheduler.finish(seq, "stop")
+            return
+        if len(seq.output_ids) >= seq.max_new:
+            self.scheduler.finish(seq, "length")
+
+    def _detokenize(self, seq: Sequence) -> None:
+        """Incremental decoding that never emits half of a multi-byte character."""
+        ids = seq.tokens
+        prefix = self.tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=True)
+        new = self.tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=True)
+        if len(new) > len(prefix) and not new.endswith("\ufffd"):
+            seq.text += new[len(prefix):]
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+        seq.token_ends.append(len(seq.text))
+
+    def _output(self, request: Request) -> RequestOutput:
+        """The new text, tokens and logprobs of each choice since the last output."""
+        choices = []
+        for seq in request.seqs:
+            if seq.finished:
+                upto_chars, upto_tokens = len(seq.text), len(seq.output_ids)
+            else:  # hold back text that may be the start of a stop string
+                hold = max((k for s in seq.params.stop for k in range(1, len(s))
+                            if seq.text.endswith(s[:k])), default=0)
+                upto_chars = len(seq.text) - hold
+                upto_tokens = sum(1 for e in seq.token_ends if e <= upto_chars)
+            if upto_chars > seq.sent_chars or upto_tokens > seq.sent_tokens or seq.finished:
+                choices.append(ChoiceDelta(seq.index, seq.text[seq.sent_chars:upto_chars],
+                                           seq.output_ids[seq.sent_tokens:upto_tokens],
+                                           seq.logprobs[seq.sent_tokens:upto_tokens], seq.finish_reason))
+                seq.sent_chars, seq.sent_tokens = upto_chars, upto_tokens
+        finished = all(s.finished for s in request.seqs)
+        if finished:
+            self.requests.pop(request.request_id, None)
+        first = request.seqs[0]
+        return RequestOutput(request.request_id, request.prompt_ids, choices, finished, len(request.prompt_ids),
+                             sum(len(s.output_ids) for s in request.seqs),
+                             first.prompt_logprobs if first.params.prompt_logprobs is not None else None)
+
+    # -- whole jobs -------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 adapters: list[str | None] | None = None) -> list[RequestOutput]:
+        """Run prompts to completion together; one merged output per prompt, in order."""
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        adapters = adapters or [None] * len(prompts)
+        reqs = [self.add_request(p, sp, self.adapter(a)) for p, sp, a in zip(prompts, params, adapters)]
+        merged = {r.request_id: None for r in reqs}
+        while self.has_unfinished():
+            for out in self.step():
+                merged[out.request_id] = _merge(merged.get(out.request_id), out)
+        return [merged[r.request_id] for r in reqs]
+
+    def score_continuations(self, pairs: list[tuple[list[int], list[int]]],
+                            adapter: str | None = None) -> list[ContinuationScore]:
+        """log P(continuation | context) for each pair, batched; a context shared by several pairs is
+        computed once (the later pairs reuse its cached blocks)."""
+        lora = self.adapter(adapter)
+        params = SamplingParams(max_tokens=0, prompt_logprobs=1)
+        firsts: dict[tuple[int, ...], Sequence] = {}
+        reqs = []
+        for ctx, cont in pairs:
+            if not ctx or not cont:
+                raise ParamError("continuation", "both context and continuation need at least one token")
+            key = tuple(ctx)
+            req = self.add_request(list(ctx) + list(cont), params, lora, logprobs_from=len(ctx),
+                                   after=firsts.get(key))
+            firsts.setdefault(key, req.seqs[0])
+            reqs.append((req, len(ctx)))
+        while self.has_unfinished():
+            self.step()
+        out = []
+        for req, n_ctx in reqs:
+            seq = req.seqs[0]
+            lps = seq.prompt_logprobs[n_ctx:]
+            out.append(ContinuationScore(sum(lp.logprob for lp in lps), all(lp.is_top for lp in lps),
+                                         [lp.logprob for lp in lps]))
+        return out
+
+
+def _merge(acc: RequestOutput | None, new: RequestOutput) -> RequestOutput:
+    if acc is None:
+        acc = RequestOutput(new.request_id, new.prompt_ids, [], False, new.prompt_tokens, 0)
+    by_index = {c.index: c for c in acc.choices}
+    for c in new.choices:
+        old = by_index.get(c.index)
+        if old is None:
+            by_index[c.index] = ChoiceDelta(c.index, c.text, list(c.token_ids), list(c.logprobs), c.finish_reason)
+        else:
+            old.text += c.text
+            old.token_ids += c.token_ids
+            old.logprobs += c.logprobs
+            old.finish_reason = c.finish_reason or old.finish_reason
+    acc.choices = [by_index[i] for i in sorted(by_index)]
+    acc.finished, acc.completion_tokens = new.finished, new.completion_tokens
+    acc.prompt_logprobs = new.prompt_logprobs if new.prompt_logprobs is not None else acc.prompt_logprobs
+    return acc
+
+
+def _stop_ids(model, tokenizer) -> list[int]:
+    """End-of-turn tokens: the generation config may list several (Llama 3 lists three)."""
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = list(ids) if isinstance(ids, (list, tuple)) else [ids] if ids is not None else []
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+class QueueFull(BudwoodError):
+    pass
+
+
+class AsyncEngine:
+    """Runs the engine's steps on one thread; asyncio callers submit requests and stream outputs.
+
+    Only the engine thread touches the Engine's scheduler and model; callers talk to it through
+    a command list, and outputs come back through each request's asyncio queue.
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.commands: list[tuple] = []
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.stopped = False
+        self.thread = threading.Thread(target=self._loop, name="budwood-engine", daemon=True)
+        self.on_step = None  # callback(plan_size, seconds) for metrics
+        self.thread.start()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.queues)
+
+    async def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: LoadedAdapter | None,
+                     logprobs_from: int = 1) -> AsyncIterator[RequestOutput]:
+        """Yields outputs until the request finishes; leaving early (a client that went away) aborts it."""
+        if len(self.queues) >= self.engine.config.max_queue:
+            raise QueueFull(f"the server is busy: {len(self.queues)} requests in flight (max_queue "
+                            f"{self.engine.config.max_queue}); retry later")
+        request_id = uuid.uuid4().hex
+        queue: asyncio.Queue = asyncio.Queue()
+        self.queues[request_id] = (asyncio.get_running_loop(), queue)
+        self._command(("add", request_id, prompt_ids, params, adapter, logprobs_from))
+        finished = False
+        try:
+            while True:
+                out = await queue.get()
+                if isinstance(out, Exception):
+                    raise out
+                yield out
+                if out.finished:
+                    finished = True
+                    return
+        finally:
+            self.queues.pop(request_id, None)
+            if not finished:
+                self._command(("abort", request_id))
+
+    def call(self, fn, *args):
+        """Run fn(engine, *args) on the engine thread (for adapter loads that must not race a step)."""
+        done = threading.Event()
+        box: list = []
+        self._command(("call", fn, args, box, done))
+        done.wait()
+        if isinstance(box[0], Exception):
+            raise box[0]
+        return box[0]
+
+    def _command(self, cmd: tuple) -> None:
+        with self.lock:
+            self.commands.append(cmd)
+        self.wake.set()
+
+    def _deliver(self, request_id: str, item) -> None:
+        target = self.queues.get(request_id)
+        if target is not None:
+            loop, queue = target
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def _loop(self) -> None:
+        engine = self.engine
+        while not self.stopped:
+            with self.lock:
+                commands, self.commands = self.commands, []
+            for cmd in commands:
+                if cmd[0] == "add":
+                    _, rid, prompt_ids, params, adapter, lf = cmd
+                    try:
+                        engine.add_request(prompt_ids, params, adapter, request_id=rid, logprobs_from=lf)
+                    except Exception as e:  # reported to the caller, never fatal to the loop
+                        self._deliver(rid, e)
+                elif cmd[0] == "abort":
+                    engine.abort(cmd[1])
+                elif cmd[0] == "call":
+                    _, fn, args, box, done = cmd
+                    try:
+                        box.append(fn(engine, *args))
+                    except Exception as e:
+                        box.append(e)
+                    done.set()
+            if not engine.has_unfinished():
+                self.wake.wait(0.5)
+                self.wake.clear()
+                continue
+            t = time.perf_counter()
+            try:
+                outputs = engine.step()
+            except Exception as e:  # a bug in a step must not leave callers hanging
+                log.exception("engine step failed")
+                for rid in list(engine.requests):
+                    self._deliver(rid, BudwoodError(f"internal engine error: {e}"))
+                    engine.abort(rid)
+                continue
+            if self.on_step is not None:
+                self.on_step(time.perf_counter() - t)
+            for out in outputs:
+                self._deliver(out.request_id, out)
+
+    def shutdown(self) -> None:
+        self.stopped = True
+        self.wake.set()
+        self.thread.join(timeout=5)

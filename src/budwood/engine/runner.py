@@ -1,0 +1,257 @@
+"""The model forward for the engine: a flat batch of tokens from many sequences, paged KV cache,
+per-row LoRA, and results that do not depend on what else is in the batch.
+
+Why not `model.generate`: continuous batching needs sequences to join and leave between steps, and
+per-row adapters need each token routed to its own LoRA; peft splits a mixed batch per adapter in
+every layer. The runner keeps the Hugging Face modules it can (embeddings, norms, rotary embedding,
+activation, lm_head) and replaces attention and the projections.
+
+Batch invariance. A row's result must not depend on the batch around it, or a seeded request would
+give different tokens alone and under load. Two facts make that hold:
+- Every matmul whose row count varies (projections, LoRA, attention) runs with at least
+  `min_rows` rows, padding with zeros. Some BLAS libraries switch kernels for small matrices (MKL's
+  fp32 GEMM does below 12 rows here); `probe_min_rows` measures the threshold at start-up.
+- Attention reduces over keys in fixed blocks of `block_size` with a sequential combination
+  across blocks, so neither the padded length of the batch nor chunked prefill changes a sum.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from budwood.engine.adapters import LoadedAdapter
+from budwood.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+_FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
+          "down": ("down_proj",)}
+
+
+@dataclass
+class StepItem:
+    """One sequence's share of a step: compute `tokens` at positions start.., keep logits as asked."""
+    blocks: list[int]
+    start: int
+    tokens: list[int]
+    adapter: LoadedAdapter | None
+    logits_from: int  # index into `tokens` of the first position whose logits are returned
+
+
+def probe_min_rows(dtype: torch.dtype, device: torch.device, widths: list[tuple[int, int]]) -> int:
+    """Smallest row count from which every larger matmul gives each row the same bits."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for p in (1, 2, 4, 8, 12, 16, 24, 32, 64):
+        ok = True
+        for k, n in widths:
+            w = torch.randn(n, k, generator=gen).to(dtype=dtype, device=device)
+            x = torch.randn(160, k, generator=gen).to(dtype=dtype, device=device)
+            ref = x @ w.T
+            for m in list(range(p, 40)) + [48, 64, 97, 128]:
+                if not torch.equal(x[:m] @ w.T, ref[:m]):
+                    ok = False
+                    break
+            if not ok:
+                break
+        if ok:
+            return p
+    log.warning("no row count makes %s matmuls batch-invariant on %s: seeded outputs may vary with load",
+                dtype, device)
+    return 64
+
+
+class Runner:
+    def __init__(self, model: torch.nn.Module, *, block_size: int = 64, num_blocks: int = 512,
+                 batch_invariant: bool = True):
+        cfg = model.config
+        inner = getattr(model, "model", None)
+        layers = getattr(inner, "layers", None)
+        if layers is None or not hasattr(inner, "rotary_emb"):
+            raise ModelError(f"{type(model).__name__}: the engine serves Llama-family decoders "
+                             "(Llama, Mistral, Qwen2/3, SmolLM); use --engine vllm for others")
+        first = layers[0]
+        for attr in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            if not hasattr(first.self_attn, attr):
+                raise ModelError(f"{type(model).__name__}: attention has no {attr}; not a Llama-family layer")
+        for attr in ("gate_proj", "up_proj", "down_proj"):
+            if not hasattr(first.mlp, attr):
+                raise ModelError(f"{type(model).__name__}: MLP has no {attr}; not a Llama-family layer")
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
+        self.lm_head = model.lm_head
+        self.layers = layers
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        self.group = self.num_heads // self.num_kv
+        self.vocab_size = self.lm_head.weight.shape[0]
+        self.max_model_len = int(getattr(cfg, "max_position_embeddings", 4096))
+        self.block_size = block_size
+        self.act = first.mlp.act_fn
+        self.shapes = {name: tuple(getattr(first.self_attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))
+                                           else first.mlp, name).weight.shape)
+                       for names in _FUSED.values() for name in names}
+        self.fused = [self._fuse(layer) for layer in layers]
+        self.k_cache = [torch.zeros(num_blocks, block_size, self.num_kv, self.head_dim, dtype=self.dtype,
+                                    device=self.device) for _ in layers]
+        self.v_cache = [torch.zeros_like(k) for k in self.k_cache]
+        self.num_blocks = num_blocks
+        hidden = cfg.hidden_size
+        widths = [(hidden, self.fused[0]["qkv"][0].shape[0]), (self.shapes["down_proj"][1], hidden)]
+        self.min_rows = probe_min_rows(self.dtype, self.device, widths) if batch_invariant else 1
+        self.min_rows_f32 = (probe_min_rows(torch.float32, self.device, [(self.head_dim, block_size),
+                                                                         (block_size, self.head_dim)])
+                             if batch_invariant else 1)
+        log.info("engine: %d layers, %s, batch-invariant rows >= %d (fp32 attention >= %d)",
+                 len(layers), self.dtype, self.min_rows, self.min_rows_f32)
+
+    def _fuse(self, layer) -> dict[str, tuple[torch.Tensor, torch.Tensor | None, list[tuple[str, int, int]]]]:
+        """Concatenate q/k/v and gate/up so each layer runs four projections, not seven."""
+        out = {}
+        for group, names in _FUSED.items():
+            mods = [getattr(layer.self_attn if group in ("qkv", "o") else layer.mlp, n) for n in names]
+            w = torch.cat([m.weight.detach() for m in mods]) if len(mods) > 1 else mods[0].weight.detach()
+            biases = [m.bias for m in mods]
+            b = (torch.cat([bb.detach() if bb is not None else torch.zeros(m.weight.shape[0], dtype=w.dtype,
+                                                                           device=w.device)
+                            for bb, m in zip(biases, mods)]) if any(bb is not None for bb in biases) else None)
+            slices, at = [], 0
+            for n, m in zip(names, mods):
+                slices.append((n, at, at + m.weight.shape[0]))
+                at += m.weight.shape[0]
+            out[group] = (w, b, slices)
+        return out
+
+    # -- matmuls with a floor on rows -------------------------------------------------------------
+    def _mm(self, x: torch.Tensor, w: torch.Tensor, floor: int) -> torch.Tensor:
+        """x @ w.T with at least `floor` rows computed, so each row gets the same kernel."""
+        n = x.shape[0]
+        if n < floor:
+            x = torch.cat([x, x.new_zeros(floor - n, x.shape[1])])
+            return (x @ w.T)[:n]
+        return x @ w.T
+
+    def _project(self, li: int, group: str, x: torch.Tensor, segments) -> torch.Tensor:
+        w, b, slices = self.fused[li][group]
+        y = self._mm(x, w, self.min_rows)
+        if b is not None:
+            y = y + b
+        for adapter, rows in segments:
+            mods = [(adapter.modules.get((li, name)), lo, hi) for name, lo, hi in slices]
+            mods = [(m, lo, hi) for m, lo, hi in mods if m is not None]
+            if not mods:
+                continue
+            xs = x.index_select(0, rows).float()
+            a_cat = torch.cat([m.A for m, _, _ in mods]) if len(mods) > 1 else mods[0][0].A
+            xa = self._mm(xs, a_cat, self.min_rows_f32)
+            at = 0
+            for m, lo, hi in mods:
+                r = m.A.shape[0]
+                delta = self._mm(xa[:, at:at + r].contiguous(), m.B, self.min_rows_f32) * m.scale
+                at += r
+                y[rows, lo:hi] = (y[rows, lo:hi].float() + delta).to(y.dtype)
+        return y
+
+    # -- the forward ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, items: list[StepItem]) -> torch.Tensor:
+        """fp32 logits for each item's positions from `logits_from` on, concatenated in item order."""
+        dev, bs = self.device, self.block_size
+        tokens = torch.tensor([t for it in items for t in it.tokens], device=dev)
+        positions = torch.tensor([it.start + i for it in items for i in range(len(it.tokens))], device=dev)
+        slots = torch.tensor([it.blocks[p // bs] * bs + p % bs for it in items
+                              for p in range(it.start, it.start + len(it.tokens))], device=dev)
+        segments = self._segments(items)
+        meta = self._attention_meta(items)
+        x = self.embed(tokens)
+        cos, sin = self.rotary(x, positions[None])
+        cos, sin = cos[0, :, None, :], sin[0, :, None, :]
+        T, H, K, D = x.shape[0], self.num_heads, self.num_kv, self.head_dim
+        for li, layer in enumerate(self.layers):
+            h = layer.input_layernorm(x)
+            qkv = self._project(li, "qkv", h, segments)
+            q = qkv[:, :H * D].view(T, H, D)
+            k = qkv[:, H * D:(H + K) * D].view(T, K, D)
+            v = qkv[:, (H + K) * D:].view(T, K, D)
+            attn = layer.self_attn
+            if hasattr(attn, "q_norm"):
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            self.k_cache[li].view(-1, K, D).index_copy_(0, slots, k.to(self.dtype))
+            self.v_cache[li].view(-1, K, D).index_copy_(0, slots, v.to(self.dtype))
+            o = self._attention(li, q, meta)
+            x = x + self._project(li, "o", o.to(x.dtype), segments)
+            h = layer.post_attention_layernorm(x)
+            gu = self._project(li, "gate_up", h, segments)
+            inter = gu.shape[1] // 2
+            x = x + self._project(li, "down", self.act(gu[:, :inter]) * gu[:, inter:], segments)
+        keep = torch.tensor([i for off, it in zip(_offsets(items), items)
+                             for i in range(off + it.logits_from, off + len(it.tokens))], device=dev)
+        h = self.norm(x.index_select(0, keep))
+        return self._mm(h, self.lm_head.weight, self.min_rows).float()
+
+    def _segments(self, items: list[StepItem]) -> list[tuple[LoadedAdapter, torch.Tensor]]:
+        rows: dict[int, tuple[LoadedAdapter, list[int]]] = {}
+        for off, it in zip(_offsets(items), items):
+            if it.adapter is not None:
+                rows.setdefault(id(it.adapter), (it.adapter, []))[1].extend(range(off, off + len(it.tokens)))
+        return [(a, torch.tensor(r, device=self.device)) for a, r in rows.values()]
+
+    def _attention_meta(self, items: list[StepItem]) -> dict:
+        bs, dev = self.block_size, self.device
+        n_q = max(len(it.tokens) for it in items)
+        q_pad = max(n_q, -(-self.min_rows_f32 // self.group))
+        n_blocks = max(-(-(it.start + len(it.tokens)) // bs) for it in items)
+        table = torch.zeros(len(items), n_blocks, dtype=torch.long, device=dev)
+        qpos = torch.full((len(items), q_pad), -1, dtype=torch.long, device=dev)
+        gather = torch.full((len(items), q_pad), -1, dtype=torch.long, device=dev)
+        for r, (off, it) in enumerate(zip(_offsets(items), items)):
+            used = -(-(it.start + len(it.tokens)) // bs)
+            table[r, :used] = torch.tensor(it.blocks[:used], device=dev)
+            qpos[r, :len(it.tokens)] = torch.arange(it.start, it.start + len(it.tokens), device=dev)
+            gather[r, :len(it.tokens)] = torch.arange(off, off + len(it.tokens), device=dev)
+        keys = torch.arange(n_blocks * bs, device=dev)
+        allowed = keys[None, None, :] <= qpos[:, :, None]  # causal; also hides unused and padded keys
+        allowed = allowed.repeat(1, self.group, 1)[:, None]  # [R, 1, G*Q, L], grouped heads outermost
+        return {"table": table, "gather": gather, "valid": gather >= 0, "blocked": ~allowed,
+                "q_pad": q_pad, "n_blocks": n_blocks}
+
+    def _attention(self, li: int, q: torch.Tensor, meta: dict) -> torch.Tensor:
+        """Softmax attention over each sequence's cached keys in fixed blocks, combined in order."""
+        R, Q, nb = meta["table"].shape[0], meta["q_pad"], meta["n_blocks"]
+        K, G, D, bs = self.num_kv, self.group, self.head_dim, self.block_size
+        qf = torch.cat([q.float() * D ** -0.5, q.new_zeros(1, q.shape[1], D, dtype=torch.float32)])
+        qp = qf[meta["gather"]]  # [R, Q, H, D]; -1 picks the zero row
+        qp = qp.view(R, Q, K, G, D).permute(0, 2, 3, 1, 4).reshape(R, K, G * Q, D)
+        kc = self.k_cache[li][meta["table"]].float().permute(0, 3, 1, 2, 4).reshape(R, K, nb * bs, D)
+        vc = self.v_cache[li][meta["table"]].float().permute(0, 3, 1, 2, 4).reshape(R, K, nb, bs, D)
+        s = (qp @ kc.transpose(-1, -2)).masked_fill_(meta["blocked"], float("-inf"))
+        s = s.view(R, K, G * Q, nb, bs)
+        m = s.amax(-1)  # [R, K, GQ, nb]
+        p = torch.exp(s - torch.where(torch.isinf(m), 0.0, m)[..., None])
+        lsum = p.sum(-1)
+        o = p.permute(0, 1, 3, 2, 4) @ vc  # [R, K, nb, GQ, D]
+        top = m.amax(-1, keepdim=True)
+        w = torch.exp(m - torch.where(torch.isinf(top), 0.0, top))  # [R, K, GQ, nb]
+        num = (w.permute(0, 1, 3, 2)[..., None] * o).cumsum(2)[:, :, -1]  # sequential over blocks
+        den = (w * lsum).cumsum(-1)[..., -1].clamp_min(1e-30)
+        out = (num / den[..., None]).view(R, K, G, Q, D).permute(0, 3, 1, 2, 4).reshape(R, Q, K * G * D)
+        return out[meta["valid"]]
+
+
+def _offsets(items: list[StepItem]) -> list[int]:
+    out, at = [], 0
+    for it in items:
+        out.append(at)
+        at += len(it.tokens)
+    return out
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
