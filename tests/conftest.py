@@ -22,3 +22,30 @@ def tiny_tokenizer():
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
+
+
+def make_random_adapter(out: Path, seed: int, r: int = 8, targets: list[str] | None = None) -> Path:
+    """A peft LoRA adapter on budwood-tiny with random A and B, so it really changes outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from budwood.models.load import load_base
+
+    torch.manual_seed(seed)
+    model = load_base("budwood-tiny").model
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, init_lora_weights=False,
+                     target_modules=targets or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj"])
+    get_peft_model(model, cfg).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tmp_path_factory) -> Path:
+    """A folder of three adapters on budwood-tiny: `alpha` (all projections, r 8), `beta` (q and v only,
+    r 4) and `gamma` (all projections, r 16)."""
+    root = tmp_path_factory.mktemp("adapters")
+    make_random_adapter(root / "alpha", 1, 8)
+    make_random_adapter(root / "beta", 2, 4, ["q_proj", "v_proj"])
+    make_random_adapter(root / "gamma", 3, 16)
+    return root
