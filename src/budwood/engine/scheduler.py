@@ -74,6 +74,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.cached_tokens = 0  # prompt tokens taken from the prefix cache instead of computed
 
     def blocks_needed(self, seq: Sequence) -> int:
         return -(-(seq.prompt_len + seq.max_new) // self.pool.block_size)
@@ -134,6 +135,7 @@ class Scheduler:
         self.pool.claim(hit)
         seq.blocks = hit + self.pool.allocate(need)
         seq.computed, seq.registered = len(hit) * bs, len(hit)
+        self.cached_tokens += seq.computed
         return True
 
     def _chunk(self, seq: Sequence, n: int) -> Scheduled:
