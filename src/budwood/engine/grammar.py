@@ -55,7 +55,8 @@ class Matcher:
         self._vocab_size = vocab_size
 
     def allowed(self) -> torch.Tensor:
-        """bool[vocab_size] of the ids that may come next; only the stop tokens once the JSON is complete."""
+        """bool[vocab_size] of the ids that may come next; the stop tokens are among them exactly when the
+        JSON value is complete, and alone once nothing else can follow."""
         bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
         if self._matcher.is_error():
             raise GrammarError(f"response_format: the grammar engine gave up: {self._matcher.get_error()}")

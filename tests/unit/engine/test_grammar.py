@@ -63,14 +63,14 @@ SCHEMAS = {
         "type": "object", "properties": {"a": {"$ref": "#/$defs/point"}, "b": {"$ref": "#/$defs/point"}},
         "required": ["a", "b"], "additionalProperties": False},
     "array_of_objects": {
-        "type": "array", "maxItems": 2,
+        "type": "array", "minItems": 1, "maxItems": 2,
         "items": {"type": "object",
                   "properties": {"sku": {"type": "string", "maxLength": 5},
                                  "qty": {"type": "integer", "minimum": 1, "maximum": 9}},
                   "required": ["sku", "qty"], "additionalProperties": False}},
     "nested_arrays_of_objects": {
         "type": "object",
-        "properties": {"rows": {"type": "array", "maxItems": 2, "items": {
+        "properties": {"rows": {"type": "array", "minItems": 1, "maxItems": 2, "items": {
             "type": "object",
             "properties": {"cells": {"type": "array", "maxItems": 2,
                                      "items": {"type": "object",
