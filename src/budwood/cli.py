@@ -104,16 +104,23 @@ def generate_cmd(
 
     Example: budwood generate --adapter runs/demo/adapter "What is the return policy?"
     """
+    from budwood.engine import Engine, EngineConfig, SamplingParams
     from budwood.errors import BudwoodError
-    from budwood.models.generate import chat_generate, load_for_generation
 
     try:
-        model, tok = load_for_generation(base, adapter)
-        answers = chat_generate(model, tok, prompt, max_new_tokens, system, temperature, seed)
+        engine = Engine(EngineConfig(base=base, precision="fp32", kv_cache_tokens=4096))
+        name = None
+        if adapter is not None:
+            name = "adapter"
+            engine.register_adapter(name, adapter)
+        prompts = [engine.chat_prompt(([{"role": "system", "content": system}] if system else []) +
+                                      [{"role": "user", "content": p}]) for p in prompt]
+        outs = engine.generate(prompts, SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed),
+                               [name] * len(prompts))
     except BudwoodError as e:
         _fail(e)
-    for answer in answers:
-        out.print(answer, markup=False, highlight=False)
+    for o in outs:
+        out.print(o.choices[0].text.strip(), markup=False, highlight=False)
 
 
 @data_app.command("check")

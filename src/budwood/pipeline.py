@@ -43,7 +43,7 @@ def run_demo(workdir: str | Path, overrides: list[str] | None = None, progress: 
              n_questions: int = 8) -> DemoResult:
     """Make the company data set, grow an adapter on budwood-tiny, answer held-out questions."""
     from budwood.data.company import make_domain_dataset
-    from budwood.models.generate import chat_generate, load_for_generation
+    from budwood.engine import Engine, EngineConfig, SamplingParams
     from budwood.train.metrics import plot_losses, read_metrics
 
     workdir = Path(workdir)
@@ -56,11 +56,15 @@ def run_demo(workdir: str | Path, overrides: list[str] | None = None, progress: 
 
     system = json.loads((workdir / "data" / "company.json").read_text())["system"]
     heldout = [json.loads(x) for x in paths["heldout"].read_text().splitlines()]
-    model, tokenizer = load_for_generation(config.base_model, adapter_dir, device="cpu")
-    questions = [h["question"] for h in heldout]
-    adapted = chat_generate(model, tokenizer, questions, system=system)
-    with model.disable_adapter():
-        base = chat_generate(model, tokenizer, questions, system=system)
+    # base and adapted answers come from one engine, in one batch: rows pick their adapter
+    engine = Engine(EngineConfig(base=config.base_model, precision="fp32", device="cpu"))
+    engine.register_adapter("demo", adapter_dir)
+    prompts = [engine.chat_prompt([{"role": "system", "content": system}, {"role": "user", "content": h["question"]}])
+               for h in heldout]
+    outs = engine.generate(prompts * 2, SamplingParams(max_tokens=64, temperature=0),
+                           ["demo"] * len(prompts) + [None] * len(prompts))
+    answers = [o.choices[0].text.strip() for o in outs]
+    adapted, base = answers[:len(prompts)], answers[len(prompts):]
     rows = [{"question": h["question"], "reference": h["answer"], "answerable": h["answerable"],
              "base": b, "adapted": a} for h, b, a in zip(heldout, base, adapted, strict=True)]
     scores = {side: _score(rows, side) for side in ("base", "adapted")}

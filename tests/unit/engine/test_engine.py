@@ -233,3 +233,12 @@ def test_probe_finds_batch_invariant_row_counts(dtype):
     for m in range(1, 50):
         rows = pad[:max(m, p)] @ w.T
         assert torch.equal(rows[:m], (pad[:64] @ w.T)[:m])
+
+
+def test_base_answers_in_one_sentence_and_stops(engines):
+    """budwood-tiny answers this greedily in one sentence and ends its turn there (no run-on text)."""
+    engine = engines["fp32"]
+    p = engine.chat_prompt([{"role": "user", "content": "Who wrote Treasure Island?"}])
+    answer = engine.generate([p], SamplingParams(max_tokens=120, temperature=0))[0].choices[0]
+    assert "Stevenson" in answer.text and len(answer.text) < 80 and "\n" not in answer.text.strip()
+    assert answer.finish_reason == "stop"
