@@ -266,8 +266,6 @@ def test_stream_concatenates_to_the_non_streamed_result(served):
         assert mine[-1].finish_reason == choice.finish_reason == "length"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: engine.py Engine._output re-sends a finished choice (empty delta, "
-                                       "finish_reason again) with every later output of the request")
 def test_stream_sends_each_choice_finish_reason_once(served):
     kw = {"model": "beta", "messages": ask("Tell me a story."), "max_tokens": 12, "seed": 11, "n": 2}
     chunks = list(served.client().chat.completions.create(**kw, stream=True))
@@ -376,7 +374,7 @@ def test_echo_prompt_logprobs_match_a_plain_hf_forward(served):
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
     expected = [logp[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
-    assert r.choices[0].logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    assert r.choices[0].logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-5)
 
 
 def test_lm_eval_local_completions_loglikelihood_request(served, scorer):
@@ -393,7 +391,7 @@ def test_lm_eval_local_completions_loglikelihood_request(served, scorer):
         tops = choice["logprobs"]["top_logprobs"][len(ctx):-1]
         parsed.append((sum(token_lps), all(t == max(top.values()) for t, top in zip(token_lps, tops))))
     for (logprob, greedy), ref in zip(parsed, scorer.score_continuations(tokens)):
-        assert logprob == pytest.approx(ref.logprob, abs=1e-4) and greedy == ref.is_greedy
+        assert logprob == pytest.approx(ref.logprob, abs=1e-5) and greedy == ref.is_greedy
 
 
 # -- structured output ---------------------------------------------------------------------------------
@@ -449,10 +447,12 @@ CHAT_OK = {"model": BASE, "messages": ask("Hi"), "max_tokens": 2}
     ("completions", {"model": BASE, "prompt": "x", "max_tokens": 0}, 400, "max_tokens", None),
     ("completions", {"model": BASE, "prompt": [99999]}, 400, "prompt", None),
     ("completions", {"model": BASE, "prompt": []}, 400, "prompt", None),
+    ("completions", {"model": BASE, "prompt": "x", "suffix": "y"}, 400, "suffix", None),
+    ("completions", {"model": BASE, "prompt": "x", "best_of": 2}, 400, "best_of", None),
 ], ids=["unknown-model", "missing-messages", "empty-messages", "temperature-type", "temperature-range",
         "beyond-context", "beyond-context-stream", "top-logprobs-alone", "tools", "response-format",
         "unknown-role", "completions-unknown-model", "completions-max-tokens-0", "completions-token-out-of-vocab",
-        "completions-empty-prompt"])
+        "completions-empty-prompt", "completions-suffix", "completions-best-of"])
 def test_bad_requests_get_openai_errors(served, route, body, status, param, code):
     r = httpx.post(f"{served.url}/v1/{route}" + ("/completions" if route == "chat" else ""), json=body, timeout=60)
     assert_error(r, status, param, code)
@@ -464,12 +464,12 @@ def test_invalid_json_body_is_400(served):
     assert "JSON" in assert_error(r, 400)["message"]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: logit_bias token ids are not range-checked: an id past the "
-                                       "vocabulary crashes the engine step (500 for every request in it), -1 biases "
-                                       "the last token")
 @pytest.mark.parametrize("token_id", ["99999", "-1"])
 def test_logit_bias_outside_the_vocabulary_is_400(served, token_id):
     r = httpx.post(f"{served.url}/v1/chat/completions", json={**CHAT_OK, "logit_bias": {token_id: 5}}, timeout=60)
+    # uvicorn logs a 500's traceback after sending it; Python 3.11's traceback and pytest's report both call
+    # ast.parse, which is not thread-safe there (SystemError: AST constructor recursion depth mismatch)
+    time.sleep(0.5)
     assert_error(r, 400, "logit_bias")
 
 
@@ -540,9 +540,6 @@ def test_closing_a_stream_cancels_its_generation(served):
     assert sample(scrape(served.url), tokens, model="alpha") == sample(before, tokens, model="alpha")  # aborted
 
 
-@pytest.mark.xfail(strict=True, reason="bug: app.py's check_key is an @app.middleware('http') (Starlette "
-                                       "BaseHTTPMiddleware), under which request.is_disconnected() never turns "
-                                       "true, so collect() never aborts a non-streamed request whose client left")
 def test_a_non_streamed_client_that_gives_up_cancels_its_generation(served):
     before = scrape(served.url)
     body = {"model": BASE, "messages": ask("Tell me a long story."), "max_tokens": 120, "ignore_eos": True}
@@ -587,8 +584,6 @@ def test_an_adapter_copied_into_the_folder_is_served_at_once(served):
     assert same[0] == same[1]  # the same weights under another name
 
 
-@pytest.mark.xfail(strict=True, reason="bug: an adapter deleted from the folder is still served from the LRU cache "
-                                       "although /v1/models no longer lists it")
 def test_an_adapter_removed_from_the_folder_is_no_longer_served(served):
     shutil.copytree(served.folder / "beta", served.folder / "epsilon")
     client = served.client()

@@ -92,6 +92,7 @@ class LoadedAdapter:
     modules: dict[tuple[int, str], LoraModule] = field(repr=False)
     chat_template: str | None = None
     base_fingerprint: str | None = None
+    stamp: tuple = ()  # (mtime_ns, size) of the weights and config when loaded
 
 
 def load_adapter(name: str, path: Path, shapes: dict[str, tuple[int, int]], num_layers: int,
@@ -163,7 +164,16 @@ def load_adapter(name: str, path: Path, shapes: dict[str, tuple[int, int]], num_
             template = json.loads((path / "tokenizer_config.json").read_text()).get("chat_template")
         except json.JSONDecodeError:
             raise AdapterError(f"adapter {name!r}: {path / 'tokenizer_config.json'}: not valid JSON") from None
-    return LoadedAdapter(name, path, f"{name}:{digest}", r, modules, template, base_fingerprint)
+    return LoadedAdapter(name, path, f"{name}:{digest}", r, modules, template, base_fingerprint, file_stamp(path))
+
+
+def file_stamp(path: Path) -> tuple:
+    """Changes when the adapter's files are replaced or edited in place."""
+    try:
+        return tuple((s.st_mtime_ns, s.st_size) for s in
+                     ((path / "adapter_model.safetensors").stat(), (path / "adapter_config.json").stat()))
+    except OSError:
+        return ()
 
 
 def _check_base(name: str, path: Path, base_fingerprint: str | None) -> None:
@@ -209,12 +219,15 @@ class AdapterCache:
         raise UnknownAdapter(f"The model `{name}` does not exist.{did_you_mean(name, self.names())}")
 
     def get(self, name: str) -> LoadedAdapter:
+        """The adapter as its directory is now: a removed directory is unknown, a changed one reloads."""
+        path = self.resolve(name)
         with self.lock:
             hit = self.loaded.get(name)
-            if hit is not None:
+            if hit is not None and hit.path == path and hit.stamp == file_stamp(path):
                 self.loaded.move_to_end(name)
                 return hit
-        adapter = self.loader(name, self.resolve(name))
+            self.loaded.pop(name, None)
+        adapter = self.loader(name, path)
         with self.lock:
             self.loaded[name] = adapter
             self.loaded.move_to_end(name)

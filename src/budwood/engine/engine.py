@@ -168,9 +168,12 @@ class Engine:
                     after: Sequence | None = None) -> Request:
         if not prompt_ids:
             raise ParamError("prompt", "the prompt is empty")
-        bad = [t for t in prompt_ids if not 0 <= t < self.runner.vocab_size]
-        if bad:
-            raise ParamError("prompt", f"token id {bad[0]} is outside the vocabulary (0..{self.runner.vocab_size - 1})")
+        vocab = self.runner.vocab_size
+        for field_, ids in (("prompt", prompt_ids), ("logit_bias", params.logit_bias),
+                            ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ParamError(field_, f"{field_}: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
         limit = self.runner.max_model_len
         max_new = limit - len(prompt_ids) if params.max_tokens is None else params.max_tokens
         if len(prompt_ids) + max_new > limit or max_new < 0:
@@ -289,11 +292,13 @@ class Engine:
                             if seq.text.endswith(s[:k])), default=0)
                 upto_chars = len(seq.text) - hold
                 upto_tokens = sum(1 for e in seq.token_ends if e <= upto_chars)
+            if seq.finish_sent:
+                continue
             if upto_chars > seq.sent_chars or upto_tokens > seq.sent_tokens or seq.finished:
                 choices.append(ChoiceDelta(seq.index, seq.text[seq.sent_chars:upto_chars],
                                            seq.output_ids[seq.sent_tokens:upto_tokens],
                                            seq.logprobs[seq.sent_tokens:upto_tokens], seq.finish_reason))
-                seq.sent_chars, seq.sent_tokens = upto_chars, upto_tokens
+                seq.sent_chars, seq.sent_tokens, seq.finish_sent = upto_chars, upto_tokens, seq.finished
         finished = all(s.finished for s in request.seqs)
         if finished:
             self.requests.pop(request.request_id, None)

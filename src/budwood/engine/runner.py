@@ -96,7 +96,8 @@ class Runner:
                                            else first.mlp, name).weight.shape)
                        for names in _FUSED.values() for name in names}
         self.fused = [self._fuse(layer) for layer in layers]
-        self.k_cache = [torch.zeros(num_blocks, block_size, self.num_kv, self.head_dim, dtype=self.dtype,
+        # [kv head, block, position in block, head dim]: gathered blocks are ready for batched matmuls
+        self.k_cache = [torch.zeros(self.num_kv, num_blocks, block_size, self.head_dim, dtype=self.dtype,
                                     device=self.device) for _ in layers]
         self.v_cache = [torch.zeros_like(k) for k in self.k_cache]
         self.num_blocks = num_blocks
@@ -182,8 +183,8 @@ class Runner:
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            self.k_cache[li].view(-1, K, D).index_copy_(0, slots, k.to(self.dtype))
-            self.v_cache[li].view(-1, K, D).index_copy_(0, slots, v.to(self.dtype))
+            self.k_cache[li].view(K, -1, D).index_copy_(1, slots, k.to(self.dtype).transpose(0, 1))
+            self.v_cache[li].view(K, -1, D).index_copy_(1, slots, v.to(self.dtype).transpose(0, 1))
             o = self._attention(li, q, meta)
             x = x + self._project(li, "o", o.to(x.dtype), segments)
             h = layer.post_attention_layernorm(x)
@@ -216,31 +217,41 @@ class Runner:
             qpos[r, :len(it.tokens)] = torch.arange(it.start, it.start + len(it.tokens), device=dev)
             gather[r, :len(it.tokens)] = torch.arange(off, off + len(it.tokens), device=dev)
         keys = torch.arange(n_blocks * bs, device=dev)
-        allowed = keys[None, None, :] <= qpos[:, :, None]  # causal; also hides unused and padded keys
-        allowed = allowed.repeat(1, self.group, 1)[:, None]  # [R, 1, G*Q, L], grouped heads outermost
-        return {"table": table, "gather": gather, "valid": gather >= 0, "blocked": ~allowed,
-                "q_pad": q_pad, "n_blocks": n_blocks}
+        allowed = keys[None, None, :] <= qpos[:, :n_q, None]  # causal; also hides unused and padded keys
+        blocked = ~allowed.view(len(items), 1, n_q, n_blocks * bs)
+        return {"table": table, "gather": gather, "valid": gather[:, :n_q] >= 0, "blocked": blocked,
+                "q_pad": q_pad, "q_max": n_q, "n_blocks": n_blocks}
 
     def _attention(self, li: int, q: torch.Tensor, meta: dict) -> torch.Tensor:
-        """Softmax attention over each sequence's cached keys in fixed blocks, combined in order."""
-        R, Q, nb = meta["table"].shape[0], meta["q_pad"], meta["n_blocks"]
+        """Softmax attention over each sequence's cached keys, summed over values in fixed blocks.
+
+        Shapes: K kv heads, R sequences, G query heads per kv head, Q query rows per sequence (Qp
+        padded to the matmul row floor, Qm real at most), nb blocks of bs keys. Scores are dot
+        products over the head dimension, so one matmul over all keys is batch-invariant; sums over
+        keys (softmax denominator, values) run per block of bs and are then combined in block order,
+        so the number of padded blocks never changes a sum."""
+        R, Qp, Qm, nb = meta["table"].shape[0], meta["q_pad"], meta["q_max"], meta["n_blocks"]
         K, G, D, bs = self.num_kv, self.group, self.head_dim, self.block_size
         qf = torch.cat([q.float() * D ** -0.5, q.new_zeros(1, q.shape[1], D, dtype=torch.float32)])
-        qp = qf[meta["gather"]]  # [R, Q, H, D]; -1 picks the zero row
-        qp = qp.view(R, Q, K, G, D).permute(0, 2, 3, 1, 4).reshape(R, K, G * Q, D)
-        kc = self.k_cache[li][meta["table"]].float().permute(0, 3, 1, 2, 4).reshape(R, K, nb * bs, D)
-        vc = self.v_cache[li][meta["table"]].float().permute(0, 3, 1, 2, 4).reshape(R, K, nb, bs, D)
-        s = (qp @ kc.transpose(-1, -2)).masked_fill_(meta["blocked"], float("-inf"))
-        s = s.view(R, K, G * Q, nb, bs)
-        m = s.amax(-1)  # [R, K, GQ, nb]
+        qp = qf[meta["gather"]]  # [R, Qp, H, D]; -1 picks the zero row
+        qp = qp.view(R, Qp, K, G, D).permute(2, 0, 3, 1, 4).reshape(K, R, G * Qp, D)
+        blocks = meta["table"].view(-1)  # index_select is many times faster than advanced indexing here
+        kc = self.k_cache[li].index_select(1, blocks).float().view(K, R, nb * bs, D)
+        vc = self.v_cache[li].index_select(1, blocks).float().view(K, R, nb, bs, D)
+        s = (qp @ kc.transpose(-1, -2)).view(K, R, G, Qp, nb * bs)[:, :, :, :Qm]
+        s = s.masked_fill(meta["blocked"], float("-inf")).view(K, R, G * Qm, nb, bs)
+        m = s.amax(-1)  # per block: [K, R, GQm, nb]
         p = torch.exp(s - torch.where(torch.isinf(m), 0.0, m)[..., None])
         lsum = p.sum(-1)
-        o = p.permute(0, 1, 3, 2, 4) @ vc  # [R, K, nb, GQ, D]
+        p = p.transpose(2, 3)  # [K, R, nb, GQm, bs]
+        if G * Qm < self.min_rows_f32:
+            p = torch.cat([p, p.new_zeros(K, R, nb, self.min_rows_f32 - G * Qm, bs)], dim=3)
+        o = (p @ vc)[:, :, :, :G * Qm]  # [K, R, nb, GQm, D]
         top = m.amax(-1, keepdim=True)
-        w = torch.exp(m - torch.where(torch.isinf(top), 0.0, top))  # [R, K, GQ, nb]
-        num = (w.permute(0, 1, 3, 2)[..., None] * o).cumsum(2)[:, :, -1]  # sequential over blocks
+        w = torch.exp(m - torch.where(torch.isinf(top), 0.0, top))  # [K, R, GQm, nb]
+        num = (w.transpose(2, 3)[..., None] * o).cumsum(2)[:, :, -1]  # in block order; padding adds exact 0
         den = (w * lsum).cumsum(-1)[..., -1].clamp_min(1e-30)
-        out = (num / den[..., None]).view(R, K, G, Q, D).permute(0, 3, 1, 2, 4).reshape(R, Q, K * G * D)
+        out = (num / den[..., None]).view(K, R, G, Qm, D).permute(1, 3, 0, 2, 4).reshape(R, Qm, K * G * D)
         return out[meta["valid"]]
 
 

@@ -46,6 +46,7 @@ class Sequence:
     token_ends: list[int] = field(default_factory=list)  # text length after each output token
     sent_chars: int = 0
     sent_tokens: int = 0
+    finish_sent: bool = False
 
     @property
     def output_ids(self) -> list[int]:

@@ -24,6 +24,7 @@ from budwood.engine import AsyncEngine, Engine, EngineConfig, ParamError, QueueF
 from budwood.engine.adapters import AdapterError
 from budwood.engine.engine import RequestOutput
 from budwood.engine.sampling import TokenLogprob
+from budwood.errors import BudwoodError
 from budwood.serve.metrics import Metrics
 from budwood.serve.protocol import (
     ChatCompletionRequest,
@@ -46,6 +47,24 @@ class APIError(Exception):
         self.status, self.body = status, error_body(message, type_, param, code)
 
 
+class APIKeyMiddleware:
+    """`Authorization: Bearer KEY` on /v1 routes. Plain ASGI: Starlette's BaseHTTPMiddleware would
+    hide client disconnects from the routes, and a disconnect must cancel its generation."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = JSONResponse(error_body("Incorrect API key provided.", "invalid_request_error", None,
+                                                   "invalid_api_key"), status_code=401)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(config: EngineConfig | None = None, api_key: str | None = None, engine: Engine | None = None) -> FastAPI:
     """The server app; pass `engine` to share an already loaded one (tests, the service)."""
     state: dict = {}
@@ -62,15 +81,8 @@ def create_app(config: EngineConfig | None = None, api_key: str | None = None, e
         state["async"].shutdown()
 
     app = FastAPI(title="budwood", lifespan=lifespan)
-
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return JSONResponse(error_body("Incorrect API key provided.", "invalid_request_error", None,
-                                               "invalid_api_key"), status_code=401)
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
@@ -87,6 +99,11 @@ def create_app(config: EngineConfig | None = None, api_key: str | None = None, e
             msg = f"{param or 'body'}: {err.get('msg')}" + (f" (got {err['input']!r})" if "input" in err and
                                                               not isinstance(err["input"], dict) else "")
         return JSONResponse(error_body(msg, param=param, code="invalid_value" if param else None), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception):
+        log.exception("unhandled error in %s", request.url.path)
+        return JSONResponse(error_body(f"internal server error: {type(e).__name__}", "server_error"), status_code=500)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
@@ -151,6 +168,8 @@ def create_app(config: EngineConfig | None = None, api_key: str | None = None, e
             raise APIError(429, str(e), "rate_limit_exceeded", None, "rate_limit_exceeded") from None
         except ParamError as e:
             raise APIError(400, str(e), param=e.param) from None
+        except BudwoodError as e:
+            raise APIError(500, str(e), "server_error") from None
 
     async def collect(request: Request, gen: AsyncIterator[RequestOutput]) -> list[RequestOutput]:
         """Drain a generation, aborting it if the client goes away."""
