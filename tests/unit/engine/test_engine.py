@@ -242,3 +242,26 @@ def test_base_answers_in_one_sentence_and_stops(engines):
     answer = engine.generate([p], SamplingParams(max_tokens=120, temperature=0))[0].choices[0]
     assert "Stevenson" in answer.text and len(answer.text) < 80 and "\n" not in answer.text.strip()
     assert answer.finish_reason == "stop"
+
+
+def test_an_adapter_with_its_own_chat_template_uses_it(engines, tiny_adapters, tmp_path):
+    engine = engines["fp32"]
+    own = shutil.copytree(tiny_adapters / "alpha", tmp_path / "templated")
+    (own / "chat_template.jinja").write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+                                             "{% if add_generation_prompt %}[assistant] {% endif %}")
+    adapter = engine.register_adapter("templated", own)
+    messages = [{"role": "user", "content": "Hi"}]
+    assert engine.tokenizer.decode(engine.chat_prompt(messages, adapter)) == "[user] Hi\n[assistant] "
+    assert engine.chat_prompt(messages, engine.adapter("alpha")) == engine.chat_prompt(messages)
+
+
+def test_vllm_command_serves_the_same_folders(tiny_adapters):
+    from budwood.models.load import TINY_DIR
+    from budwood.serve.vllm import vllm_command
+
+    cmd = vllm_command("budwood-tiny", tiny_adapters, "0.0.0.0", 9000, "k", 4)
+    assert cmd[:3] == ["vllm", "serve", str(TINY_DIR)]
+    i = cmd.index("--lora-modules")
+    assert cmd[i + 1:i + 4] == [f"{n}={tiny_adapters / n}" for n in ("alpha", "beta", "gamma")]
+    assert cmd[cmd.index("--max-lora-rank") + 1] == "16" and cmd[cmd.index("--served-model-name") + 1] == "budwood-tiny"
+    assert cmd[cmd.index("--api-key") + 1] == "k" and "--enable-lora" in cmd
