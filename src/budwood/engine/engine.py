@@ -317,7 +317,7 @@ class Engine:
         merged = {r.request_id: None for r in reqs}
         while self.has_unfinished():
             for out in self.step():
-                merged[out.request_id] = _merge(merged.get(out.request_id), out)
+                merged[out.request_id] = merge_outputs(merged.get(out.request_id), out)
         return [merged[r.request_id] for r in reqs]
 
     def score_continuations(self, pairs: list[tuple[list[int], list[int]]],
@@ -347,7 +347,7 @@ class Engine:
         return out
 
 
-def _merge(acc: RequestOutput | None, new: RequestOutput) -> RequestOutput:
+def merge_outputs(acc: RequestOutput | None, new: RequestOutput) -> RequestOutput:
     if acc is None:
         acc = RequestOutput(new.request_id, new.prompt_ids, [], False, new.prompt_tokens, 0)
     by_index = {c.index: c for c in acc.choices}

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from budwood.engine import AsyncEngine, Engine, EngineConfig, ParamError, QueueFull, SamplingParams, UnknownAdapter
 from budwood.engine.adapters import AdapterError
-from budwood.engine.engine import RequestOutput
+from budwood.engine.engine import RequestOutput, merge_outputs
 from budwood.engine.sampling import TokenLogprob
 from budwood.errors import BudwoodError
 from budwood.serve.metrics import Metrics
@@ -345,10 +345,9 @@ def create_app(config: EngineConfig | None = None, api_key: str | None = None, e
         except APIError:
             metrics.request(body.model, "chat", "error", time.perf_counter() - t0)
             raise
-        from budwood.engine.engine import _merge
         final = None
         for o in outs:
-            final = _merge(final, o)
+            final = merge_outputs(final, o)
         metrics.request(body.model, "chat", "ok", time.perf_counter() - t0)
         metrics.tokens(body.model, final.prompt_tokens, final.completion_tokens)
         return {**base, "object": "chat.completion",
@@ -431,10 +430,9 @@ def create_app(config: EngineConfig | None = None, api_key: str | None = None, e
             return await stream_response(chunks())
 
         async def one(ids):
-            from budwood.engine.engine import _merge
             final = None
             for o in await collect(request, run(request, ids, params, adapter)):
-                final = _merge(final, o)
+                final = merge_outputs(final, o)
             return final
         try:
             finals = await asyncio.gather(*(one(ids) for ids in prompts))
