@@ -93,6 +93,7 @@ class LoadedAdapter:
     chat_template: str | None = None
     base_fingerprint: str | None = None
     stamp: tuple = ()  # (mtime_ns, size) of the weights and config when loaded
+    packed: dict = field(default_factory=dict, repr=False)  # the runner's padded, stacked form
 
 
 def load_adapter(name: str, path: Path, shapes: dict[str, tuple[int, int]], num_layers: int,

@@ -50,6 +50,8 @@ class EngineConfig(BaseModel):
     max_batch_tokens: int = Field(512, ge=16, description="tokens per step (decode + prompt chunks)")
     kv_cache_tokens: int = Field(65536, ge=256, description="KV-cache capacity in tokens")
     block_size: int = Field(64, ge=16, description="KV-cache block and attention block size")
+    max_lora_rank: int = Field(16, ge=1, le=512, description="largest adapter rank served (smaller ranks are "
+                               "padded to it, so an adapter's numbers never depend on its batch)")
     batch_invariant: bool = Field(True, description="seeded outputs independent of the batch (see docs)")
     max_queue: int = Field(256, ge=1, description="requests waiting or running before 429")
 
@@ -107,7 +109,7 @@ class Engine:
         self.base_fingerprint = model_fingerprint(config.base)
         num_blocks = -(-config.kv_cache_tokens // config.block_size) + 1
         self.runner = Runner(base.model, block_size=config.block_size, num_blocks=num_blocks,
-                             batch_invariant=config.batch_invariant)
+                             batch_invariant=config.batch_invariant, max_lora_rank=config.max_lora_rank)
         self.device, self.dtype = device, dtype
         self.scheduler = Scheduler(BlockPool(num_blocks, config.block_size), config.max_batch_tokens,
                                    config.max_num_seqs)
@@ -124,8 +126,10 @@ class Engine:
 
     # -- adapters ---------------------------------------------------------------------------------
     def _load_adapter(self, name: str, path: Path) -> LoadedAdapter:
-        return load_adapter(name, path, self.runner.shapes, len(self.runner.layers), self.device,
-                            self.base_fingerprint)
+        adapter = load_adapter(name, path, self.runner.shapes, len(self.runner.layers), self.device,
+                               self.base_fingerprint)
+        self.runner.pack_adapter(adapter)  # checks the rank, and keeps the first request from paying for it
+        return adapter
 
     def adapter(self, name: str | None) -> LoadedAdapter | None:
         """None or the base's own name mean the bare base."""

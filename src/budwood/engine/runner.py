@@ -9,19 +9,21 @@ activation, lm_head) and replaces attention and the projections.
 Batch invariance. A row's result must not depend on the batch around it, or a seeded request would
 give different tokens alone and under load. Two facts make that hold:
 - Every matmul whose row count varies (projections, LoRA, attention) runs with at least
-  `min_rows` rows, padding with zeros. Some BLAS libraries switch kernels for small matrices (MKL's
-  fp32 GEMM does below 12 rows here); `probe_min_rows` measures the threshold at start-up.
+  a row count the BLAS treats like any larger one, padding with zeros. Some BLAS libraries switch
+  kernels for small matrices (MKL's fp32 GEMM does for 1-3, 5-7 and 9-11 rows here);
+  `probe_row_floor` measures the safe counts at start-up.
 - Attention reduces over keys in fixed blocks of `block_size` with a sequential combination
   across blocks, so neither the padded length of the batch nor chunked prefill changes a sum.
 """
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
-from budwood.engine.adapters import LoadedAdapter
+from budwood.engine.adapters import AdapterError, LoadedAdapter
 from budwood.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -40,31 +42,49 @@ class StepItem:
     logits_from: int  # index into `tokens` of the first position whose logits are returned
 
 
-def probe_min_rows(dtype: torch.dtype, device: torch.device, widths: list[tuple[int, int]]) -> int:
-    """Smallest row count from which every larger matmul gives each row the same bits."""
+@dataclass
+class LoraPlan:
+    """A step's adapter routing: `gather` picks each adapter's rows (padded) from the step's tokens."""
+    weights: dict  # {(layer, group): (A [n, S, in], B [n, out, S])}
+    shape: tuple[int, int]  # (adapters, rows per adapter incl. padding)
+    gather: torch.Tensor  # [n * rows] token indices; the last index is a zero row
+    valid: torch.Tensor  # positions in n * rows that are real tokens, in `rows` order
+    rows: torch.Tensor  # the step's token indices that use an adapter, adapter by adapter
+
+
+@dataclass(frozen=True)
+class RowFloor:
+    """Row counts at which a matmul gives each row the same bits as any larger matmul does."""
+    good: tuple[int, ...]  # safe counts up to and including `floor`
+    floor: int  # every count from here on is safe
+
+    def pad(self, m: int) -> int:
+        return m if m >= self.floor else next(g for g in self.good if g >= m)
+
+
+def probe_row_floor(dtype: torch.dtype, device: torch.device, widths: list[tuple[int, int]]) -> RowFloor:
+    """Measure which row counts are batch-invariant for this BLAS, dtype and device (MKL's fp32 GEMM:
+    4, 8 and from 12 on, on the machines we measured)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
-    for p in (1, 2, 4, 8, 12, 16, 24, 32, 64):
-        ok = True
-        for k, n in widths:
-            w = torch.randn(n, k, generator=gen).to(dtype=dtype, device=device)
-            x = torch.randn(160, k, generator=gen).to(dtype=dtype, device=device)
-            ref = x @ w.T
-            for m in list(range(p, 40)) + [48, 64, 97, 128]:
-                if not torch.equal(x[:m] @ w.T, ref[:m]):
-                    ok = False
-                    break
-            if not ok:
-                break
-        if ok:
-            return p
-    log.warning("no row count makes %s matmuls batch-invariant on %s: seeded outputs may vary with load",
-                dtype, device)
-    return 64
+    counts = list(range(1, 41)) + [48, 64, 97, 128]
+    ok = dict.fromkeys(counts, True)
+    for k, n in widths:
+        w = torch.randn(n, k, generator=gen).to(dtype=dtype, device=device)
+        x = torch.randn(160, k, generator=gen).to(dtype=dtype, device=device)
+        ref = x @ w.T
+        for m in counts:
+            ok[m] = ok[m] and torch.equal(x[:m] @ w.T, ref[:m])
+    floor = next((c for i, c in enumerate(counts) if all(ok[m] for m in counts[i:])), None)
+    if floor is None:
+        log.warning("no row count makes %s matmuls batch-invariant on %s: seeded outputs may vary with load",
+                    dtype, device)
+        return RowFloor((128,), 128)
+    return RowFloor(tuple(m for m in counts if m <= floor and ok[m]), floor)
 
 
 class Runner:
     def __init__(self, model: torch.nn.Module, *, block_size: int = 64, num_blocks: int = 512,
-                 batch_invariant: bool = True):
+                 batch_invariant: bool = True, max_lora_rank: int = 16):
         cfg = model.config
         inner = getattr(model, "model", None)
         layers = getattr(inner, "layers", None)
@@ -91,6 +111,8 @@ class Runner:
         self.vocab_size = self.lm_head.weight.shape[0]
         self.max_model_len = int(getattr(cfg, "max_position_embeddings", 4096))
         self.block_size = block_size
+        self.max_lora_rank = max_lora_rank
+        self._stacks: OrderedDict[tuple, dict] = OrderedDict()
         self.act = first.mlp.act_fn
         self.shapes = {name: tuple(getattr(first.self_attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))
                                            else first.mlp, name).weight.shape)
@@ -103,12 +125,13 @@ class Runner:
         self.num_blocks = num_blocks
         hidden = cfg.hidden_size
         widths = [(hidden, self.fused[0]["qkv"][0].shape[0]), (self.shapes["down_proj"][1], hidden)]
-        self.min_rows = probe_min_rows(self.dtype, self.device, widths) if batch_invariant else 1
-        self.min_rows_f32 = (probe_min_rows(torch.float32, self.device, [(self.head_dim, block_size),
-                                                                         (block_size, self.head_dim)])
-                             if batch_invariant else 1)
-        log.info("engine: %d layers, %s, batch-invariant rows >= %d (fp32 attention >= %d)",
-                 len(layers), self.dtype, self.min_rows, self.min_rows_f32)
+        free = RowFloor((1,), 1)
+        self.rows = probe_row_floor(self.dtype, self.device, widths) if batch_invariant else free
+        self.rows_f32 = (probe_row_floor(torch.float32, self.device, [(self.head_dim, block_size),
+                                                                       (block_size, self.head_dim)])
+                         if batch_invariant else free)
+        log.info("engine: %d layers, %s, batch-invariant row counts %s (fp32: %s)",
+                 len(layers), self.dtype, self.rows, self.rows_f32)
 
     def _fuse(self, layer) -> dict[str, tuple[torch.Tensor, torch.Tensor | None, list[tuple[str, int, int]]]]:
         """Concatenate q/k/v and gate/up so each layer runs four projections, not seven."""
@@ -128,34 +151,99 @@ class Runner:
         return out
 
     # -- matmuls with a floor on rows -------------------------------------------------------------
-    def _mm(self, x: torch.Tensor, w: torch.Tensor, floor: int) -> torch.Tensor:
-        """x @ w.T with at least `floor` rows computed, so each row gets the same kernel."""
+    def _mm(self, x: torch.Tensor, w: torch.Tensor, rows: RowFloor) -> torch.Tensor:
+        """x @ w.T computed on a safe row count (zero rows added), so each row gets the same kernel."""
         n = x.shape[0]
-        if n < floor:
-            x = torch.cat([x, x.new_zeros(floor - n, x.shape[1])])
+        m = rows.pad(n)
+        if m > n:
+            x = torch.cat([x, x.new_zeros(m - n, x.shape[1])])
             return (x @ w.T)[:n]
         return x @ w.T
 
-    def _project(self, li: int, group: str, x: torch.Tensor, segments) -> torch.Tensor:
-        w, b, slices = self.fused[li][group]
-        y = self._mm(x, w, self.min_rows)
+    def _project(self, li: int, group: str, x: torch.Tensor, lora: LoraPlan | None) -> torch.Tensor:
+        w, b, _ = self.fused[li][group]
+        y = self._mm(x, w, self.rows)
         if b is not None:
             y = y + b
-        for adapter, rows in segments:
-            mods = [(adapter.modules.get((li, name)), lo, hi) for name, lo, hi in slices]
-            mods = [(m, lo, hi) for m, lo, hi in mods if m is not None]
-            if not mods:
-                continue
-            xs = x.index_select(0, rows).float()
-            a_cat = torch.cat([m.A for m, _, _ in mods]) if len(mods) > 1 else mods[0][0].A
-            xa = self._mm(xs, a_cat, self.min_rows_f32)
-            at = 0
-            for m, lo, hi in mods:
-                r = m.A.shape[0]
-                delta = self._mm(xa[:, at:at + r].contiguous(), m.B, self.min_rows_f32) * m.scale
-                at += r
-                y[rows, lo:hi] = (y[rows, lo:hi].float() + delta).to(y.dtype)
+        pair = lora.weights.get((li, group)) if lora is not None else None
+        if pair is not None:  # every adapter's rows in two batched matmuls, fp32 as peft computes LoRA
+            a, bmat = pair
+            n, p = lora.shape
+            xs = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, lora.gather).view(n, p, -1).float()
+            delta = ((xs @ a.transpose(1, 2)) @ bmat.transpose(1, 2)).view(n * p, -1).index_select(0, lora.valid)
+            y.index_copy_(0, lora.rows, (y.index_select(0, lora.rows).float() + delta).to(y.dtype))
         return y
+
+    def _lora_plan(self, items: list[StepItem], offsets: list[int]) -> LoraPlan | None:
+        """Which rows use which adapter this step, as gather indices into [adapters, rows, features]."""
+        by_adapter: dict[str, tuple[LoadedAdapter, list[int]]] = {}
+        for off, it in zip(offsets, items):
+            if it.adapter is not None:
+                by_adapter.setdefault(it.adapter.key, (it.adapter, []))[1].extend(range(off, off + len(it.tokens)))
+        if not by_adapter:
+            return None
+        adapters = [by_adapter[k] for k in sorted(by_adapter)]
+        total = offsets[-1] + len(items[-1].tokens)
+        p = self.rows_f32.pad(max(len(r) for _, r in adapters))
+        gather = torch.full((len(adapters), p), total, dtype=torch.long)
+        valid = []
+        for i, (_, rows) in enumerate(adapters):
+            gather[i, :len(rows)] = torch.tensor(rows)
+            valid.extend(range(i * p, i * p + len(rows)))
+        rows = torch.tensor([r for _, rs in adapters for r in rs], device=self.device)
+        return LoraPlan(self._stacked([a for a, _ in adapters]), (len(adapters), p), gather.view(-1).to(self.device),
+                        torch.tensor(valid, device=self.device), rows)
+
+    def _stacked(self, adapters: list[LoadedAdapter]) -> dict:
+        """{(layer, group): (A [n, S, in], B [n, out, S])} for these adapters, kept for recent combinations.
+
+        Every adapter is padded to the same slots (max_lora_rank per target), so its matmul shapes, and
+        so its numbers, never depend on which other adapters share the batch."""
+        key = tuple(a.key for a in adapters)
+        hit = self._stacks.get(key)
+        if hit is None:
+            packed = [self.pack_adapter(a) for a in adapters]
+            hit = {}
+            for k in packed[0]:
+                if all(pk[k] is None for pk in packed):
+                    continue
+                parts = [pk[k] if pk[k] is not None else self._zero_pack(k) for pk in packed]
+                hit[k] = (torch.stack([a for a, _ in parts]), torch.stack([b for _, b in parts]))
+            self._stacks[key] = hit
+            while len(self._stacks) > 8:
+                self._stacks.pop(next(iter(self._stacks)))
+        return hit
+
+    def _zero_pack(self, k: tuple[int, str]) -> tuple[torch.Tensor, torch.Tensor]:
+        w, _, slices = self.fused[k[0]][k[1]]
+        slots = len(slices) * self.max_lora_rank
+        return (torch.zeros(slots, w.shape[1], device=self.device), torch.zeros(w.shape[0], slots, device=self.device))
+
+    def pack_adapter(self, adapter: LoadedAdapter) -> dict:
+        """Per (layer, group): A [targets*R, in] and block-diagonal B*scale [out, targets*R], or None."""
+        if adapter.packed:
+            return adapter.packed
+        if adapter.rank > self.max_lora_rank:
+            raise AdapterError(f"adapter {adapter.name!r} has rank {adapter.rank}; the engine was started with "
+                               f"max_lora_rank {self.max_lora_rank} (raise it to serve this adapter)")
+        R = self.max_lora_rank
+        out = {}
+        for li in range(len(self.layers)):
+            for group in _FUSED:
+                w, _, slices = self.fused[li][group]
+                mods = [adapter.modules.get((li, name)) for name, _, _ in slices]
+                if all(m is None for m in mods):
+                    out[(li, group)] = None
+                    continue
+                a, bmat = self._zero_pack((li, group))
+                for t, (m, (_, lo, hi)) in enumerate(zip(mods, slices)):
+                    if m is not None:
+                        r = m.A.shape[0]
+                        a[t * R:t * R + r] = m.A
+                        bmat[lo:hi, t * R:t * R + r] = m.B * m.scale
+                out[(li, group)] = (a, bmat)
+        adapter.packed = out
+        return out
 
     # -- the forward ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -166,15 +254,20 @@ class Runner:
         positions = torch.tensor([it.start + i for it in items for i in range(len(it.tokens))], device=dev)
         slots = torch.tensor([it.blocks[p // bs] * bs + p % bs for it in items
                               for p in range(it.start, it.start + len(it.tokens))], device=dev)
-        segments = self._segments(items)
-        meta = self._attention_meta(items)
+        # decoding rows attend together; each prompt chunk alone, so one long chunk does not pad the
+        # query rows of every decoding sequence to its length
+        offsets = _offsets(items)
+        decoding = [i for i, it in enumerate(items) if len(it.tokens) == 1]
+        groups = ([decoding] if decoding else []) + [[i] for i, it in enumerate(items) if len(it.tokens) > 1]
+        metas = [self._attention_meta([items[i] for i in g], [offsets[i] for i in g]) for g in groups]
+        lora = self._lora_plan(items, offsets)
         x = self.embed(tokens)
         cos, sin = self.rotary(x, positions[None])
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]
         T, H, K, D = x.shape[0], self.num_heads, self.num_kv, self.head_dim
         for li, layer in enumerate(self.layers):
             h = layer.input_layernorm(x)
-            qkv = self._project(li, "qkv", h, segments)
+            qkv = self._project(li, "qkv", h, lora)
             q = qkv[:, :H * D].view(T, H, D)
             k = qkv[:, H * D:(H + K) * D].view(T, K, D)
             v = qkv[:, (H + K) * D:].view(T, K, D)
@@ -185,33 +278,30 @@ class Runner:
             k = k * cos + _rotate_half(k) * sin
             self.k_cache[li].view(K, -1, D).index_copy_(1, slots, k.to(self.dtype).transpose(0, 1))
             self.v_cache[li].view(K, -1, D).index_copy_(1, slots, v.to(self.dtype).transpose(0, 1))
-            o = self._attention(li, q, meta)
-            x = x + self._project(li, "o", o.to(x.dtype), segments)
+            o = q.new_empty(T, H * D, dtype=torch.float32)
+            for meta in metas:
+                o[meta["rows"]] = self._attention(li, q, meta)
+            x = x + self._project(li, "o", o.to(x.dtype), lora)
             h = layer.post_attention_layernorm(x)
-            gu = self._project(li, "gate_up", h, segments)
+            gu = self._project(li, "gate_up", h, lora)
             inter = gu.shape[1] // 2
-            x = x + self._project(li, "down", self.act(gu[:, :inter]) * gu[:, inter:], segments)
+            x = x + self._project(li, "down", self.act(gu[:, :inter]) * gu[:, inter:], lora)
         keep = torch.tensor([i for off, it in zip(_offsets(items), items)
                              for i in range(off + it.logits_from, off + len(it.tokens))], device=dev)
         h = self.norm(x.index_select(0, keep))
-        return self._mm(h, self.lm_head.weight, self.min_rows).float()
+        return self._mm(h, self.lm_head.weight, self.rows).float()
 
-    def _segments(self, items: list[StepItem]) -> list[tuple[LoadedAdapter, torch.Tensor]]:
-        rows: dict[int, tuple[LoadedAdapter, list[int]]] = {}
-        for off, it in zip(_offsets(items), items):
-            if it.adapter is not None:
-                rows.setdefault(id(it.adapter), (it.adapter, []))[1].extend(range(off, off + len(it.tokens)))
-        return [(a, torch.tensor(r, device=self.device)) for a, r in rows.values()]
-
-    def _attention_meta(self, items: list[StepItem]) -> dict:
+    def _attention_meta(self, items: list[StepItem], offsets: list[int]) -> dict:
         bs, dev = self.block_size, self.device
         n_q = max(len(it.tokens) for it in items)
-        q_pad = max(n_q, -(-self.min_rows_f32 // self.group))
+        q_pad = n_q  # the fewest query rows whose grouped-head count is a safe matmul row count
+        while self.rows_f32.pad(self.group * q_pad) != self.group * q_pad:
+            q_pad += 1
         n_blocks = max(-(-(it.start + len(it.tokens)) // bs) for it in items)
         table = torch.zeros(len(items), n_blocks, dtype=torch.long, device=dev)
         qpos = torch.full((len(items), q_pad), -1, dtype=torch.long, device=dev)
         gather = torch.full((len(items), q_pad), -1, dtype=torch.long, device=dev)
-        for r, (off, it) in enumerate(zip(_offsets(items), items)):
+        for r, (off, it) in enumerate(zip(offsets, items)):
             used = -(-(it.start + len(it.tokens)) // bs)
             table[r, :used] = torch.tensor(it.blocks[:used], device=dev)
             qpos[r, :len(it.tokens)] = torch.arange(it.start, it.start + len(it.tokens), device=dev)
@@ -219,8 +309,9 @@ class Runner:
         keys = torch.arange(n_blocks * bs, device=dev)
         allowed = keys[None, None, :] <= qpos[:, :n_q, None]  # causal; also hides unused and padded keys
         blocked = ~allowed.view(len(items), 1, n_q, n_blocks * bs)
+        rows = torch.tensor([off + i for off, it in zip(offsets, items) for i in range(len(it.tokens))], device=dev)
         return {"table": table, "gather": gather, "valid": gather[:, :n_q] >= 0, "blocked": blocked,
-                "q_pad": q_pad, "q_max": n_q, "n_blocks": n_blocks}
+                "q_pad": q_pad, "q_max": n_q, "n_blocks": n_blocks, "rows": rows}
 
     def _attention(self, li: int, q: torch.Tensor, meta: dict) -> torch.Tensor:
         """Softmax attention over each sequence's cached keys, summed over values in fixed blocks.
@@ -244,8 +335,8 @@ class Runner:
         p = torch.exp(s - torch.where(torch.isinf(m), 0.0, m)[..., None])
         lsum = p.sum(-1)
         p = p.transpose(2, 3)  # [K, R, nb, GQm, bs]
-        if G * Qm < self.min_rows_f32:
-            p = torch.cat([p, p.new_zeros(K, R, nb, self.min_rows_f32 - G * Qm, bs)], dim=3)
+        if self.rows_f32.pad(G * Qm) > G * Qm:
+            p = torch.cat([p, p.new_zeros(K, R, nb, self.rows_f32.pad(G * Qm) - G * Qm, bs)], dim=3)
         o = (p @ vc)[:, :, :, :G * Qm]  # [K, R, nb, GQm, D]
         top = m.amax(-1, keepdim=True)
         w = torch.exp(m - torch.where(torch.isinf(top), 0.0, top))  # [K, R, GQm, nb]

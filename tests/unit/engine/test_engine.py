@@ -7,7 +7,7 @@ import torch
 
 from budwood.engine import Engine, EngineConfig, SamplingParams
 from budwood.engine.adapters import AdapterError
-from budwood.engine.runner import probe_min_rows
+from budwood.engine.runner import probe_row_floor
 from budwood.models.load import load_base
 
 QUESTIONS = ["Who wrote Emma?", "Tell me a story about a dog and a cat.", "Hi",
@@ -226,12 +226,13 @@ def test_long_prompt_does_not_stall_decoding(engines):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_probe_finds_batch_invariant_row_counts(dtype):
-    p = probe_min_rows(dtype, torch.device("cpu"), [(256, 384)])
+    floor = probe_row_floor(dtype, torch.device("cpu"), [(256, 384)])
     w = torch.randn(384, 256).to(dtype)
     x = torch.randn(50, 256).to(dtype)
     pad = torch.cat([x, torch.zeros(64, 256, dtype=dtype)])
     for m in range(1, 50):
-        rows = pad[:max(m, p)] @ w.T
+        assert floor.pad(m) >= m and (floor.pad(m) == m or m < floor.floor)
+        rows = pad[:floor.pad(m)] @ w.T
         assert torch.equal(rows[:m], (pad[:64] @ w.T)[:m])
 
 
