@@ -219,7 +219,7 @@ class Engine:
         if not plan:
             return []
         items = [StepItem(s.seq.blocks, s.seq.computed, s.seq.tokens[s.seq.computed:s.seq.computed + s.n],
-                          s.seq.adapter, s.logits_from) for s in plan]
+                          s.seq.adapter, s.logits_from, s.seq.uid) for s in plan]
         logits = self.runner.forward(items)
         touched: dict[str, Request] = {}
         at = 0

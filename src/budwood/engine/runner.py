@@ -40,6 +40,7 @@ class StepItem:
     tokens: list[int]
     adapter: LoadedAdapter | None
     logits_from: int  # index into `tokens` of the first position whose logits are returned
+    uid: int = -1  # the sequence's id, stable across steps (lets decoding reuse its gathered keys)
 
 
 @dataclass
@@ -112,6 +113,7 @@ class Runner:
         self.max_model_len = int(getattr(cfg, "max_position_embeddings", 4096))
         self.block_size = block_size
         self.max_lora_rank = max_lora_rank
+        self._decode_kv: dict | None = None
         self._stacks: OrderedDict[tuple, dict] = OrderedDict()
         self.act = first.mlp.act_fn
         self.shapes = {name: tuple(getattr(first.self_attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))
@@ -259,7 +261,8 @@ class Runner:
         offsets = _offsets(items)
         decoding = [i for i, it in enumerate(items) if len(it.tokens) == 1]
         groups = ([decoding] if decoding else []) + [[i] for i, it in enumerate(items) if len(it.tokens) > 1]
-        metas = [self._attention_meta([items[i] for i in g], [offsets[i] for i in g]) for g in groups]
+        metas = [self._attention_meta([items[i] for i in g], [offsets[i] for i in g], decode=g is decoding)
+                 for g in groups]
         lora = self._lora_plan(items, offsets)
         x = self.embed(tokens)
         cos, sin = self.rotary(x, positions[None])
@@ -280,7 +283,7 @@ class Runner:
             self.v_cache[li].view(K, -1, D).index_copy_(1, slots, v.to(self.dtype).transpose(0, 1))
             o = q.new_empty(T, H * D, dtype=torch.float32)
             for meta in metas:
-                o[meta["rows"]] = self._attention(li, q, meta)
+                o[meta["rows"]] = self._attention(li, q, k, v, meta)
             x = x + self._project(li, "o", o.to(x.dtype), lora)
             h = layer.post_attention_layernorm(x)
             gu = self._project(li, "gate_up", h, lora)
@@ -291,18 +294,32 @@ class Runner:
         h = self.norm(x.index_select(0, keep))
         return self._mm(h, self.lm_head.weight, self.rows).float()
 
-    def _attention_meta(self, items: list[StepItem], offsets: list[int]) -> dict:
+    def _attention_meta(self, items: list[StepItem], offsets: list[int], decode: bool = False) -> dict:
         bs, dev = self.block_size, self.device
         n_q = max(len(it.tokens) for it in items)
+        reuse = False
+        if decode:  # the same sequences as last step, one token further: append to the gathered keys
+            uids = tuple(it.uid for it in items)
+            dc = self._decode_kv
+            starts = [it.start for it in items]
+            reuse = (dc is not None and dc["uids"] == uids and dc["starts"] == [s - 1 for s in starts]
+                     and max(starts) < dc["n_blocks"] * bs)
+            if not reuse:
+                n_blocks = max(-(-(it.start + 1) // bs) for it in items) + 2  # room to grow before a regather
+                self._decode_kv = dc = {"uids": uids, "n_blocks": n_blocks, "k": {}, "v": {}}
+            dc["starts"] = starts
+            n_blocks = dc["n_blocks"]
+        else:
+            n_blocks = max(-(-(it.start + len(it.tokens)) // bs) for it in items)
         q_pad = n_q  # the fewest query rows whose grouped-head count is a safe matmul row count
         while self.rows_f32.pad(self.group * q_pad) != self.group * q_pad:
             q_pad += 1
-        n_blocks = max(-(-(it.start + len(it.tokens)) // bs) for it in items)
         table = torch.zeros(len(items), n_blocks, dtype=torch.long, device=dev)
         qpos = torch.full((len(items), q_pad), -1, dtype=torch.long, device=dev)
         gather = torch.full((len(items), q_pad), -1, dtype=torch.long, device=dev)
         for r, (off, it) in enumerate(zip(offsets, items)):
-            used = -(-(it.start + len(it.tokens)) // bs)
+            # decoding gathers its reserved blocks ahead too, so later tokens land where it looks
+            used = min(len(it.blocks), n_blocks) if decode else -(-(it.start + len(it.tokens)) // bs)
             table[r, :used] = torch.tensor(it.blocks[:used], device=dev)
             qpos[r, :len(it.tokens)] = torch.arange(it.start, it.start + len(it.tokens), device=dev)
             gather[r, :len(it.tokens)] = torch.arange(off, off + len(it.tokens), device=dev)
@@ -311,9 +328,30 @@ class Runner:
         blocked = ~allowed.view(len(items), 1, n_q, n_blocks * bs)
         rows = torch.tensor([off + i for off, it in zip(offsets, items) for i in range(len(it.tokens))], device=dev)
         return {"table": table, "gather": gather, "valid": gather[:, :n_q] >= 0, "blocked": blocked,
-                "q_pad": q_pad, "q_max": n_q, "n_blocks": n_blocks, "rows": rows}
+                "q_pad": q_pad, "q_max": n_q, "n_blocks": n_blocks, "rows": rows, "decode": decode,
+                "reuse": reuse, "pos": torch.tensor([it.start for it in items], device=dev)}
 
-    def _attention(self, li: int, q: torch.Tensor, meta: dict) -> torch.Tensor:
+    def _gathered_kv(self, li: int, k: torch.Tensor, v: torch.Tensor, meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys [K, R, nb*bs, D] and values [K, R, nb, bs, D] in fp32 for this group's sequences.
+
+        Decoding keeps last step's gathered copy and appends the new token to it: the same numbers
+        as a fresh gather from the pool (which holds the same tokens), without copying every key again."""
+        K, D, R, nb, bs = self.num_kv, self.head_dim, meta["table"].shape[0], meta["n_blocks"], self.block_size
+        dc = self._decode_kv if meta["decode"] else None
+        if dc is not None and meta["reuse"]:
+            kc, vc = dc["k"][li], dc["v"][li]
+            r = torch.arange(R, device=self.device)
+            kc[:, r, meta["pos"]] = k[meta["rows"]].to(self.dtype).float().transpose(0, 1)
+            vc.view(K, R, nb * bs, D)[:, r, meta["pos"]] = v[meta["rows"]].to(self.dtype).float().transpose(0, 1)
+            return kc, vc
+        blocks = meta["table"].view(-1)  # index_select is many times faster than advanced indexing here
+        kc = self.k_cache[li].index_select(1, blocks).float().view(K, R, nb * bs, D)
+        vc = self.v_cache[li].index_select(1, blocks).float().view(K, R, nb, bs, D)
+        if dc is not None:
+            dc["k"][li], dc["v"][li] = kc, vc
+        return kc, vc
+
+    def _attention(self, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: dict) -> torch.Tensor:
         """Softmax attention over each sequence's cached keys, summed over values in fixed blocks.
 
         Shapes: K kv heads, R sequences, G query heads per kv head, Q query rows per sequence (Qp
@@ -326,9 +364,7 @@ class Runner:
         qf = torch.cat([q.float() * D ** -0.5, q.new_zeros(1, q.shape[1], D, dtype=torch.float32)])
         qp = qf[meta["gather"]]  # [R, Qp, H, D]; -1 picks the zero row
         qp = qp.view(R, Qp, K, G, D).permute(2, 0, 3, 1, 4).reshape(K, R, G * Qp, D)
-        blocks = meta["table"].view(-1)  # index_select is many times faster than advanced indexing here
-        kc = self.k_cache[li].index_select(1, blocks).float().view(K, R, nb * bs, D)
-        vc = self.v_cache[li].index_select(1, blocks).float().view(K, R, nb, bs, D)
+        kc, vc = self._gathered_kv(li, k, v, meta)
         s = (qp @ kc.transpose(-1, -2)).view(K, R, G, Qp, nb * bs)[:, :, :, :Qm]
         s = s.masked_fill(meta["blocked"], float("-inf")).view(K, R, G * Qm, nb, bs)
         m = s.amax(-1)  # per block: [K, R, GQm, nb]

@@ -8,6 +8,7 @@ prompt blocks already in the prefix cache are reused.
 """
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -47,6 +48,7 @@ class Sequence:
     sent_chars: int = 0
     sent_tokens: int = 0
     finish_sent: bool = False
+    uid: int = -1
 
     @property
     def output_ids(self) -> list[int]:
@@ -76,11 +78,13 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.cached_tokens = 0  # prompt tokens taken from the prefix cache instead of computed
+        self._uids = itertools.count()
 
     def blocks_needed(self, seq: Sequence) -> int:
         return -(-(seq.prompt_len + seq.max_new) // self.pool.block_size)
 
     def add(self, seq: Sequence) -> None:
+        seq.uid = next(self._uids)
         key = seq.adapter.key if seq.adapter is not None else ""
         seq.hashes = block_hashes(seq.tokens[:seq.prompt_len], self.pool.block_size, key)
         self.waiting.append(seq)
