@@ -162,39 +162,51 @@ class Runner:
             return (x @ w.T)[:n]
         return x @ w.T
 
-    def _project(self, li: int, group: str, x: torch.Tensor, lora: LoraPlan | None) -> torch.Tensor:
+    def _project(self, li: int, group: str, x: torch.Tensor, lora: list[LoraPlan]) -> torch.Tensor:
         w, b, _ = self.fused[li][group]
         y = self._mm(x, w, self.rows)
         if b is not None:
             y = y + b
-        pair = lora.weights.get((li, group)) if lora is not None else None
-        if pair is not None:  # every adapter's rows in two batched matmuls, fp32 as peft computes LoRA
+        if lora:
+            x0 = torch.cat([x, x.new_zeros(1, x.shape[1])])
+        for plan in lora:  # adapters with similar row counts in two batched matmuls, fp32 as peft computes
+            pair = plan.weights.get((li, group))
+            if pair is None:
+                continue
             a, bmat = pair
-            n, p = lora.shape
-            xs = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, lora.gather).view(n, p, -1).float()
-            delta = ((xs @ a.transpose(1, 2)) @ bmat.transpose(1, 2)).view(n * p, -1).index_select(0, lora.valid)
-            y.index_copy_(0, lora.rows, (y.index_select(0, lora.rows).float() + delta).to(y.dtype))
+            n, p = plan.shape
+            xs = x0.index_select(0, plan.gather).view(n, p, -1).float()
+            delta = ((xs @ a.transpose(1, 2)) @ bmat.transpose(1, 2)).view(n * p, -1).index_select(0, plan.valid)
+            y.index_copy_(0, plan.rows, (y.index_select(0, plan.rows).float() + delta).to(y.dtype))
         return y
 
-    def _lora_plan(self, items: list[StepItem], offsets: list[int]) -> LoraPlan | None:
-        """Which rows use which adapter this step, as gather indices into [adapters, rows, features]."""
+    def _lora_plan(self, items: list[StepItem], offsets: list[int]) -> list[LoraPlan]:
+        """Which rows use which adapter this step, as gather indices into [adapters, rows, features];
+        adapters are grouped by row count so one long prompt chunk does not pad every adapter's rows."""
         by_adapter: dict[str, tuple[LoadedAdapter, list[int]]] = {}
         for off, it in zip(offsets, items):
             if it.adapter is not None:
                 by_adapter.setdefault(it.adapter.key, (it.adapter, []))[1].extend(range(off, off + len(it.tokens)))
-        if not by_adapter:
-            return None
-        adapters = [by_adapter[k] for k in sorted(by_adapter)]
+        groups: list[list[tuple[LoadedAdapter, list[int]]]] = []
+        for entry in sorted(by_adapter.values(), key=lambda e: (-len(e[1]), e[0].key)):
+            if groups and 2 * len(entry[1]) >= len(groups[-1][0][1]):
+                groups[-1].append(entry)
+            else:
+                groups.append([entry])
         total = offsets[-1] + len(items[-1].tokens)
-        p = self.rows_f32.pad(max(len(r) for _, r in adapters))
-        gather = torch.full((len(adapters), p), total, dtype=torch.long)
-        valid = []
-        for i, (_, rows) in enumerate(adapters):
-            gather[i, :len(rows)] = torch.tensor(rows)
-            valid.extend(range(i * p, i * p + len(rows)))
-        rows = torch.tensor([r for _, rs in adapters for r in rs], device=self.device)
-        return LoraPlan(self._stacked([a for a, _ in adapters]), (len(adapters), p), gather.view(-1).to(self.device),
-                        torch.tensor(valid, device=self.device), rows)
+        plans = []
+        for adapters in groups:
+            adapters.sort(key=lambda e: e[0].key)
+            p = self.rows_f32.pad(max(len(r) for _, r in adapters))
+            gather = torch.full((len(adapters), p), total, dtype=torch.long)
+            valid = []
+            for i, (_, rows) in enumerate(adapters):
+                gather[i, :len(rows)] = torch.tensor(rows)
+                valid.extend(range(i * p, i * p + len(rows)))
+            rows = torch.tensor([r for _, rs in adapters for r in rs], device=self.device)
+            plans.append(LoraPlan(self._stacked([a for a, _ in adapters]), (len(adapters), p),
+                                  gather.view(-1).to(self.device), torch.tensor(valid, device=self.device), rows))
+        return plans
 
     def _stacked(self, adapters: list[LoadedAdapter]) -> dict:
         """{(layer, group): (A [n, S, in], B [n, out, S])} for these adapters, kept for recent combinations.
@@ -212,7 +224,7 @@ class Runner:
                 parts = [pk[k] if pk[k] is not None else self._zero_pack(k) for pk in packed]
                 hit[k] = (torch.stack([a for a, _ in parts]), torch.stack([b for _, b in parts]))
             self._stacks[key] = hit
-            while len(self._stacks) > 8:
+            while len(self._stacks) > 16:
                 self._stacks.pop(next(iter(self._stacks)))
         return hit
 
