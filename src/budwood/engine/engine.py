@@ -140,6 +140,12 @@ class Engine:
     def register_adapter(self, name: str, path: str | Path) -> LoadedAdapter:
         """Serve the adapter at `path` as `name` (checked by loading it now)."""
         path = Path(path).expanduser().resolve()
+        try:
+            existing = self.adapters.resolve(name)
+        except AdapterError:
+            existing = None
+        if existing is not None and existing != path and name not in self.static.paths:
+            raise AdapterError(f"adapter name {name!r} is already served from {existing.name}; choose another name")
         if not (path / "adapter_config.json").exists():
             raise AdapterError(f"{path}: not an adapter directory (no adapter_config.json)")
         adapter = self._load_adapter(name, path)
@@ -149,8 +155,9 @@ class Engine:
         return adapter
 
     def unregister_adapter(self, name: str) -> None:
-        if name not in self.static.paths and name not in self.adapters.loaded:
-            raise AdapterError(f"adapter {name!r} is not loaded")
+        if name not in self.static.paths:
+            raise AdapterError(f"adapter {name!r} was not loaded with load_lora_adapter (folder adapters are "
+                               "removed by removing their folder)")
         self.static.paths.pop(name, None)
         self.adapters.forget(name)
 
@@ -163,8 +170,8 @@ class Engine:
                                                   add_generation_prompt=add_generation_prompt)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, adapter: LoadedAdapter | None = None,
@@ -179,13 +186,14 @@ class Engine:
             if bad:
                 raise ParamError(field_, f"{field_}: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
         limit = self.runner.max_model_len
-        max_new = limit - len(prompt_ids) if params.max_tokens is None else params.max_tokens
+        capacity = (self.scheduler.pool.num_blocks - 1) * self.scheduler.pool.block_size
+        # no max_tokens: up to the context length or what the KV cache holds, whichever is less
+        max_new = min(limit, capacity) - len(prompt_ids) if params.max_tokens is None else params.max_tokens
         if len(prompt_ids) + max_new > limit or max_new < 0:
             raise RequestTooLong("messages" if params.max_tokens is None else "max_tokens",
                                  f"This model's maximum context length is {limit} tokens. However, you requested "
                                  f"{len(prompt_ids) + max(max_new, 0)} tokens ({len(prompt_ids)} in the prompt, "
                                  f"{max(max_new, 0)} for the completion). Please reduce the length.")
-        capacity = (self.scheduler.pool.num_blocks - 1) * self.scheduler.pool.block_size
         if len(prompt_ids) + max_new > capacity:
             raise RequestTooLong("max_tokens", f"prompt + max_tokens = {len(prompt_ids) + max_new} tokens exceed "
                                                f"the KV cache ({capacity} tokens)")
@@ -197,7 +205,8 @@ class Engine:
                            make_generator(seed, self.device), logprobs_from=logprobs_from,
                            after=after if i == 0 else first,
                            matcher=params.grammar.matcher() if params.grammar is not None else None)
-            seq.prefix_offset = seq.read_offset = len(prompt_ids)
+            # decode the first tokens with a little prompt before them, or SentencePiece drops their space
+            seq.prefix_offset, seq.read_offset = max(len(prompt_ids) - 5, 0), len(prompt_ids)
             first = first or seq
             request.seqs.append(seq)
             self.scheduler.add(seq)
@@ -261,7 +270,8 @@ class Engine:
         seq.tokens.append(token)
         if seq.matcher is not None and token not in stop_ids:
             seq.matcher.accept(token)
-        if token in stop_ids and not (params.ignore_eos and token in self.stop_ids):
+        grammar_done = seq.matcher is not None and seq.matcher.is_done()
+        if token in stop_ids and (grammar_done or not (params.ignore_eos and token in self.stop_ids)):
             self.scheduler.finish(seq, "stop")
             seq.token_ends.append(len(seq.text))
             return

@@ -301,8 +301,10 @@ class Runner:
             gu = self._project(li, "gate_up", h, lora)
             inter = gu.shape[1] // 2
             x = x + self._project(li, "down", self.act(gu[:, :inter]) * gu[:, inter:], lora)
-        keep = torch.tensor([i for off, it in zip(_offsets(items), items)
-                             for i in range(off + it.logits_from, off + len(it.tokens))], device=dev)
+        keep = torch.tensor([i for off, it in zip(offsets, items)
+                             for i in range(off + it.logits_from, off + len(it.tokens))], dtype=torch.long, device=dev)
+        if not len(keep):  # only prompt chunks that end mid-prompt: no logits wanted
+            return torch.empty(0, self.vocab_size, device=dev)
         h = self.norm(x.index_select(0, keep))
         return self._mm(h, self.lm_head.weight, self.rows).float()
 

@@ -59,8 +59,7 @@ class SamplingParams:
              f"must be between 0 and {MAX_TOP_LOGPROBS}"),
             ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS,
              f"must be between 0 and {MAX_TOP_LOGPROBS}"),
-            ("stop", len(self.stop) <= 4 and all(isinstance(s, str) and s for s in self.stop),
-             "up to 4 non-empty strings"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
             ("logit_bias", all(-100 <= v <= 100 for v in self.logit_bias.values()),
              "values must be between -100 and 100"),
         ]
@@ -120,7 +119,8 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, output_ids: list[in
     if output_ids and (params.presence_penalty or params.frequency_penalty):  # OpenAI: over output tokens
         counts = torch.bincount(torch.tensor(output_ids, device=logits.device), minlength=logits.shape[0]).float()
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
-    if params.ignore_eos and stop_ids:
+    if params.ignore_eos and stop_ids and (allowed is None or not bool(allowed[stop_ids].all())):
+        # (once a grammar allows only the end, ending is the only valid move)
         logits[torch.tensor(stop_ids, device=logits.device)] = float("-inf")
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))

@@ -372,10 +372,10 @@ def create_app(config: EngineConfig | None = None, api_key: str | None = None, e
         t0 = time.perf_counter()
         adapter = await resolve(body.model)
         p = body.prompt
-        if isinstance(p, str):
-            prompts = [eng().encode(p)]
+        if isinstance(p, str):  # text prompts get the tokenizer's BOS, as HF and vLLM give them
+            prompts = [eng().encode(p, add_special_tokens=True)]
         elif p and all(isinstance(x, str) for x in p):
-            prompts = [eng().encode(x) for x in p]
+            prompts = [eng().encode(x, add_special_tokens=True) for x in p]
         elif p and all(isinstance(x, int) for x in p):
             prompts = [list(p)]
         elif p and all(isinstance(x, list) for x in p):
@@ -435,10 +435,12 @@ def create_app(config: EngineConfig | None = None, api_key: str | None = None, e
                 final = merge_outputs(final, o)
             return final
         try:
-            finals = await asyncio.gather(*(one(ids) for ids in prompts))
-        except APIError:
+            async with asyncio.TaskGroup() as group:  # one prompt failing cancels (aborts) the others
+                tasks = [group.create_task(one(ids)) for ids in prompts]
+            finals = [t.result() for t in tasks]
+        except* APIError as errors:
             metrics.request(body.model, "completions", "error", time.perf_counter() - t0)
-            raise
+            raise errors.exceptions[0] from None
         choices = []
         for pi, (ids, final) in enumerate(zip(prompts, finals)):
             prompt_text = eng().tokenizer.decode(ids) if body.echo else ""

@@ -266,3 +266,35 @@ def test_vllm_command_serves_the_same_folders(tiny_adapters):
     assert cmd[i + 1:i + 4] == [f"{n}={tiny_adapters / n}" for n in ("alpha", "beta", "gamma")]
     assert cmd[cmd.index("--max-lora-rank") + 1] == "16" and cmd[cmd.index("--served-model-name") + 1] == "budwood-tiny"
     assert cmd[cmd.index("--api-key") + 1] == "k" and "--enable-lora" in cmd
+
+
+def test_a_prompt_longer_than_a_step_alone_and_as_a_context(engines):
+    """Steps that only carry prompt chunks ending mid-prompt want no logits at all."""
+    engine = engines["fp32"]
+    long = engine.encode("the river ran on and on " * 120)
+    assert len(long) > engine.scheduler.max_batch_tokens
+    out = engine.generate([long], SamplingParams(max_tokens=2, temperature=0))[0]
+    assert len(out.choices[0].token_ids) >= 1
+    assert engine.score_continuations([(long, engine.encode(" and"))])[0].logprob < 0
+
+
+def test_review_edge_cases(engines, tiny_adapters):
+    from budwood.engine.grammar import GrammarCompiler
+
+    engine = engines["fp32"]
+    p = prompts(engine)[0]
+    grammar = GrammarCompiler(engine.tokenizer, engine.runner.vocab_size, engine.stop_ids).compile(
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {
+            "a": {"type": "integer"}}, "required": ["a"], "additionalProperties": False}}})
+    done = engine.generate([p], SamplingParams(max_tokens=60, temperature=1.0, seed=2, ignore_eos=True,
+                                               grammar=grammar))[0].choices[0]
+    assert json.loads(done.text)["a"] is not None and done.finish_reason == "stop"  # the grammar ends it
+    many = engine.generate([p], SamplingParams(max_tokens=8, temperature=0, stop=list("abcdef")))[0]
+    assert many.finished
+    small = Engine(EngineConfig(precision="fp32", kv_cache_tokens=512))
+    req = small.add_request(p, SamplingParams(max_tokens=None))  # no max_tokens: bounded by the cache
+    assert req.seqs[0].max_new == 512 - len(p)
+    with pytest.raises(AdapterError, match="already served"):
+        engine.register_adapter("alpha", tiny_adapters / "beta")
+    with pytest.raises(AdapterError, match="not loaded with load_lora_adapter"):
+        engine.unregister_adapter("alpha")
