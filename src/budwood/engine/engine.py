@@ -86,7 +86,6 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     seqs: list[Sequence] = field(default_factory=list)
-    arrival: float = field(default_factory=time.monotonic)
 
 
 @dataclass
