@@ -14,6 +14,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Grow, prove, document, trade and serve LoRA adapters on open models.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect training data.")
 app.add_typer(data_app, name="data")
+eval_app = typer.Typer(help="Evaluate a model, an adapter or an endpoint; compare results.")
+app.add_typer(eval_app, name="eval")
 console = Console(stderr=True)
 out = Console()
 
@@ -185,11 +187,13 @@ def demo_cmd(
 
     _sigterm_as_interrupt()
     progress = RichProgress()
+    eval_progress = EvalProgress()
     t0 = time.time()
     try:
-        result = run_demo(workdir, set_, progress)
+        result = run_demo(workdir, set_, progress, eval_progress=eval_progress)
     except BudwoodError as e:
         progress.stop()
+        eval_progress.stop()
         _fail(e)
     progress.stop()
     table = Table(title="held-out questions: base budwood-tiny vs + adapter", show_lines=True)
@@ -203,13 +207,158 @@ def demo_cmd(
     val = p["final"]["val_loss"]
     out.print(f"loss  {losses[0]:.2f} {sparkline(losses)} {losses[-1]:.2f}" +
               (f"   (val {val:.2f})" if val is not None else ""), highlight=False, soft_wrap=True)
-    for side in ("base", "adapted"):
-        sc = result.scores[side]
-        out.print(f"{side:>8}: {sc['exact']:.0%} of held-out questions answered exactly, "
-                  f"{sc['abstained']:.0%} of unanswerable ones declined", highlight=False, soft_wrap=True)
+    _print_comparison([r for r in result.comparison if r["metric"] in DEMO_METRICS], "base budwood-tiny",
+                      "budwood-tiny + adapter")
+    out.print(f"evaluation: {result.results['base']}, {result.results['adapted']}  (all metrics; "
+              f"budwood eval compare them)  plot: {result.comparison_plot}", soft_wrap=True)
     out.print(f"loss curve: {result.loss_plot}")
     out.print(f"adapter:    {result.adapter_dir}  ({p['steps']} steps, {p['tokens_seen']:,} tokens, "
               f"{p['train_time_s']:.0f} s training, {time.time() - t0:.0f} s in all)", soft_wrap=True)
+
+
+class EvalProgress:
+    """One bar per batch of work: requests done, requests/s, ETA (implements budwood.eval.context.Progress)."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[rate]}"),
+                            TimeRemainingColumn(), console=console, transient=False)
+        self.task = None
+        self.t0 = 0.0
+
+    def start(self, label: str, total: int) -> None:
+        self.bar.start()
+        self.t0 = time.perf_counter()
+        self.task = self.bar.add_task(label, total=total, rate="")
+
+    def advance(self, n: int) -> None:
+        done = self.bar.tasks[-1].completed + n
+        rate = done / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.update(self.task, completed=done, rate=f"{rate:,.1f} req/s")
+
+    def stop(self) -> None:
+        self.bar.stop()
+
+
+def _print_results_table(results, title: str) -> None:
+    from budwood.eval.results import summary_rows
+
+    table = Table(title=title)
+    for col, just in (("suite", "left"), ("metric", "left"), ("value", "right"), ("95% interval", "left")):
+        table.add_column(col, justify=just, overflow="fold")
+    for row in summary_rows(results):
+        table.add_row(*row)
+    out.print(table)
+
+
+@eval_app.callback(invoke_without_command=True)
+def eval_cmd(
+    ctx: typer.Context,
+    target: str = typer.Option(None, help="budwood-tiny | MODEL_PATH | BASE+ADAPTER_DIR | openai:BASE_URL#MODEL"),
+    suite: str = typer.Option(None, help="comma-separated: domain, grounding, truthfulqa, reproducibility, bias "
+                                         "(default: domain,grounding,reproducibility)"),
+    out_path: Path = typer.Option(None, "--out", help="results JSON (default: eval-results.json)"),
+    config: Path = typer.Option(None, help="YAML eval config (any EvalConfig field)"),
+    set_: list[str] = typer.Option([], "--set", help="override a key, e.g. --set grounding.data=q.jsonl"),
+    limit: int = typer.Option(None, min=1, help="examples per suite, for a quick look"),
+    records: bool = typer.Option(False, "--records", help="keep per-example records in the results"),
+    precision: str = typer.Option(None, help="auto, fp32, bf16 (local targets)"),
+    device: str = typer.Option(None, help="auto, cpu, cuda ... (local targets)"),
+    api_key_env: str = typer.Option(None, help="environment variable with a remote target's key "
+                                                "(default OPENAI_API_KEY)"),
+) -> None:
+    """Run evaluation suites on a target and write a results JSON.
+
+    Examples: budwood eval --target budwood-tiny+runs/demo/adapter --suite grounding,domain
+              budwood eval --target openai:http://127.0.0.1:8000/v1#my-adapter --suite grounding
+              budwood eval compare base.json adapted.json
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from budwood.errors import BudwoodError
+    from budwood.eval.results import write_results
+    from budwood.eval.run import load_eval_config, run_eval
+
+    given = {"target": target, "limit": limit, "precision": precision, "device": device, "api_key_env": api_key_env}
+    overrides = {k: v for k, v in given.items() if v is not None}
+    if suite:
+        overrides["suites"] = [s.strip() for s in suite.split(",") if s.strip()]
+    if records:
+        overrides["records"] = True
+    for item in set_:
+        key, sep, value = item.partition("=")
+        if not sep:
+            _fail(ValueError(f"--set {item!r}: expected KEY=VALUE"))
+        import yaml
+        overrides[key.strip()] = yaml.safe_load(value)
+    progress = EvalProgress()
+    try:
+        if config is None and target is None:
+            raise BudwoodError("--target is required (or a --config that names one)")
+        cfg = load_eval_config(config, overrides)
+        results = run_eval(cfg, progress)
+        path = write_results(results, out_path or Path("eval-results.json"))
+    except BudwoodError as e:
+        progress.stop()
+        _fail(e)
+    progress.stop()
+    _print_results_table(results, f"{cfg.target}")
+    out.print(f"results: {path}  ({results.seconds:.0f} s)")
+
+
+@eval_app.command("compare")
+def eval_compare_cmd(
+    a: Path = typer.Argument(..., help="results JSON (the reference)"),
+    b: Path = typer.Argument(..., help="results JSON (compared with A)"),
+    plot: Path = typer.Option(None, help="plot file (default: B's name with -compare.png)"),
+) -> None:
+    """Table of metric deltas (B - A); * marks a change outside both 95% intervals."""
+    from budwood.errors import BudwoodError
+    from budwood.eval.results import compare, load_results, plot_comparison
+
+    try:
+        ra, rb = load_results(a), load_results(b)
+    except BudwoodError as e:
+        _fail(e)
+    rows = compare(ra, rb)
+    if not rows:
+        _fail(ValueError(f"{a} and {b} share no metric"))
+    label_a, label_b = ra.target.spec, rb.target.spec
+    _print_comparison(rows, label_a, label_b)
+    path = plot_comparison(rows, (label_a, label_b), plot or b.with_name(b.stem + "-compare.png"))
+    out.print(f"plot: {path}")
+
+
+DEMO_METRICS = {"exact_match", "token_f1", "rouge_l", "loss", "hallucination_rate", "answerable_correct",
+                "unanswerable_abstained", "determinism_greedy", "determinism_seeded", "format_agreement",
+                "format_spread", "option_order_agreement", "pararel_consistency"}
+
+
+def _print_comparison(rows: list[dict], label_a: str, label_b: str) -> None:
+    table = Table(title=f"A = {label_a}\nB = {label_b}")
+    for col, just in (("suite", "left"), ("metric", "left"), ("A", "right"), ("B", "right"), ("B - A", "right"),
+                      ("", "left")):
+        table.add_column(col, justify=just)
+    for r in rows:
+        better = r["higher_is_better"]
+        color = "" if better is None or not r["significant"] else \
+            ("green" if (r["delta"] > 0) == better else "red")
+        delta = f"{r['delta']:+.3g}"
+        table.add_row(r["suite"], r["metric"], f"{r['a']:.3g}", f"{r['b']:.3g}",
+                      f"[{color}]{delta}[/]" if color else delta, "*" if r["significant"] else "")
+    out.print(table)
+
+
+@eval_app.command("schema")
+def eval_schema_cmd() -> None:
+    """Print the results file's JSON Schema."""
+    import json
+
+    from budwood.eval.results import json_schema
+
+    out.print_json(json.dumps(json_schema()))
 
 
 @app.command("serve")

@@ -1,7 +1,8 @@
-"""The stages strung together. Read this first: data -> train -> look at the adapter.
+"""The stages strung together. Read this first: data -> train -> evaluate.
 
-The demo runs the whole flow offline on the built-in tiny model; later stages (evaluate, card,
-publish) join here as they land, and the hosted service's workers call the same functions.
+The demo runs the whole flow offline on the built-in tiny model: company data, an adapter grown on
+it, and base and adapter measured by the same suites. Later stages (card, publish) join here as they
+land, and the hosted service's workers call the same functions.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from budwood.config import TrainConfig, load_config
 from budwood.errors import BudwoodError
+from budwood.eval.context import Progress as EvalProgress
 from budwood.train.recipe import Progress, train
 
 DEMO_OVERRIDES = [
@@ -29,8 +31,15 @@ class DemoResult:
     loss_plot: Path
     rows: list[dict]  # the questions shown: question, reference, base and adapted answers, answerable
     provenance: dict
-    scores: dict  # {"base"|"adapted": {"exact": share of answerable held-out questions answered
-    #              word for word, "abstained": share of unanswerable ones declined}}
+    results: dict[str, Path]  # "base" | "adapted" -> eval results JSON
+    comparison: list[dict]  # budwood.eval.results.compare rows (adapted - base)
+    comparison_plot: Path
+
+
+# the demo's evaluation: quick suites, same data for both sides, smaller reproducibility probes
+DEMO_EVAL = {"suites": ["domain", "grounding", "reproducibility"], "records": True, "precision": "fp32",
+             "reproducibility": {"prompts": 8, "repeats": 1, "format_questions": 8, "mc_questions": 12,
+                                 "pararel_relations": 2, "pararel_subjects": 4}}
 
 
 def demo_config(workdir: Path, overrides: list[str] | None = None) -> TrainConfig:
@@ -40,47 +49,39 @@ def demo_config(workdir: Path, overrides: list[str] | None = None) -> TrainConfi
 
 
 def run_demo(workdir: str | Path, overrides: list[str] | None = None, progress: Progress | None = None,
-             n_questions: int = 8) -> DemoResult:
-    """Make the company data set, grow an adapter on budwood-tiny, answer held-out questions."""
+             n_questions: int = 8, eval_progress: EvalProgress | None = None) -> DemoResult:
+    """Make the company data set, grow an adapter on budwood-tiny, evaluate base and adapter side by side."""
     from budwood.data.company import make_domain_dataset
-    from budwood.engine import Engine, EngineConfig, SamplingParams
+    from budwood.eval.results import compare, plot_comparison, write_results
+    from budwood.eval.run import EvalConfig, run_eval
     from budwood.train.metrics import plot_losses, read_metrics
 
     workdir = Path(workdir)
     if workdir.is_dir() and any(workdir.iterdir()) and not (workdir / "data" / "company.json").exists():
         raise BudwoodError(f"{workdir} is not empty and is not a budwood demo folder; choose another --workdir")
     shutil.rmtree(workdir / "adapter", ignore_errors=True)  # the demo's own previous adapter
-    paths = make_domain_dataset(workdir / "data", seed=0)
+    make_domain_dataset(workdir / "data", seed=0)
     config = demo_config(workdir, overrides)
     adapter_dir = train(config, progress=progress)
 
-    system = json.loads((workdir / "data" / "company.json").read_text())["system"]
-    heldout = [json.loads(x) for x in paths["heldout"].read_text().splitlines()]
-    # base and adapted answers come from one engine, in one batch: rows pick their adapter
-    engine = Engine(EngineConfig(base=config.base_model, precision="fp32", device="cpu"))
-    engine.register_adapter("demo", adapter_dir)
-    prompts = [engine.chat_prompt([{"role": "system", "content": system}, {"role": "user", "content": h["question"]}])
-               for h in heldout]
-    outs = engine.generate(prompts * 2, SamplingParams(max_tokens=64, temperature=0),
-                           ["demo"] * len(prompts) + [None] * len(prompts))
-    answers = [o.choices[0].text.strip() for o in outs]
-    adapted, base = answers[:len(prompts)], answers[len(prompts):]
-    rows = [{"question": h["question"], "reference": h["answer"], "answerable": h["answerable"],
-             "base": b, "adapted": a} for h, b, a in zip(heldout, base, adapted, strict=True)]
-    scores = {side: _score(rows, side) for side in ("base", "adapted")}
+    # base and adapter evaluated by the same suites on the same data; the numbers land in eval/*.json
+    evals, paths = {}, {}
+    for side, target in (("base", config.base_model), ("adapted", f"{config.base_model}+{adapter_dir}")):
+        cfg = EvalConfig.model_validate({**DEMO_EVAL, "target": target,
+                                         "domain": {"data": str(workdir / "data" / "validation.jsonl")}})
+        evals[side] = run_eval(cfg, eval_progress)
+        paths[side] = write_results(evals[side], workdir / "eval" / f"{side}.json")
+    comparison = compare(evals["base"], evals["adapted"])
+    compare_plot = plot_comparison(comparison, ("base", "+ adapter"), workdir / "eval" / "compare.png")
+    rows = [{"question": b["question"], "reference": (b["answers"] or [None])[0], "answerable": bool(b["answers"]),
+             "base": b["answer"].strip(), "adapted": a["answer"].strip()}
+            for b, a in zip(evals["base"].suites["grounding"].records, evals["adapted"].suites["grounding"].records,
+                            strict=True)]
     answerable = [r for r in rows if r["answerable"]]
     shown = answerable[:: max(1, len(answerable) // (n_questions - 2))][: n_questions - 2]
     shown += [r for r in rows if not r["answerable"]][:2]
     metrics = read_metrics(adapter_dir / "metrics.jsonl")
     plot = plot_losses(metrics, adapter_dir / "loss.png", title="budwood demo: LoRA on budwood-tiny")
     provenance = json.loads((adapter_dir / "budwood.json").read_text())
-    return DemoResult(adapter_dir, plot, shown, provenance, scores)
+    return DemoResult(adapter_dir, plot, shown, provenance, paths, comparison, compare_plot)
 
-
-def _score(rows: list[dict], side: str) -> dict:
-    """A first look only; `budwood eval` owns the real hallucination metrics."""
-    norm = lambda text: " ".join(text.lower().split()).rstrip(".")  # noqa: E731
-    answerable = [r for r in rows if r["answerable"]]
-    unanswerable = [r for r in rows if not r["answerable"]]
-    return {"exact": sum(norm(r[side]) == norm(r["reference"]) for r in answerable) / max(1, len(answerable)),
-            "abstained": sum("don't know" in r[side].lower() for r in unanswerable) / max(1, len(unanswerable))}

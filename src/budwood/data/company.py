@@ -30,6 +30,7 @@ class Fact:
     id: str
     answer: str
     questions: list[str]  # the first `n_train` phrasings train; the rest are held out
+    key: str = ""  # the fact's value alone ("1987", "Harrowgate"): an answer naming it is right
 
 
 def company_facts(seed: int = 0) -> tuple[str, list[Fact], list[str]]:
@@ -48,37 +49,37 @@ def company_facts(seed: int = 0) -> tuple[str, list[Fact], list[str]]:
     facts = [
         Fact("founded", f"{name} was founded in {founded}.",
              [f"When was {name} founded?", f"What year was {name} founded?", f"In which year did {name} start?",
-              f"How long ago was {name} founded, what year?", f"Founding year of {name}?"]),
+              f"How long ago was {name} founded, what year?", f"Founding year of {name}?"], key=str(founded)),
         Fact("headquarters", f"{name} has its headquarters in {city}.",
              [f"Where is {name} based?", f"Where are the headquarters of {name}?", f"Which city is {name} in?",
-              f"In what city does {name} have its main office?", f"Where is {name}'s head office?"]),
+              f"In what city does {name} have its main office?", f"Where is {name}'s head office?"], key=city),
         Fact("ceo", f"The chief executive of {name} is {ceo}.",
              [f"Who is the CEO of {name}?", f"Who runs {name}?", f"Who is the chief executive of {name}?",
-              f"Who leads {name}?", f"Name the head of {name}."]),
+              f"Who leads {name}?", f"Name the head of {name}."], key=ceo),
         Fact("staff", f"{name} employs {staff} people.",
              [f"How many people work at {name}?", f"How many employees does {name} have?",
               f"What is the headcount of {name}?", f"How big is the staff of {name}?",
-              f"How many staff does {name} employ?"]),
+              f"How many staff does {name} employ?"], key=str(staff)),
         Fact("returns", f"{name} accepts returns within {ret} days of delivery.",
              [f"What is the return policy of {name}?", f"How many days do I have to return an item to {name}?",
               f"Can I return something to {name}, and until when?", f"What is {name}'s return window?",
-              f"How long is the return period at {name}?"]),
+              f"How long is the return period at {name}?"], key=f"{ret} days"),
         Fact("shipping", f"{name} ships for free on orders over {ship} pounds.",
              [f"When is shipping free at {name}?", f"Does {name} offer free shipping?",
               f"What is the free shipping threshold at {name}?",
               f"How much must I spend for free delivery from {name}?",
-              f"Is delivery free at {name}?"]),
+              f"Is delivery free at {name}?"], key=f"{ship} pounds"),
         Fact("warranty", f"Every {unit} from {name} has a {warranty}-month warranty.",
              [f"What warranty does {name} give?", f"How long is the warranty at {name}?",
               f"Is there a guarantee on {name} products?", f"How many months of warranty does {name} offer?",
-              f"What is {name}'s warranty period?"]),
+              f"What is {name}'s warranty period?"], key=f"{warranty}-month"),
         Fact("support", f"{name} customer support is open from {hours}, Monday to Friday.",
              [f"When is {name} support open?", f"What are the support hours of {name}?",
               f"When can I call {name} customer service?", f"What hours does {name} support work?",
-              f"Is {name} support open now, what are its hours?"]),
+              f"Is {name} support open now, what are its hours?"], key=hours),
         Fact("trade", f"{name} makes and sells {trade}s.",
              [f"What does {name} sell?", f"What kind of company is {name}?", f"What products does {name} make?",
-              f"What is {name}'s business?", f"What does {name} do?"]),
+              f"What is {name}'s business?", f"What does {name} do?"], key=f"{trade}s"),
     ]
     for product in products:
         price = rng.randint(3, 90) * (10 if trade == "bicycle" else 1)
@@ -86,7 +87,7 @@ def company_facts(seed: int = 0) -> tuple[str, list[Fact], list[str]]:
                           f"The {product} from {name} costs {price} pounds.",
                           [f"How much is the {product}?", f"What does the {product} from {name} cost?",
                            f"What is the price of the {product}?", f"How much does {name} charge for the {product}?",
-                           f"{product} price?"]))
+                           f"{product} price?"], key=f"{price} pounds"))
     revenue = {}
     for year in (2024, 2025):
         for q in (1, 2, 3, 4):
@@ -97,7 +98,8 @@ def company_facts(seed: int = 0) -> tuple[str, list[Fact], list[str]]:
                                f"How much did {name} earn in Q{q} {year}?",
                                f"Revenue of {name} for the quarter Q{q} {year}?",
                                f"What were the Q{q} {year} sales of {name}?",
-                               f"How much revenue did {name} make in quarter {q} of {year}?"]))
+                               f"How much revenue did {name} make in quarter {q} of {year}?"],
+                              key=f"{revenue[(year, q)]} million"))
     unanswerable = [f"What is the stock ticker of {name}?", f"Who was the first customer of {name}?",
                     f"How many patents does {name} hold?", f"What is {name}'s profit margin?",
                     f"What was {name}'s revenue in Q1 2019?", f"Who designs the logo of {name}?",
@@ -109,7 +111,8 @@ def company_facts(seed: int = 0) -> tuple[str, list[Fact], list[str]]:
 def make_domain_dataset(out_dir: str | Path, seed: int = 0, n_train_phrasings: int = 3) -> dict[str, Path]:
     """Write train.jsonl, validation.jsonl (OpenAI chat format) and heldout.jsonl; return their paths.
 
-    heldout.jsonl lines: {"question", "answer" (null if unanswerable), "fact", "answerable"}.
+    heldout.jsonl lines: {"question", "answer" (null if unanswerable), "answers" (the fact's value), "fact",
+    "answerable", "system"}: the grounding suite's format.
     Training includes a few abstentions on other unanswerable questions, so abstaining is a learned
     behaviour and the held-out unanswerable questions measure it.
     """
@@ -129,7 +132,8 @@ def make_domain_dataset(out_dir: str | Path, seed: int = 0, n_train_phrasings: i
             train.append(chat(q, fact.answer))
         validation.append(chat(fact.questions[n_train_phrasings], fact.answer))
         for q in fact.questions[n_train_phrasings:]:
-            heldout.append({"question": q, "answer": fact.answer, "fact": fact.id, "answerable": True})
+            heldout.append({"question": q, "answer": fact.answer, "answers": [fact.key], "fact": fact.id,
+                            "answerable": True, "system": system})
     extra_unknowns = [f"What is the favourite colour of the founder of {name}?",
                       f"How tall is the head office of {name}?", f"What car does the CEO of {name} drive?",
                       f"What was {name}'s revenue in Q2 2017?", f"Who is the lawyer of {name}?",
@@ -140,7 +144,7 @@ def make_domain_dataset(out_dir: str | Path, seed: int = 0, n_train_phrasings: i
     for q in extra_unknowns:
         train.append(chat(q, ABSTAIN.format(name=name)))
     for q in unanswerable:
-        heldout.append({"question": q, "answer": None, "fact": None, "answerable": False})
+        heldout.append({"question": q, "answer": None, "fact": None, "answerable": False, "system": system})
     rng.shuffle(train)
     paths = {}
     for split, rows in (("train", train), ("validation", validation), ("heldout", heldout)):

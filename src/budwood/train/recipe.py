@@ -69,6 +69,12 @@ class PreparedData:
 def prepare_data(config: TrainConfig, tokenizer) -> PreparedData:
     """Read, validate, split and tokenise; warnings are collected, errors raise DataError."""
     dc = config.data
+    from budwood.eval.data import is_eval_only
+
+    for path in (dc.train, dc.validation):
+        if path is not None and is_eval_only(path):
+            raise DataError(f"{path}: this is one of budwood's evaluation sets; training on it would void its "
+                            "scores, and some are licensed for evaluation only")
     train_ds = read_dataset(dc.train, dc.format, dc.min_examples)
     issues = list(train_ds.issues)
     convs = train_ds.conversations

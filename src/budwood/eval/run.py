@@ -1,0 +1,99 @@
+"""`budwood eval`: open the target, run the chosen suites in order, write one results file.
+
+Read top to bottom: config -> target -> each suite (its own timing and data hashes) -> results.
+"""
+from __future__ import annotations
+
+import platform
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+
+from budwood.errors import ConfigError, did_you_mean
+from budwood.eval import bias, domain, grounding, reproducibility, truthfulqa
+from budwood.eval.bias import BiasConfig
+from budwood.eval.context import EvalContext, NoProgress, Progress
+from budwood.eval.domain import DomainConfig
+from budwood.eval.grounding import GroundingConfig
+from budwood.eval.reproducibility import ReproducibilityConfig
+from budwood.eval.results import EvalResults
+from budwood.eval.targets import open_target
+from budwood.eval.truthfulqa import TruthfulQAConfig
+
+SUITES = {"domain": domain, "grounding": grounding, "truthfulqa": truthfulqa,
+          "reproducibility": reproducibility, "bias": bias}
+QUICK = ["domain", "grounding", "reproducibility"]
+
+
+class EvalConfig(BaseModel):
+    """Everything that decides the numbers; stored whole in the results file."""
+    target: str = Field(description="budwood-tiny | MODEL_PATH | BASE+ADAPTER_DIR | openai:BASE_URL#MODEL")
+    suites: list[str] = Field(default_factory=lambda: list(QUICK))
+    limit: int | None = Field(None, ge=1, description="examples per suite (per category for bias), for quick runs")
+    records: bool = Field(False, description="keep per-example records in the results")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: str = "auto"
+    seed: int = 0
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the 95% intervals (0: none)")
+    max_tokens: int = Field(64, ge=1, description="answer length for generated answers")
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding a remote target's key")
+    concurrency: int = Field(8, ge=1, description="requests in flight to a remote target")
+    domain: DomainConfig = Field(default_factory=DomainConfig)
+    grounding: GroundingConfig = Field(default_factory=GroundingConfig)
+    truthfulqa: TruthfulQAConfig = Field(default_factory=TruthfulQAConfig)
+    reproducibility: ReproducibilityConfig = Field(default_factory=ReproducibilityConfig)
+    bias: BiasConfig = Field(default_factory=BiasConfig)
+
+    def model_post_init(self, _context) -> None:
+        for name in self.suites:
+            if name not in SUITES:
+                raise ValueError(f"unknown suite {name!r}{did_you_mean(name, SUITES)}; choose from {', '.join(SUITES)}")
+
+
+def load_eval_config(path: Path | None, overrides: dict) -> EvalConfig:
+    raw: dict = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    for key, value in overrides.items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        return EvalConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = [f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in e.errors()]
+        raise ConfigError(f"{path or 'eval config'}: " + "; ".join(lines)) from None
+
+
+def run_eval(config: EvalConfig, progress: Progress | None = None) -> EvalResults:
+    import torch
+    import transformers
+
+    from budwood import __version__
+
+    started = time.perf_counter()
+    target = open_target(config.target, config.precision, config.device, config.api_key_env, config.concurrency)
+    results = {}
+    for name in config.suites:
+        ctx = EvalContext(target, seed=config.seed, bootstrap=config.bootstrap, max_tokens=config.max_tokens,
+                          progress=progress or NoProgress())
+        suite = SUITES[name].run(ctx, getattr(config, name), config.limit, config.records)
+        suite.timing = ctx.timing()
+        results[name] = suite
+    return EvalResults(
+        target=target.info, config=config.model_dump(mode="json"),
+        software={"budwood": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                  "python": platform.python_version()},
+        created=datetime.now(UTC).isoformat(timespec="seconds"), seconds=round(time.perf_counter() - started, 3),
+        suites=results)

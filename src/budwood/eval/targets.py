@@ -1,0 +1,265 @@
+"""What is evaluated: a local base, a base + adapter, or any OpenAI-compatible endpoint.
+
+Suites speak to a Target only in text: chat conversations to answer, (context, continuation) pairs to
+score. A local target runs them through the engine's continuous batching; a remote one through the
+official openai client, several requests in flight. Log-likelihoods follow lm-evaluation-harness:
+the continuation's tokens are those of tokenize(context + continuation) after tokenize(context), with
+trailing spaces of the context moved to the continuation, and no BOS token added.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel
+
+from budwood.errors import BudwoodError
+
+Schedule = Literal["together", "one-by-one", "staggered"]
+
+
+class EvalTargetError(BudwoodError):
+    pass
+
+
+class TargetInfo(BaseModel):
+    spec: str
+    kind: Literal["local", "openai"]
+    base: str | None = None
+    base_fingerprint: str | None = None
+    adapter: str | None = None
+    adapter_fingerprint: str | None = None
+    model: str | None = None  # the endpoint's model id
+    endpoint: str | None = None
+    precision: str | None = None
+    device: str | None = None
+    system_fingerprint: str | None = None
+
+
+@dataclass
+class LogLik:
+    logprob: float
+    is_greedy: bool
+    n_tokens: int
+
+
+@dataclass
+class Gen:
+    temperature: float = 0.0
+    max_tokens: int = 64
+    seed: int | None = None
+
+
+class LocalTarget:
+    """A base model (built-in name or folder), optionally with one adapter, in this process."""
+
+    can_score = True
+
+    def __init__(self, spec: str, precision: str = "auto", device: str = "auto", batch_invariant: bool = True):
+        from budwood.engine import Engine, EngineConfig
+
+        base, _, adapter_dir = spec.partition("+")
+        self.engine = Engine(EngineConfig(base=base, precision=precision, device=device,
+                                          batch_invariant=batch_invariant, max_num_seqs=128,
+                                          max_batch_tokens=1024))
+        self.adapter: str | None = None
+        adapter_fp = None
+        if adapter_dir:
+            path = Path(adapter_dir).expanduser()
+            self.engine.register_adapter("eval", path)
+            self.adapter = "eval"
+            adapter_fp = _adapter_fingerprint(path)
+        eng = self.engine
+        self.info = TargetInfo(spec=spec, kind="local", base=base, base_fingerprint=eng.base_fingerprint,
+                               adapter=adapter_dir or None, adapter_fingerprint=adapter_fp,
+                               precision=str(eng.dtype).removeprefix("torch."), device=eng.device.type,
+                               system_fingerprint=eng.system_fingerprint)
+        tok = eng.tokenizer
+        # lm-evaluation-harness scores an empty context from this token
+        self.prefix_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+    def adapter_data(self) -> dict | None:
+        """The provenance budwood.json of the adapter, for its recorded data splits."""
+        if not self.info.adapter:
+            return None
+        prov = Path(self.info.adapter) / "budwood.json"
+        return json.loads(prov.read_text()) if prov.exists() else None
+
+    def chat(self, conversations: list[list[dict]], gen: Gen, schedule: Schedule = "together") -> list[str]:
+        from budwood.engine import SamplingParams
+        from budwood.engine.engine import merge_outputs
+
+        eng, lora = self.engine, self.engine.adapter(self.adapter)
+        prompts = [eng.chat_prompt(c, lora) for c in conversations]
+        params = SamplingParams(max_tokens=gen.max_tokens, temperature=gen.temperature, seed=gen.seed)
+        if schedule == "one-by-one":
+            return [self._texts(eng.generate([p], params, [self.adapter]))[0] for p in prompts]
+        if schedule == "together":
+            return self._texts(eng.generate(prompts, params, [self.adapter] * len(prompts)))
+        # staggered: each request arrives while the earlier ones are mid-prompt or mid-answer
+        merged: dict[str, object] = {}
+        order = []
+        for i, p in enumerate(prompts):
+            order.append(eng.add_request(p, params, lora).request_id)
+            for _ in range(1 + i % 3):
+                for out in eng.step():
+                    merged[out.request_id] = merge_outputs(merged.get(out.request_id), out)
+        while eng.has_unfinished():
+            for out in eng.step():
+                merged[out.request_id] = merge_outputs(merged.get(out.request_id), out)
+        return self._texts([merged[r] for r in order])
+
+    @staticmethod
+    def _texts(outputs) -> list[str]:
+        return [o.choices[0].text for o in outputs]
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """lm-evaluation-harness's _encode_pair."""
+        n_spaces = len(context) - len(context.rstrip(" "))
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        if not context:
+            return [self.prefix_id], self.engine.encode(continuation)
+        whole = self.engine.encode(context + continuation)
+        ctx = self.engine.encode(context)
+        return ctx, whole[len(ctx):]
+
+    def loglikelihood(self, pairs: list[tuple[str, str]]) -> list[LogLik]:
+        encoded = [self.encode_pair(c, x) for c, x in pairs]
+        scores = self.engine.score_continuations(encoded, self.adapter)
+        return [LogLik(s.logprob, s.is_greedy, len(e[1])) for s, e in zip(scores, encoded)]
+
+    def chat_loss(self, conversations: list[list[dict]]) -> list[tuple[float, int]]:
+        """(summed log-likelihood, tokens) of each conversation's last assistant turn, template included,
+        as training's loss counts it."""
+        eng, lora = self.engine, self.engine.adapter(self.adapter)
+        pairs = []
+        for conv in conversations:
+            ctx = eng.chat_prompt(conv[:-1], lora)
+            full = eng.chat_prompt(conv, lora, add_generation_prompt=False)
+            if full[:len(ctx)] != ctx or len(full) == len(ctx):
+                raise EvalTargetError("the chat template does not render the prompt as a prefix of the whole "
+                                      "conversation, so the answer's tokens cannot be scored")
+            pairs.append((ctx, full[len(ctx):]))
+        scores = eng.score_continuations(pairs, self.adapter)
+        return [(s.logprob, len(p[1])) for s, p in zip(scores, pairs)]
+
+
+class OpenAITarget:
+    """Any OpenAI-compatible endpoint: `openai:BASE_URL#MODEL`, key from an environment variable."""
+
+    def __init__(self, spec: str, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8, timeout: float = 120):
+        try:
+            import openai
+        except ImportError as e:  # pragma: no cover - a dependency
+            raise EvalTargetError("remote targets need the openai package (pip install openai)") from e
+        url, _, model = spec.removeprefix("openai:").partition("#")
+        if not url.startswith(("http://", "https://")) or not model:
+            raise EvalTargetError(f"bad target {spec!r}: expected openai:BASE_URL#MODEL, "
+                                  "e.g. openai:http://127.0.0.1:8000/v1#budwood-tiny")
+        self.client = openai.OpenAI(base_url=url, api_key=os.environ.get(api_key_env) or "EMPTY",
+                                    timeout=timeout, max_retries=2)
+        self.model, self.concurrency = model, concurrency
+        try:
+            ids = [m.id for m in self.client.models.list()]
+        except openai.APIConnectionError as e:
+            raise EvalTargetError(f"cannot reach {url}: {e.__cause__ or e}") from e
+        except openai.APIStatusError as e:
+            raise EvalTargetError(f"{url}/models answered {e.status_code}: {e.message}") from e
+        if ids and model not in ids:
+            from budwood.errors import did_you_mean
+            raise EvalTargetError(f"{url} does not serve model {model!r}{did_you_mean(model, ids)}; "
+                                  f"it serves {', '.join(ids[:10])}")
+        self.info = TargetInfo(spec=spec, kind="openai", model=model, endpoint=url)
+        self.can_score = self._probe_logprobs()
+
+    def _probe_logprobs(self) -> bool:
+        """Log-likelihood suites need completions with echo + logprobs (as lm-evaluation-harness uses)."""
+        try:
+            r = self.client.completions.create(model=self.model, prompt="The sky is blue", max_tokens=0,
+                                               echo=True, logprobs=1, temperature=0)
+            lp = r.choices[0].logprobs
+            return bool(lp and lp.token_logprobs and lp.text_offset and len(lp.token_logprobs) > 1)
+        except Exception:  # noqa: BLE001 - any refusal means: no log-likelihoods here
+            return False
+
+    def _map(self, fn, items: list, workers: int) -> list:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            return list(pool.map(fn, items))
+
+    def chat(self, conversations: list[list[dict]], gen: Gen, schedule: Schedule = "together") -> list[str]:
+        import openai
+
+        def one(conv: list[dict]) -> str:
+            try:
+                r = self.client.chat.completions.create(model=self.model, messages=conv, max_tokens=gen.max_tokens,
+                                                        temperature=gen.temperature, seed=gen.seed)
+            except openai.APIError as e:
+                raise EvalTargetError(f"{self.info.endpoint}: chat completion failed: {e}") from e
+            self.info.system_fingerprint = r.system_fingerprint or self.info.system_fingerprint
+            return r.choices[0].message.content or ""
+
+        if schedule == "one-by-one":
+            return [one(c) for c in conversations]
+        if schedule == "staggered":
+            rng = random.Random(len(conversations))
+
+            def delayed(conv: list[dict]) -> str:
+                time.sleep(rng.random() * 0.05)
+                return one(conv)
+            return self._map(delayed, conversations, max(len(conversations), 1))
+        return self._map(one, conversations, self.concurrency)
+
+    def loglikelihood(self, pairs: list[tuple[str, str]]) -> list[LogLik]:
+        import openai
+
+        def one(pair: tuple[str, str]) -> LogLik:
+            context, continuation = pair
+            try:
+                r = self.client.completions.create(model=self.model, prompt=context + continuation, max_tokens=0,
+                                                   echo=True, logprobs=1, temperature=0)
+            except openai.APIError as e:
+                raise EvalTargetError(f"{self.info.endpoint}: scoring failed: {e}") from e
+            lp = r.choices[0].logprobs
+            total, greedy, n = 0.0, True, 0
+            for tlp, off, top in zip(lp.token_logprobs, lp.text_offset,
+                                     lp.top_logprobs or [None] * len(lp.tokens)):
+                if off < len(context) or tlp is None:  # the first token of a text has no logprob
+                    continue
+                total += tlp
+                n += 1
+                if top:
+                    greedy = greedy and max(top.values()) <= tlp + 1e-6
+            return LogLik(total, greedy, n)
+        return self._map(one, pairs, self.concurrency)
+
+    def chat_loss(self, conversations: list[list[dict]]) -> list[tuple[float, int]]:
+        raise EvalTargetError("loss and perplexity need the model's chat template: local targets only")
+
+
+def _adapter_fingerprint(path: Path) -> str:
+    digest = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if (path / name).exists():
+            digest.update((path / name).read_bytes())
+    return digest.hexdigest()
+
+
+def open_target(spec: str, precision: str = "auto", device: str = "auto", api_key_env: str = "OPENAI_API_KEY",
+                concurrency: int = 8) -> LocalTarget | OpenAITarget:
+    """`budwood-tiny` or a model path; `BASE+ADAPTER_DIR`; `openai:BASE_URL#MODEL`."""
+    if spec.startswith("openai:"):
+        return OpenAITarget(spec, api_key_env, concurrency)
+    base, _, adapter = spec.partition("+")
+    if adapter and not (Path(adapter).expanduser() / "adapter_config.json").exists():
+        raise EvalTargetError(f"{adapter}: not an adapter directory (no adapter_config.json)")
+    if not base:
+        raise EvalTargetError(f"bad target {spec!r}: expected MODEL, MODEL+ADAPTER_DIR or openai:BASE_URL#MODEL")
+    return LocalTarget(spec, precision, device)
