@@ -247,7 +247,7 @@ def _print_results_table(results, title: str) -> None:
 
     table = Table(title=title)
     for col, just in (("suite", "left"), ("metric", "left"), ("value", "right"), ("95% interval", "left")):
-        table.add_column(col, justify=just, overflow="fold")
+        table.add_column(col, justify=just, no_wrap=col != "95% interval", overflow="fold")
     for row in summary_rows(results):
         table.add_row(*row)
     out.print(table)

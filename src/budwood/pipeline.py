@@ -63,6 +63,8 @@ def run_demo(workdir: str | Path, overrides: list[str] | None = None, progress: 
     make_domain_dataset(workdir / "data", seed=0)
     config = demo_config(workdir, overrides)
     adapter_dir = train(config, progress=progress)
+    if progress is not None:
+        progress.stop()  # evaluation shows its own bars
 
     # base and adapter evaluated by the same suites on the same data; the numbers land in eval/*.json
     evals, paths = {}, {}

@@ -115,22 +115,21 @@ def _formats(ctx: EvalContext, questions: list[Question], pool: list[Question], 
     by_q: dict[int, dict[str, str]] = {}
     for (i, k, _), a in zip(flat, answers):
         by_q.setdefault(i, {})[k] = a
-    acc = {k: [float(scoring.contains_answer(by_q[i][k], questions[i].answers)) for i in by_q if k in by_q[i]]
-           for k in names}
+    acc = {k: [_right(by_q[i][k], questions[i]) for i in by_q if k in by_q[i]] for k in names}
     agree = [scoring.pairwise_agreement(list(by_q[i].values())) for i in sorted(by_q)]
     out.metrics["format_agreement"] = ctx.mean(agree, note="pairwise agreement of normalised answers across formats")
     for k in names:
         out.metrics[f"format_accuracy_{k}"] = ctx.mean(acc[k])
     # spread of accuracy across formats (FormatSpread), resampling questions present in every format
     common = [i for i in sorted(by_q) if all(k in by_q[i] for k in names)]
-    mat = np.array([[acc_one(by_q[i][k], questions[i]) for k in names] for i in common]).reshape(len(common), -1)
+    mat = np.array([[_right(by_q[i][k], questions[i]) for k in names] for i in common]).reshape(len(common), -1)
     out.metrics["format_spread"] = ctx.stat(len(common), lambda idx: mat[idx].mean(axis=1).max(axis=1)
                                             - mat[idx].mean(axis=1).min(axis=1), higher_is_better=False,
                                             note="max - min accuracy over formats")
     recs["formats"] = [{"id": i, "question": questions[i].question, "answers": by_q[i]} for i in sorted(by_q)]
 
 
-def acc_one(answer: str, q: Question) -> float:
+def _right(answer: str, q: Question) -> float:
     return float(scoring.contains_answer(answer, q.answers or []))
 
 

@@ -5,7 +5,6 @@ explains each field). Every metric carries its 95% bootstrap interval where one 
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -148,6 +147,3 @@ def summary_rows(results: EvalResults) -> list[tuple[str, str, str, str]]:
             rows.append((suite, part, "skipped", why))
     return rows
 
-
-def dumps_records(records: list[dict]) -> str:
-    return "".join(json.dumps(r) + "\n" for r in records)

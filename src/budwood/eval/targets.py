@@ -4,7 +4,7 @@ Suites speak to a Target only in text: chat conversations to answer, (context, c
 score. A local target runs them through the engine's continuous batching; a remote one through the
 official openai client, several requests in flight. Log-likelihoods follow lm-evaluation-harness:
 the continuation's tokens are those of tokenize(context + continuation) after tokenize(context), with
-trailing spaces of the context moved to the continuation, and no BOS token added.
+trailing whitespace of the context moved to the continuation, and no BOS token added.
 """
 from __future__ import annotations
 
@@ -122,14 +122,21 @@ class LocalTarget:
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """lm-evaluation-harness's _encode_pair."""
-        n_spaces = len(context) - len(context.rstrip(" "))
+        n_spaces = len(context) - len(context.rstrip())
         if n_spaces:
             context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
         if not context:
-            return [self.prefix_id], self.engine.encode(continuation)
-        whole = self.engine.encode(context + continuation)
-        ctx = self.engine.encode(context)
-        return ctx, whole[len(ctx):]
+            ctx, cont = [self.prefix_id], self.engine.encode(continuation)
+        else:
+            whole = self.engine.encode(context + continuation)
+            ctx = self.engine.encode(context)
+            ctx, cont = ctx, whole[len(ctx):]
+        # too long for the model: drop context from the left, as lm-evaluation-harness does
+        room = self.engine.runner.max_model_len - len(cont)
+        if room < 1:
+            raise EvalTargetError(f"a continuation of {len(cont)} tokens does not fit the model's "
+                                  f"{self.engine.runner.max_model_len}-token context")
+        return ctx[-room:], cont
 
     def loglikelihood(self, pairs: list[tuple[str, str]]) -> list[LogLik]:
         encoded = [self.encode_pair(c, x) for c, x in pairs]
@@ -208,13 +215,14 @@ class OpenAITarget:
 
         if schedule == "one-by-one":
             return [one(c) for c in conversations]
-        if schedule == "staggered":
+        if schedule == "staggered":  # all in flight at once, arriving in a jittered order
             rng = random.Random(len(conversations))
+            jitter = [(rng.random() * 0.05, c) for c in conversations]
 
-            def delayed(conv: list[dict]) -> str:
-                time.sleep(rng.random() * 0.05)
-                return one(conv)
-            return self._map(delayed, conversations, max(len(conversations), 1))
+            def delayed(item: tuple[float, list[dict]]) -> str:
+                time.sleep(item[0])
+                return one(item[1])
+            return self._map(delayed, jitter, len(conversations))
         return self._map(one, conversations, self.concurrency)
 
     def loglikelihood(self, pairs: list[tuple[str, str]]) -> list[LogLik]:

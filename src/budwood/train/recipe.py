@@ -45,6 +45,7 @@ class Progress(Protocol):
     def start(self, total_steps: int, first_step: int) -> None: ...
     def update(self, record: dict) -> None: ...
     def note(self, message: str) -> None: ...
+    def stop(self) -> None: ...
 
 
 class _LogProgress:
@@ -56,6 +57,9 @@ class _LogProgress:
 
     def note(self, message: str) -> None:
         log.info("%s", message)
+
+    def stop(self) -> None:
+        pass
 
 
 @dataclass
