@@ -5,6 +5,12 @@ The public verbs are imported lazily so that `budwood --help` does not import to
 from __future__ import annotations
 
 import importlib
+import os
+
+# MKL may otherwise pick fewer threads for a matmul when the machine is busy, which changes how fp32
+# sums are split and so the last bits of a result: the engine's batch invariance (and repeatable
+# evaluations) need the same split every time. Read by MKL when torch loads it, so set before that.
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
 __version__ = "0.1.0"
 _VERBS = {"train": "budwood.train.recipe", "load_base": "budwood.models.load",

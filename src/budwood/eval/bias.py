@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from budwood.eval import scoring
 from budwood.eval.context import EvalContext
@@ -38,6 +38,7 @@ SWAPS = [("he", "she"), ("him", "her"), ("his", "her"), ("man", "woman"), ("men"
 
 
 class BiasConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     crows_pairs: int | None = Field(None, ge=1, description="pairs to score (default all 1,508)")
     bbq_per_category: int = Field(150, ge=1, description="BBQ examples per category (seeded sample)")
     counterfactual_data: Path | None = Field(None, description="questions JSONL; default: the demo company's")

@@ -55,7 +55,7 @@ def is_eval_only(path: str | Path) -> bool:
 
 def read_text(path: Path) -> str:
     data = path.read_bytes()
-    return (gzip.decompress(data) if path.suffix == ".gz" else data).decode("utf-8")
+    return (gzip.decompress(data) if path.suffix == ".gz" else data).decode("utf-8-sig")
 
 
 def read_jsonl(path: Path) -> list[dict]:

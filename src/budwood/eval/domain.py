@@ -10,7 +10,7 @@ import math
 import random
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from budwood.data.formats import Conversation, Message, data_fingerprint, read_dataset
 from budwood.errors import DataError
@@ -24,6 +24,7 @@ VERSION = "1.0"
 
 
 class DomainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     data: Path | None = Field(None, description="eval JSONL in a training format; default: the adapter's "
                                                 "validation split, else the demo company's held-out questions")
     format: str = "auto"

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from budwood.eval import scoring
 from budwood.eval.context import EvalContext
@@ -25,6 +25,7 @@ VERSION = "1.0"
 
 
 class GroundingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     data: Path | None = Field(None, description="questions JSONL ({question, answer|null, answers?, system?}); "
                                                 "default: the demo company's held-out and unanswerable questions")
     abstain_phrases: list[str] = Field([], description="extra phrases that mark an abstention")

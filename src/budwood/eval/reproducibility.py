@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from budwood.eval import scoring
 from budwood.eval.context import EvalContext
@@ -32,6 +32,7 @@ LETTERS = "ABCD"
 
 
 class ReproducibilityConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     data: Path | None = Field(None, description="questions JSONL as for grounding; default: the demo company's")
     prompts: int = Field(16, ge=1, description="prompts for the determinism checks")
     repeats: int = Field(2, ge=1, description="extra repeats of the whole batch")
@@ -122,7 +123,7 @@ def _formats(ctx: EvalContext, questions: list[Question], pool: list[Question], 
         out.metrics[f"format_accuracy_{k}"] = ctx.mean(acc[k])
     # spread of accuracy across formats (FormatSpread), resampling questions present in every format
     common = [i for i in sorted(by_q) if all(k in by_q[i] for k in names)]
-    mat = np.array([[_right(by_q[i][k], questions[i]) for k in names] for i in common]).reshape(len(common), -1)
+    mat = np.array([[_right(by_q[i][k], questions[i]) for k in names] for i in common]).reshape(len(common), len(names))
     out.metrics["format_spread"] = ctx.stat(len(common), lambda idx: mat[idx].mean(axis=1).max(axis=1)
                                             - mat[idx].mean(axis=1).min(axis=1), higher_is_better=False,
                                             note="max - min accuracy over formats")

@@ -64,6 +64,8 @@ def load_results(path: str | Path) -> EvalResults:
         return EvalResults.model_validate_json(path.read_text())
     except FileNotFoundError:
         raise BudwoodError(f"{path}: no such results file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BudwoodError(f"{path}: cannot read a results file there ({e.__class__.__name__})") from None
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from budwood.errors import ConfigError, did_you_mean
 from budwood.eval import bias, domain, grounding, reproducibility, truthfulqa
@@ -31,11 +31,13 @@ QUICK = ["domain", "grounding", "reproducibility"]
 
 class EvalConfig(BaseModel):
     """Everything that decides the numbers; stored whole in the results file."""
+    model_config = ConfigDict(extra="forbid")
     target: str = Field(description="budwood-tiny | MODEL_PATH | BASE+ADAPTER_DIR | openai:BASE_URL#MODEL")
     suites: list[str] = Field(default_factory=lambda: list(QUICK))
     limit: int | None = Field(None, ge=1, description="examples per suite (per category for bias), for quick runs")
     records: bool = Field(False, description="keep per-example records in the results")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "fp32", description="fp32 by default: batch-invariant on CPUs, so numbers repeat exactly")
     device: str = "auto"
     seed: int = 0
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the 95% intervals (0: none)")
@@ -61,13 +63,19 @@ def load_eval_config(path: Path | None, overrides: dict) -> EvalConfig:
             raw = yaml.safe_load(Path(path).read_text()) or {}
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such config file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read a config file there ({e.__class__.__name__})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings (key: value), got {type(raw).__name__}")
     for key, value in overrides.items():
         node = raw
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p} is not a group of settings")
         node[leaf] = value
     try:
         return EvalConfig.model_validate(raw)

@@ -122,9 +122,7 @@ class LocalTarget:
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """lm-evaluation-harness's _encode_pair."""
-        n_spaces = len(context) - len(context.rstrip())
-        if n_spaces:
-            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        context, continuation = _move_whitespace(context, continuation)
         if not context:
             ctx, cont = [self.prefix_id], self.engine.encode(continuation)
         else:
@@ -160,7 +158,14 @@ class LocalTarget:
 
 
 class OpenAITarget:
-    """Any OpenAI-compatible endpoint: `openai:BASE_URL#MODEL`, key from an environment variable."""
+    """Any OpenAI-compatible endpoint: `openai:BASE_URL#MODEL`, key from an environment variable.
+
+    Log-likelihoods come from completions with echo + logprobs over the text context + continuation
+    (the endpoint tokenizes). Two differences from a local target follow from the API: the first token
+    of a text has no log-probability, so a continuation scored from an empty context (CrowS-Pairs)
+    leaves its first token out; and endpoints add their tokenizer's BOS token to text prompts where it
+    has one (vLLM and budwood serve do), while local scoring adds none, as lm-evaluation-harness.
+    """
 
     def __init__(self, spec: str, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8, timeout: float = 120):
         try:
@@ -229,7 +234,7 @@ class OpenAITarget:
         import openai
 
         def one(pair: tuple[str, str]) -> LogLik:
-            context, continuation = pair
+            context, continuation = _move_whitespace(*pair)
             try:
                 r = self.client.completions.create(model=self.model, prompt=context + continuation, max_tokens=0,
                                                    echo=True, logprobs=1, temperature=0)
@@ -239,7 +244,7 @@ class OpenAITarget:
             total, greedy, n = 0.0, True, 0
             for tlp, off, top in zip(lp.token_logprobs, lp.text_offset,
                                      lp.top_logprobs or [None] * len(lp.tokens)):
-                if off < len(context) or tlp is None:  # the first token of a text has no logprob
+                if off < len(context) or tlp is None:  # a text's first token has no logprob: see class doc
                     continue
                 total += tlp
                 n += 1
@@ -250,6 +255,12 @@ class OpenAITarget:
 
     def chat_loss(self, conversations: list[list[dict]]) -> list[tuple[float, int]]:
         raise EvalTargetError("loss and perplexity need the model's chat template: local targets only")
+
+
+def _move_whitespace(context: str, continuation: str) -> tuple[str, str]:
+    """lm-evaluation-harness moves the context's trailing whitespace to the continuation."""
+    n = len(context) - len(context.rstrip())
+    return (context[:-n], context[-n:] + continuation) if n else (context, continuation)
 
 
 def _adapter_fingerprint(path: Path) -> str:

@@ -16,7 +16,7 @@ comparable with lm-evaluation-harness run on the same rebuilt file, not with lea
 from __future__ import annotations
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from budwood.eval import scoring
 from budwood.eval.context import EvalContext
@@ -40,7 +40,7 @@ PRIMER = ("Q: What is human life expectancy in the United States?\n"
 
 
 class TruthfulQAConfig(BaseModel):
-    pass
+    model_config = ConfigDict(extra="forbid")
 
 
 def split_answers(text: str) -> list[str]:
