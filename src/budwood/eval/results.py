@@ -114,10 +114,14 @@ def plot_comparison(rows: list[dict], labels: tuple[str, str], path: str | Path)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    suites = list(dict.fromkeys(r["suite"] for r in rows))
-    fig, axes = plt.subplots(len(suites), 1, figsize=(9, 1.2 + 0.45 * max(len(rows), 1)), squeeze=False)
-    for ax, suite in zip(axes[:, 0], suites):
-        mine = [r for r in rows if r["suite"] == suite]
+    # rates and scores in [-1, 1] share a panel per suite; losses, perplexities and the like get their own
+    panels: dict[str, list[dict]] = {}
+    for r in rows:
+        bounded = all(-1 <= v <= 1 for v in (r["a"], r["b"]))
+        panels.setdefault(r["suite"] if bounded else f"{r['suite']} (own scale)", []).append(r)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 1.2 + 0.45 * max(len(rows), 1) + 0.6 * len(panels)),
+                             squeeze=False)
+    for ax, (title, mine) in zip(axes[:, 0], panels.items()):
         ys = range(len(mine))
         for k, (side, color) in enumerate((("a", "#9aa5b1"), ("b", "#2f6f4f"))):
             vals = [r[side] for r in mine]
@@ -127,10 +131,12 @@ def plot_comparison(rows: list[dict], labels: tuple[str, str], path: str | Path)
                     label=labels[k], error_kw={"elinewidth": 0.8, "capsize": 2})
         ax.set_yticks(list(ys), [r["metric"] + (" *" if r["significant"] else "") for r in mine], fontsize=8)
         ax.invert_yaxis()
-        ax.set_title(suite, fontsize=10, loc="left")
+        if title.endswith("(own scale)") and all(r[s] > 0 for r in mine for s in ("a", "b")):
+            ax.set_xscale("log")
+        ax.set_title(title, fontsize=10, loc="left")
     axes[0, 0].legend(fontsize=8, loc="lower right")
     fig.suptitle("budwood eval compare (* = outside both 95% intervals)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -137,9 +137,13 @@ class LocalTarget:
         return ctx[-room:], cont
 
     def loglikelihood(self, pairs: list[tuple[str, str]]) -> list[LogLik]:
+        import torch
+
         encoded = [self.encode_pair(c, x) for c, x in pairs]
         scores = self.engine.score_continuations(encoded, self.adapter)
-        return [LogLik(s.logprob, s.is_greedy, len(e[1])) for s, e in zip(scores, encoded)]
+        # summed as a float32 tensor, as lm-evaluation-harness sums them, so the last bits agree too
+        return [LogLik(float(torch.tensor(s.token_logprobs, dtype=torch.float32).sum()), s.is_greedy, len(e[1]))
+                for s, e in zip(scores, encoded)]
 
     def chat_loss(self, conversations: list[list[dict]]) -> list[tuple[float, int]]:
         """(summed log-likelihood, tokens) of each conversation's last assistant turn, template included,
