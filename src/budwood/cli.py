@@ -277,6 +277,8 @@ def eval_cmd(
     """
     if ctx.invoked_subcommand is not None:
         return
+    import yaml
+
     from budwood.errors import BudwoodError
     from budwood.eval.results import write_results
     from budwood.eval.run import load_eval_config, run_eval
@@ -291,7 +293,6 @@ def eval_cmd(
         key, sep, value = item.partition("=")
         if not sep:
             _fail(ValueError(f"--set {item!r}: expected KEY=VALUE"))
-        import yaml
         overrides[key.strip()] = yaml.safe_load(value)
     progress = EvalProgress()
     try:
