@@ -16,8 +16,18 @@ def test_demo_runs_end_to_end(tmp_path):
     r = budwood("demo", "--workdir", str(tmp_path / "demo"), "--set", "training.epochs=4")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "held-out questions" in r.stdout and "loss curve:" in r.stdout
-    assert "adapted:" in r.stdout and "of held-out questions answered exactly" in r.stdout
+    assert "hallucination_rate" in r.stdout and "determinism_greedy" in r.stdout and "B = budwood-tiny + adapter" \
+        in r.stdout
     adapter = tmp_path / "demo" / "adapter"
+    results = {side: json.loads((tmp_path / "demo" / "eval" / f"{side}.json").read_text())
+               for side in ("base", "adapted")}
+    assert results["adapted"]["target"]["adapter_fingerprint"] and not results["base"]["target"]["adapter"]
+    for res in results.values():
+        assert set(res["suites"]) == {"domain", "grounding", "reproducibility"}
+        # both sides scored the same data
+        assert res["suites"]["domain"]["data"] == results["base"]["suites"]["domain"]["data"]
+        assert res["suites"]["reproducibility"]["metrics"]["determinism_greedy"]["value"] == 1.0
+    assert (tmp_path / "demo" / "eval" / "compare.png").stat().st_size > 10_000
     assert (adapter / "loss.png").stat().st_size > 10_000
     prov = json.loads((adapter / "budwood.json").read_text())
     assert prov["final"]["val_loss"] is not None and prov["final"]["train_loss"] < 6

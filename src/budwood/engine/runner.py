@@ -58,6 +58,7 @@ class RowFloor:
     """Row counts at which a matmul gives each row the same bits as any larger matmul does."""
     good: tuple[int, ...]  # safe counts up to and including `floor`
     floor: int  # every count from here on is safe
+    upcast: bool = False  # no count is safe in this dtype: multiply in float32 (at these counts) instead
 
     def pad(self, m: int) -> int:
         return m if m >= self.floor else next(g for g in self.good if g >= m)
@@ -77,9 +78,15 @@ def probe_row_floor(dtype: torch.dtype, device: torch.device, widths: list[tuple
             ok[m] = ok[m] and torch.equal(x[:m] @ w.T, ref[:m])
     floor = next((c for i, c in enumerate(counts) if all(ok[m] for m in counts[i:])), None)
     if floor is None:
-        log.warning("no row count makes %s matmuls batch-invariant on %s: seeded outputs may vary with load",
-                    dtype, device)
-        return RowFloor((128,), 128)
+        if dtype == torch.float32:
+            log.warning("no row count makes float32 matmuls batch-invariant on %s: seeded outputs may vary "
+                        "with load", device)
+            return RowFloor((128,), 128)
+        # e.g. bf16 on CPUs with AMX: the kernel's blocking follows the row count, so no count is safe
+        log.warning("no row count makes %s matmuls batch-invariant on %s: multiplying in float32 instead "
+                    "(slower; EngineConfig.batch_invariant=False trades this away)", dtype, device)
+        f32 = probe_row_floor(torch.float32, device, widths)
+        return RowFloor(f32.good, f32.floor, upcast=True)
     return RowFloor(tuple(m for m in counts if m <= floor and ok[m]), floor)
 
 
@@ -157,6 +164,9 @@ class Runner:
         """x @ w.T computed on a safe row count (zero rows added), so each row gets the same kernel."""
         n = x.shape[0]
         m = rows.pad(n)
+        if rows.upcast:
+            dtype, x, w = x.dtype, x.float(), w.float()
+            return self._mm(x, w, RowFloor(rows.good, rows.floor)).to(dtype)
         if m > n:
             x = torch.cat([x, x.new_zeros(m - n, x.shape[1])])
             return (x @ w.T)[:n]
