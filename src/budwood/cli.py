@@ -264,7 +264,7 @@ def eval_cmd(
     set_: list[str] = typer.Option([], "--set", help="override a key, e.g. --set grounding.data=q.jsonl"),
     limit: int = typer.Option(None, min=1, help="examples per suite, for a quick look"),
     records: bool = typer.Option(False, "--records", help="keep per-example records in the results"),
-    precision: str = typer.Option(None, help="auto, fp32, bf16 (local targets)"),
+    precision: str = typer.Option(None, help="fp32 (default: repeatable), bf16 or auto (local targets)"),
     device: str = typer.Option(None, help="auto, cpu, cuda ... (local targets)"),
     api_key_env: str = typer.Option(None, help="environment variable with a remote target's key "
                                                 "(default OPENAI_API_KEY)"),
