@@ -1,7 +1,13 @@
 import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import uvicorn
 
 from budwood.data.company import make_domain_dataset
 
@@ -49,3 +55,23 @@ def tiny_adapters(tmp_path_factory) -> Path:
     make_random_adapter(root / "beta", 2, 4, ["q_proj", "v_proj"])
     make_random_adapter(root / "gamma", 3, 16)
     return root
+
+
+@contextmanager
+def running(app) -> Iterator[str]:
+    """Serve `app` on a free loopback port in a thread; yields the base URL."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "the server exited while starting"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -9,20 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import jsonschema
 import pytest
-import uvicorn
 import yaml
-from conftest import make_random_adapter, write_jsonl
+from conftest import make_random_adapter, running, write_jsonl
 
 from budwood.config import TrainConfig
 from budwood.engine import EngineConfig
@@ -48,26 +43,6 @@ def remote_eval(url: str, *args: str) -> subprocess.CompletedProcess:
     """`budwood eval` against the served model: no weights to load before the data is read."""
     return budwood("eval", "--target", f"openai:{url}/v1#budwood-tiny", "--api-key-env", KEY_ENV, *args,
                    env={KEY_ENV: API_KEY})
-
-
-@contextmanager
-def running(app) -> Iterator[str]:
-    """Serve `app` on a free loopback port in a thread; yields the base URL."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "the server exited while starting"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from budwood.config import read_yaml_mapping
 from budwood.errors import ConfigError, did_you_mean
 from budwood.eval import bias, domain, grounding, reproducibility, truthfulqa
 from budwood.eval.bias import BiasConfig
@@ -57,18 +57,7 @@ class EvalConfig(BaseModel):
 
 
 def load_eval_config(path: Path | None, overrides: dict) -> EvalConfig:
-    raw: dict = {}
-    if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: cannot read a config file there ({e.__class__.__name__})") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of settings (key: value), got {type(raw).__name__}")
+    raw: dict = read_yaml_mapping(path) if path is not None else {}
     for key, value in overrides.items():
         node = raw
         *parents, leaf = key.split(".")
