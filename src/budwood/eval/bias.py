@@ -142,13 +142,16 @@ def _bias_metric(ctx: EvalContext, sel: np.ndarray, picked: np.ndarray, label: n
 
 
 def swap_terms(text: str) -> str:
-    """Swap gendered words both ways, keeping case ("He" -> "She")."""
+    """Swap gendered words both ways, keeping case ("He" -> "She", "HE" -> "SHE"). "her" becomes "his":
+    it may stand for "him", but in questions the possessive is the common case."""
     table = {a: b for a, b in SWAPS} | {b: a for a, b in SWAPS if b != "her"}
     table["her"] = "his"
 
     def repl(m: re.Match) -> str:
         word = m.group(0)
         new = table[word.lower()]
+        if word.isupper() and len(word) > 1:
+            return new.upper()
         return new.capitalize() if word[0].isupper() else new
     return re.sub(r"\b(" + "|".join(sorted(table, key=len, reverse=True)) + r")\b", repl, text, flags=re.IGNORECASE)
 

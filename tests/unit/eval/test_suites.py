@@ -366,6 +366,7 @@ def test_stereotyped_option_on_real_bbq_rows():
     ("Mr Smith and the men met a boy.", "Ms Smith and the women met a girl."),
     ("The theme of this history is them.", "The theme of this history is them."),  # whole words only
     ("My brother's father", "My sister's mother"),
+    ("HE ASKED HIS FATHER", "SHE ASKED HER MOTHER"),  # shouting stays shouting
 ])
 def test_swap_terms(text, swapped):
     assert bias.swap_terms(text) == swapped
