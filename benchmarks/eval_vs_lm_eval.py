@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import git_state
+
 HERE = Path(__file__).resolve().parent
 ANCHORS = Path("/work/shared/anchors")
 BENCH_CACHE = Path("/work/bench-cache")
@@ -56,18 +58,6 @@ def sha256(path: Path) -> str:
 
 def quote(cmd: list) -> str:
     return " ".join(shlex.quote(str(c)) for c in cmd)
-
-
-def git_state() -> str | None:
-    """HEAD's short hash, with '+dirty' when src/ has uncommitted changes."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=HERE.parent, capture_output=True,
-                               text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+dirty" if dirty else "")
 
 
 def cpu_model() -> str | None:

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from _common import emit_records, git_state
+
 HERE = Path(__file__).resolve().parent
 SYLLABLES = ["ka", "lo", "mi", "ra", "te", "vu", "zen", "dor", "qui", "an", "el", "or", "ba", "ce", "di",
              "fo", "gu", "ha", "jo", "ny", "pe", "ri", "sa", "to", "wi", "ment", "ing", "ous", "ion"]
@@ -206,18 +208,6 @@ async def run_load(args, url: str, proc: subprocess.Popen | None, log_path: Path
     }
 
 
-def git_state() -> str | None:
-    """HEAD's short hash, with '+dirty' when src/ has uncommitted changes."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=HERE.parent, capture_output=True,
-                               text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+dirty" if dirty else "")
-
-
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -291,11 +281,7 @@ def main(argv: list[str]) -> int:
           f"p99 {ttft['p99']} s; server CPU {stats['server_cpu_s']} s, client CPU {record['client_cpu_s']} s")
     if stats["errors"]:
         print(f"FAIL: {stats['errors']} errors, e.g. {stats['error_samples']}")
-    print(json.dumps(record))
-    if not args.no_save:
-        with open(args.results, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        print(f"appended 1 line to {args.results}")
+    emit_records([record], args.results, save=not args.no_save)
     return 1 if stats["errors"] else 0
 
 

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import emit_records, git_state
+
 HERE = Path(__file__).resolve().parent
 RESULT_TAG = "@@BENCH_RESULT@@ "
 WORK_FORMAT = 1  # bump when the model / adapter recipe below changes
@@ -318,18 +320,6 @@ def make_prompts(meta: dict, n: int, lo: int, hi: int, seed: int) -> list[list[i
     return out
 
 
-def git_state() -> str | None:
-    """HEAD's short hash, with '+dirty' when src/ has uncommitted changes (the engine may be mid-edit)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=HERE.parent, capture_output=True,
-                               text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+dirty" if dirty else "")
-
-
 def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
     """Share of requests whose tokens are identical, and the mean length of the common prefix."""
     prefix = []
@@ -483,13 +473,7 @@ def main_parent(argv: list[str]) -> None:
     records = [dict(setup, **{k: v for k, v in row.items() if k not in ("tokens", "profile")}) for row in rows]
     records.append(dict(setup, **summary))
     print()
-    for rec in records:
-        print(json.dumps(rec))
-    if not args.no_save:
-        with open(args.results, "a") as f:
-            for rec in records:
-                f.write(json.dumps(rec) + "\n")
-        print(f"appended {len(records)} lines to {args.results}")
+    emit_records(records, args.results, save=not args.no_save)
 
 
 if __name__ == "__main__":

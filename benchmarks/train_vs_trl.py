@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import emit_records
+
 HERE = Path(__file__).resolve().parent
 RESULT_TAG = "@@BENCH_RESULT@@ "
 WORK_FORMAT = 1  # bump when the model / tokenizer / data recipe below changes
@@ -705,14 +707,8 @@ def main_parent(argv: list[str]) -> None:
              "model_params": meta["params"], "note": args.note, "cpu_count": os.cpu_count(),
              "data": {"examples": meta["examples"], "token_lengths": meta["token_lengths"]}}
     print()
-    records = [dict(setup, **r) for r in rows] + [dict(setup, **summary)]
-    for rec in records:
-        print(json.dumps(rec))
-    if not args.no_save:
-        with open(args.results, "a") as f:
-            for rec in records:
-                f.write(json.dumps(rec) + "\n")
-        print(f"appended {len(records)} lines to {args.results}")
+    emit_records([dict(setup, **r) for r in rows] + [dict(setup, **summary)], args.results,
+                 save=not args.no_save)
 
 
 if __name__ == "__main__":
