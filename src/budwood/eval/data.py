@@ -82,8 +82,7 @@ def read_csv(path: Path) -> list[dict]:
 @dataclass
 class Question:
     question: str
-    answers: list[str] | None  # acceptable answers; None: unanswerable, the model should abstain
-    reference: str | None = None  # the full reference answer, for EM / F1 / ROUGE-L
+    answers: list[str] | None  # acceptable answers, the full reference first; None: unanswerable (abstain)
     system: str | None = None
     group: str | None = None  # questions of one group ask for the same fact (paraphrases)
 
@@ -108,7 +107,7 @@ def read_questions(path: str | Path) -> list[Question]:
         if answer is None and answers:
             raise DataError(f"{path}:{n}: 'answers' given but 'answer' is null (null marks an unanswerable question)")
         accepted = None if answer is None else [answer, *(answers or [])]
-        out.append(Question(q, accepted, answer, row.get("system"), row.get("fact")))
+        out.append(Question(q, accepted, row.get("system"), row.get("fact")))
     if not out:
         raise DataError(f"{path}: no questions")
     return out
@@ -120,8 +119,8 @@ def company_questions(seed: int = 0) -> tuple[list[Question], DataRef]:
 
     name, facts, unanswerable = company_facts(seed)
     system = f"You answer questions about {name} using only its facts."
-    qs = [Question(q, [f.answer, f.key], f.answer, system, f.id) for f in facts for q in f.questions[3:]]
-    qs += [Question(q, None, None, system, None) for q in unanswerable]
+    qs = [Question(q, [f.answer, f.key], system, f.id) for f in facts for q in f.questions[3:]]
+    qs += [Question(q, None, system, None) for q in unanswerable]
     digest = hashlib.sha256(json.dumps([q.__dict__ for q in qs], sort_keys=True).encode()).hexdigest()
     return qs, DataRef(name=f"company facts (seed {seed})", path=f"budwood:data/company.py#seed={seed}",
                        sha256=digest)

@@ -73,7 +73,7 @@ def _examples(ctx: EvalContext, cfg: DomainConfig) -> tuple[list[Conversation], 
     from budwood.eval.data import company_questions
 
     questions, ref = company_questions()
-    convs = [Conversation([*_sys(q.system), Message("user", q.question), Message("assistant", q.reference)])
+    convs = [Conversation([*_sys(q.system), Message("user", q.question), Message("assistant", q.answers[0])])
              for q in questions if q.answers]
     return convs, ref
 

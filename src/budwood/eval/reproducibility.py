@@ -116,22 +116,20 @@ def _formats(ctx: EvalContext, questions: list[Question], pool: list[Question], 
     by_q: dict[int, dict[str, str]] = {}
     for (i, k, _), a in zip(flat, answers):
         by_q.setdefault(i, {})[k] = a
-    acc = {k: [_right(by_q[i][k], questions[i]) for i in by_q if k in by_q[i]] for k in names}
+    right = {i: {k: float(scoring.contains_answer(a, questions[i].answers or [])) for k, a in v.items()}
+             for i, v in by_q.items()}
+    acc = {k: [right[i][k] for i in right if k in right[i]] for k in names}
     agree = [scoring.pairwise_agreement(list(by_q[i].values())) for i in sorted(by_q)]
     out.metrics["format_agreement"] = ctx.mean(agree, note="pairwise agreement of normalised answers across formats")
     for k in names:
         out.metrics[f"format_accuracy_{k}"] = ctx.mean(acc[k])
     # spread of accuracy across formats (FormatSpread), resampling questions present in every format
     common = [i for i in sorted(by_q) if all(k in by_q[i] for k in names)]
-    mat = np.array([[_right(by_q[i][k], questions[i]) for k in names] for i in common]).reshape(len(common), len(names))
+    mat = np.array([[right[i][k] for k in names] for i in common]).reshape(len(common), len(names))
     out.metrics["format_spread"] = ctx.stat(len(common), lambda idx: mat[idx].mean(axis=1).max(axis=1)
                                             - mat[idx].mean(axis=1).min(axis=1), higher_is_better=False,
                                             note="max - min accuracy over formats")
     recs["formats"] = [{"id": i, "question": questions[i].question, "answers": by_q[i]} for i in sorted(by_q)]
-
-
-def _right(answer: str, q: Question) -> float:
-    return float(scoring.contains_answer(answer, q.answers or []))
 
 
 def _option_order(ctx: EvalContext, cfg: ReproducibilityConfig, limit: int | None, out: SuiteResult,

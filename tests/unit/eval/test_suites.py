@@ -195,7 +195,7 @@ def test_grounding_limit_keeps_both_kinds_and_the_system_prompt(target, tmp_path
     res = grounding.run(make_ctx(target, max_tokens=4), grounding.GroundingConfig(data=path), limit=2, records=True)
     assert [r["answers"] is None for r in res.records] == [False, True]
     q = read_questions(path)[0]
-    assert q.system == BOOKS and q.answers == ["Lewis Carroll"] and q.reference == "Lewis Carroll"
+    assert q.system == BOOKS and q.answers == ["Lewis Carroll"]  # the reference answer comes first
     assert grounding.conversation(q) == [{"role": "system", "content": BOOKS},
                                          {"role": "user", "content": q.question}]
 
@@ -325,7 +325,7 @@ def test_reproducibility_on_a_file_without_answerable_questions(target, tmp_path
 
 
 def test_format_variants():
-    q = Question("When was Corvidworth founded?", ["1977"], None, "Facts only.", "founded")
+    q = Question("When was Corvidworth founded?", ["1977"], "Facts only.", "founded")
     v = reproducibility.variants(q, ["Founding year of Corvidworth?"])
     assert set(v) == {"original", "lowercase", "uppercase", "whitespace", "separator", "template", "paraphrase"}
     assert v["lowercase"][-1]["content"] == "when was corvidworth founded?"
