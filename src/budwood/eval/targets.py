@@ -8,7 +8,6 @@ trailing whitespace of the context moved to the continuation, and no BOS token a
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -21,6 +20,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from budwood.errors import BudwoodError
+from budwood.models.fingerprint import adapter_fingerprint
 
 Schedule = Literal["together", "one-by-one", "staggered"]
 
@@ -75,7 +75,7 @@ class LocalTarget:
             path = Path(adapter_dir).expanduser()
             self.engine.register_adapter("eval", path)
             self.adapter = "eval"
-            adapter_fp = _adapter_fingerprint(path)
+            adapter_fp = adapter_fingerprint(path)
         eng = self.engine
         self.info = TargetInfo(spec=spec, kind="local", base=base, base_fingerprint=eng.base_fingerprint,
                                adapter=adapter_dir or None, adapter_fingerprint=adapter_fp,
@@ -263,14 +263,6 @@ def _move_whitespace(context: str, continuation: str) -> tuple[str, str]:
     """lm-evaluation-harness moves the context's trailing whitespace to the continuation."""
     n = len(context) - len(context.rstrip())
     return (context[:-n], context[-n:] + continuation) if n else (context, continuation)
-
-
-def _adapter_fingerprint(path: Path) -> str:
-    digest = hashlib.sha256()
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        if (path / name).exists():
-            digest.update((path / name).read_bytes())
-    return digest.hexdigest()
 
 
 def open_target(spec: str, precision: str = "auto", device: str = "auto", api_key_env: str = "OPENAI_API_KEY",

@@ -61,3 +61,12 @@ def model_fingerprint(name: str) -> str:
     except OSError:
         pass  # a read-only home still gets the right fingerprint, just uncached
     return digest
+
+
+def adapter_fingerprint(adapter_dir: Path) -> str:
+    """sha256 over adapter_config.json and the weights: what evaluation results and cards name an adapter by."""
+    digest = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if (adapter_dir / name).exists():
+            digest.update((adapter_dir / name).read_bytes())
+    return digest.hexdigest()
