@@ -1,0 +1,81 @@
+"""The one owner of the registry's database URL, engine and schema version.
+
+SQLite (a file under BUDWOOD_HOME) by default; PostgreSQL (or any SQLAlchemy URL) through
+BUDWOOD_DATABASE_URL or --database. The schema is brought to the newest Alembic revision on open,
+under a lock, so that two processes opening a fresh database at once do not both create it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+
+from budwood.registry.names import RegistryError
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+_PG_LOCK = 0x6275_6477  # "budw": the advisory lock id held while migrating
+
+
+def budwood_home() -> Path:
+    return Path(os.environ.get("BUDWOOD_HOME", Path.home() / ".budwood")).expanduser()
+
+
+def default_url(home: Path) -> str:
+    return f"sqlite:///{home / 'registry.db'}"
+
+
+def _sqlite_setup(engine: Engine) -> None:
+    """Foreign keys on, a 30 s wait for the write lock, WAL so readers never block, and every
+    transaction taking the write lock at BEGIN: a deferred transaction that reads and then writes
+    can fail at once with 'database is locked' when another writer got there first."""
+
+    @event.listens_for(engine, "connect")
+    def connect(dbapi_conn, _record):
+        dbapi_conn.isolation_level = None  # SQLAlchemy, not pysqlite, issues BEGIN
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def begin(conn):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def open_database(url: str) -> Engine:
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise RegistryError(f"bad database URL {url!r}: expected sqlite:///PATH or postgresql://HOST/DB") from None
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(parsed, pool_pre_ping=True)
+    if parsed.get_backend_name() == "sqlite":
+        _sqlite_setup(engine)
+    try:
+        migrate(engine)
+    except OperationalError as e:
+        engine.dispose()
+        raise RegistryError(f"cannot open the registry database {parsed.render_as_string(hide_password=True)}: "
+                            f"{e.orig}") from None
+    return engine
+
+
+def migrate(engine: Engine) -> None:
+    """Upgrade to the newest revision; a no-op when already there."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK})
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
