@@ -376,10 +376,15 @@ def serve_cmd(
     kv_cache_tokens: int = typer.Option(65536, help="KV-cache capacity in tokens"),
     max_queue: int = typer.Option(256, help="requests in flight before the server answers 429"),
     engine: str = typer.Option("budwood", help="budwood, or vllm (GPU; hands the same adapter folders to vLLM)"),
+    registry: str = typer.Option(None, envvar="BUDWOOD_REGISTRY",
+                                 help="serve registry ids ORG/NAME@VERSION from this registry (a folder, database "
+                                      "URL or http(s)://server); a local one is also offered at /v1/registry"),
+    registry_key: str = typer.Option(None, envvar="BUDWOOD_REGISTRY_API_KEY", help="key of a remote --registry"),
 ) -> None:
     """Serve the base and every adapter behind an OpenAI-compatible API.
 
     Example: budwood serve --base budwood-tiny --adapters runs/adapters --port 8000
+    Registry ids: budwood serve --registry ~/.budwood then model="acme/support@1.0.0"
     then: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-").chat.completions.create(model="my-adapter", ...)
     """
     from budwood.errors import BudwoodError
@@ -402,7 +407,9 @@ def serve_cmd(
                               kv_cache_tokens=kv_cache_tokens, max_queue=max_queue)
         if adapters is not None and not adapters.is_dir():
             raise BudwoodError(f"--adapters {adapters}: no such folder")
-        serve(config, host, port, api_key)
+        from budwood.registry import open_registry
+
+        serve(config, host, port, api_key, open_registry(registry, registry_key) if registry else None)
     except BudwoodError as e:
         _fail(e)
 
@@ -413,3 +420,6 @@ def main() -> None:
 
     reexec_with_tcmalloc()
     app(prog_name="budwood")
+
+
+from budwood import cli_registry  # noqa: E402,F401  (registers card, keys, sign, verify, publish, pull, …)

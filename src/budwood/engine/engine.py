@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from budwood.engine.adapters import (
     AdapterCache,
     AdapterError,
+    AdapterResolver,
     FolderResolver,
     LoadedAdapter,
     StaticResolver,
@@ -96,7 +97,9 @@ class ContinuationScore:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig | None = None, **overrides):
+    def __init__(self, config: EngineConfig | None = None, resolvers: list[AdapterResolver] | None = None,
+                 **overrides):
+        """`resolvers`: more ways to find adapters by name (the registry's), after the built-in ones."""
         from budwood.models.fingerprint import model_fingerprint
         from budwood.models.load import load_base, pick_device, pick_dtype
 
@@ -113,7 +116,7 @@ class Engine:
         self.scheduler = Scheduler(BlockPool(num_blocks, config.block_size), config.max_batch_tokens,
                                    config.max_num_seqs)
         self.static = StaticResolver()
-        resolvers = [self.static] + ([FolderResolver(config.adapters)] if config.adapters else [])
+        resolvers = [self.static] + ([FolderResolver(config.adapters)] if config.adapters else []) + (resolvers or [])
         self.adapters = AdapterCache(resolvers, self._load_adapter, config.max_loaded_adapters)
         self.stop_ids = _stop_ids(base.model, self.tokenizer)
         self.requests: dict[str, Request] = {}

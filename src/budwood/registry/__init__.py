@@ -30,4 +30,27 @@ def open_registry(location: str | None = None, api_key: str | None = None):
     return LocalRegistry(database=f"sqlite:///{folder.resolve() / 'registry.db'}", blobs=folder / "blobs")
 
 
-__all__ = ["AdapterRef", "NotFound", "RegistryError", "open_registry", "parse_ref"]
+def publish(adapter_dir: str | Path, ref: str, license: str, terms_file: str | Path | None = None,
+            private: bool = False, registry=None, publisher: str | None = None):
+    """Check that the adapter loads in peft on its base, then publish it. Returns (VersionInfo, warnings)."""
+    from budwood.artifacts import AdapterDir
+    from budwood.registry.compat import check_publishable
+    from budwood.registry.names import parse_license
+
+    adapter = AdapterDir.open(adapter_dir)
+    terms = None
+    if terms_file is not None:
+        try:
+            terms = Path(terms_file).expanduser().read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise RegistryError(f"--terms {terms_file}: cannot read it ({e.__class__.__name__})") from None
+        if not terms.strip():
+            raise RegistryError(f"--terms {terms_file}: the file is empty")
+    parse_ref(ref)
+    parse_license(license, terms is not None)
+    warnings = check_publishable(adapter)
+    registry = registry if registry is not None else open_registry()
+    return registry.publish(adapter.path, ref, license, terms, private, publisher), warnings
+
+
+__all__ = ["publish", "AdapterRef", "NotFound", "RegistryError", "open_registry", "parse_ref"]

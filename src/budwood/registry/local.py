@@ -30,6 +30,7 @@ from budwood.registry.names import (
     AdapterRef,
     NotFound,
     RegistryError,
+    VersionExists,
     next_version,
     parse_license,
     parse_ref,
@@ -105,7 +106,7 @@ class LocalRegistry:
             version = parse_version(ref.version or request.version) if (ref.version or request.version) \
                 else next_version(existing)
             if version in existing:
-                raise RegistryError(f"{ref.id}@{version} is already published; versions are immutable, publish "
+                raise VersionExists(f"{ref.id}@{version} is already published; versions are immutable, publish "
                                     "another version")
             row = m.Version(adapter_id=adapter.id, version=version, license=license, terms=request.terms,
                             requires_acceptance=bool(request.terms), publisher=request.publisher,
@@ -117,7 +118,7 @@ class LocalRegistry:
             try:
                 s.flush()
             except IntegrityError:
-                raise RegistryError(f"{ref.id}@{version} is already published (another publish got there first); "
+                raise VersionExists(f"{ref.id}@{version} is already published (another publish got there first); "
                                     "versions are immutable, publish another version") from None
         return self.version_info(f"{ref.id}@{version}")
 
@@ -258,8 +259,13 @@ class LocalRegistry:
         info = self.version_info(ref, include_private)
         return info, materialize(info, self.store.copy_to, out, accept_license)
 
-    def blob_path(self, digest: str) -> Path:
-        return self.store.path(digest)
+    def blob_visible(self, digest: str, include_private: bool) -> bool:
+        """Blobs are served only as part of a committed version the caller may see."""
+        query = select(m.File.id).join(m.Version).join(m.Adapter).where(m.File.sha256 == check_digest(digest))
+        if not include_private:
+            query = query.where(m.Adapter.private.is_(False))
+        with self.sessions() as s:
+            return s.execute(query.limit(1)).first() is not None and self.store.has(digest)
 
 
 def _latest(rows: list[m.Version]) -> m.Version | None:
@@ -311,18 +317,19 @@ def _description(readme: Path) -> str | None:
 def materialize(info: VersionInfo, fetch, out: str | Path | None, accept_license: bool) -> Path:
     """Write a version's files into `out` (default BUDWOOD_HOME/adapters/ORG/NAME/VERSION), each checked
     against its hash on the way; the folder appears complete or not at all."""
-    if info.requires_acceptance and not accept_license:
-        raise LicenseNotAccepted(info.ref, info.license, info.terms or "")
-    if info.yanked:
-        log.warning("%s is yanked%s", info.ref, f": {info.yank_reason}" if info.yank_reason else "")
     dest = Path(out).expanduser() if out else budwood_home() / "adapters" / info.id / info.version
     marker = {"id": info.id, "version": info.version, "files": {f.path: f.sha256 for f in info.files}}
     if dest.exists():
         try:
             if json.loads((dest / PULL_MARKER).read_text()) == marker:
-                return dest
+                return dest  # pulled before (its terms were accepted then)
         except (OSError, json.JSONDecodeError):
             pass
+    if info.requires_acceptance and not accept_license:
+        raise LicenseNotAccepted(info.ref, info.license, info.terms or "")
+    if info.yanked:
+        log.warning("%s is yanked%s", info.ref, f": {info.yank_reason}" if info.yank_reason else "")
+    if dest.exists():
         if any(dest.iterdir()):
             raise BudwoodError(f"{dest} exists and is not a pull of {info.ref}; choose another --out")
     dest.parent.mkdir(parents=True, exist_ok=True)

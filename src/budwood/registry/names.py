@@ -25,6 +25,10 @@ class NotFound(RegistryError):
     pass
 
 
+class VersionExists(RegistryError):
+    """Versions are immutable: the HTTP API answers 409."""
+
+
 @dataclass(frozen=True)
 class AdapterRef:
     namespace: str

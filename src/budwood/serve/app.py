@@ -65,13 +65,24 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-def create_app(config: EngineConfig | None = None, api_key: str | None = None, engine: Engine | None = None) -> FastAPI:
-    """The server app; pass `engine` to share an already loaded one (tests, the service)."""
+def create_app(config: EngineConfig | None = None, api_key: str | None = None, engine: Engine | None = None,
+               registry=None) -> FastAPI:
+    """The server app; pass `engine` to share an already loaded one (tests, the service).
+
+    `registry` (budwood.registry.open_registry): its ids `org/name@version` are served as model names,
+    pulled on first use; a local registry is also offered to others at /v1/registry."""
     state: dict = {}
+    resolvers = []
+    if registry is not None:
+        from budwood.registry.resolver import RegistryResolver
+
+        resolvers.append(RegistryResolver(registry))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        eng = engine or await asyncio.to_thread(Engine, config or EngineConfig())
+        eng = engine or await asyncio.to_thread(Engine, config or EngineConfig(), resolvers)
+        if engine is not None:
+            engine.adapters.resolvers.extend(resolvers)
         state["engine"] = eng
         state["async"] = AsyncEngine(eng)
         state["metrics"] = Metrics(state["async"])
@@ -83,6 +94,12 @@ def create_app(config: EngineConfig | None = None, api_key: str | None = None, e
     app = FastAPI(title="budwood", lifespan=lifespan)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    from budwood.registry.local import LocalRegistry
+
+    if isinstance(registry, LocalRegistry):
+        from budwood.serve.registry_routes import registry_router
+
+        app.include_router(registry_router(registry, writable=bool(api_key)))
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
@@ -463,8 +480,9 @@ def create_app(config: EngineConfig | None = None, api_key: str | None = None, e
     return app
 
 
-def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None) -> None:
+def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          registry=None) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(config, api_key), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(config, api_key, registry=registry), host=host, port=port, log_level="info")
 

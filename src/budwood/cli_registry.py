@@ -1,0 +1,332 @@
+"""`budwood card / keys / sign / verify / publish / pull / list / search / show / yank / export`:
+documenting, proving and trading adapters. Registered on the app in budwood.cli; each body calls one
+library function."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from budwood.cli import _fail, app, console, out
+
+keys_app = typer.Typer(no_args_is_help=True, help="Signing keys (ed25519) for attestations.")
+app.add_typer(keys_app, name="keys")
+
+REGISTRY_HELP = "registry: a folder, a database URL (sqlite:///…, postgresql://…) or http(s)://server " \
+                "(default: BUDWOOD_REGISTRY, else the local one under BUDWOOD_HOME)"
+RegistryOption = typer.Option(None, "--registry", envvar="BUDWOOD_REGISTRY", help=REGISTRY_HELP)
+ApiKeyOption = typer.Option(None, "--api-key", envvar="BUDWOOD_API_KEY", help="key of a remote registry")
+
+
+def _registry(location: str | None, api_key: str | None):
+    from budwood.registry import open_registry
+
+    return open_registry(location, api_key)
+
+
+@app.command("card")
+def card_cmd(
+    adapter_dir: Path = typer.Argument(..., help="adapter directory (its eval/*.json results go in the card)"),
+    name: str = typer.Option(None, help="registry id ORG/NAME the card names the adapter by"),
+    license: str = typer.Option(None, help="SPDX licence id of the adapter, e.g. apache-2.0"),
+    description: str = typer.Option(None, help="one paragraph: what the adapter does"),
+    intended_use: str = typer.Option(None, help="what it is for"),
+    out_of_scope: str = typer.Option(None, help="what it must not be used for"),
+    language: list[str] = typer.Option([], help="language code(s), e.g. en"),
+    dataset: list[str] = typer.Option([], help="hub id(s) of the training data, if public"),
+    author: str = typer.Option(None, help="who made it"),
+    contact: str = typer.Option(None, help="where to report problems"),
+) -> None:
+    """Write the model card (README.md, Hugging Face format) from provenance and evaluation results.
+
+    Nothing is invented: a fact no file records and no option gives is shown as missing.
+    Example: budwood card runs/demo/adapter --name acme/support --license apache-2.0
+    """
+    from budwood.card.render import CardInfo, render_card
+    from budwood.errors import BudwoodError
+
+    try:
+        info = CardInfo(name=name, license=license, description=description, intended_use=intended_use,
+                        out_of_scope=out_of_scope, languages=language, datasets=dataset, authors=author,
+                        contact=contact)
+        path = render_card(adapter_dir, info)
+    except BudwoodError as e:
+        _fail(e)
+    out.print(f"card: {path}")
+
+
+@keys_app.command("create")
+def keys_create_cmd(
+    name: str = typer.Argument("default", help="key name"),
+    force: bool = typer.Option(False, "--force", help="replace an existing key of that name"),
+) -> None:
+    """Create an ed25519 signing key under BUDWOOD_HOME/keys (encrypted if BUDWOOD_KEY_PASSPHRASE is set).
+
+    Example: budwood keys create
+    """
+    from budwood.card.attest import create_key
+    from budwood.errors import BudwoodError
+
+    try:
+        key_id, path = create_key(name, force)
+    except BudwoodError as e:
+        _fail(e)
+    out.print(f"key {name}: {key_id}\nprivate: {path}\npublic:  {path.with_suffix('.pub')}", soft_wrap=True)
+
+
+@keys_app.command("list")
+def keys_list_cmd() -> None:
+    """List signing keys and their ids."""
+    from budwood.card.attest import list_keys
+
+    for name, key_id in list_keys():
+        out.print(f"{name}\t{key_id}", highlight=False)
+
+
+@app.command("sign")
+def sign_cmd(
+    adapter_dir: Path = typer.Argument(..., help="adapter directory"),
+    key: str = typer.Option("default", help="key name or PEM file"),
+) -> None:
+    """Sign the adapter's files (weights, config, provenance, card, results) into attestation.json.
+
+    Example: budwood sign runs/demo/adapter
+    """
+    from budwood.card.attest import sign
+    from budwood.errors import BudwoodError
+
+    try:
+        path = sign(adapter_dir, key)
+    except BudwoodError as e:
+        _fail(e)
+    out.print(f"attestation: {path}")
+
+
+@app.command("verify")
+def verify_cmd(
+    adapter_dir: Path = typer.Argument(..., help="adapter directory"),
+    key: list[str] = typer.Option([], help="trusted key id(s) (ed25519:…); the signer must be one of them"),
+    rerun: bool = typer.Option(False, "--rerun", help="re-run the recorded evaluations; numbers must match exactly"),
+) -> None:
+    """Check an adapter's attestation, and with --rerun its recorded evaluation numbers.
+
+    Checks the signature, every file's hash and files added since signing; --rerun repeats the
+    recorded evaluations here and compares every number. Exits 1 on any mismatch.
+
+    Example: budwood verify runs/demo/adapter --rerun
+    """
+    from budwood.card.attest import rerun as rerun_evals
+    from budwood.card.attest import verify
+    from budwood.cli import EvalProgress
+    from budwood.errors import BudwoodError
+
+    try:
+        check = verify(adapter_dir, set(key) or None)
+    except BudwoodError as e:
+        _fail(e)
+    for problem in check.problems:
+        out.print(f"[red]✗[/] {escape(problem)}", soft_wrap=True)
+    for name in check.unsigned:
+        out.print(f"[red]✗[/] {escape(name)}: added after signing (not covered by the signature)", soft_wrap=True)
+    if not check.ok:
+        raise typer.Exit(1)
+    trust = "" if key else "  (pass --key to require a particular signer)"
+    out.print(f"[green]✓[/] signature by {check.key_id} ({check.signed_at}); {check.files} files match{trust}",
+              soft_wrap=True)
+    if not rerun:
+        return
+    progress = EvalProgress()
+    try:
+        result = rerun_evals(adapter_dir, progress)
+    except BudwoodError as e:
+        progress.stop()
+        _fail(e)
+    progress.stop()
+    for note in result.notes:
+        out.print(f"[yellow]![/] {escape(note)}", soft_wrap=True)
+    changed = [r for r in result.rows if not r.same]
+    for r in changed:
+        out.print(f"[red]✗[/] {r.file} {r.suite}.{r.metric}: recorded {r.recorded!r}, now {r.now!r}", soft_wrap=True)
+    if not result.rows:
+        out.print("[red]✗[/] no evaluation recorded for this adapter to re-run")
+        raise typer.Exit(1)
+    if changed:
+        raise typer.Exit(1)
+    out.print(f"[green]✓[/] re-ran the evaluations: all {len(result.rows)} numbers are identical")
+
+
+@app.command("publish")
+def publish_cmd(
+    adapter_dir: Path = typer.Argument(..., help="adapter directory (signed and carded, ideally)"),
+    name: str = typer.Option(..., help="ORG/NAME, or ORG/NAME@X.Y.Z"),
+    version: str = typer.Option(None, help="X.Y.Z (default: 1.0.0, then the latest with its patch raised)"),
+    license: str = typer.Option(..., help="SPDX expression (Apache-2.0, MIT, CC-BY-NC-4.0…) or LicenseRef-NAME"),
+    terms: Path = typer.Option(None, help="file with custom or commercial terms; pullers must accept them"),
+    private: bool = typer.Option(False, "--private", help="visible only to holders of the registry's API key"),
+    registry: str = RegistryOption,
+    api_key: str = ApiKeyOption,
+) -> None:
+    """Publish an adapter version to a registry (versions are immutable).
+
+    Checks it loads in peft on its base, stores its files once by hash, records licence, results and
+    signature.
+
+    Example: budwood publish runs/demo/adapter --name acme/support --license apache-2.0
+    """
+    from budwood.errors import BudwoodError
+    from budwood.registry import publish
+
+    ref = name if version is None or "@" in name else f"{name}@{version}"
+    try:
+        info, warnings = publish(adapter_dir, ref, license, terms, private, _registry(registry, api_key))
+    except BudwoodError as e:
+        _fail(e)
+    for w in warnings:
+        console.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
+    signed = f"signed by {info.signer}" if info.signer else "[yellow]unsigned[/] (budwood sign first)"
+    out.print(f"published {info.ref}  ({info.license}, {len(info.files)} files, {signed})", soft_wrap=True)
+
+
+@app.command("pull")
+def pull_cmd(
+    ref: str = typer.Argument(..., help="ORG/NAME (latest) or ORG/NAME@X.Y.Z"),
+    out_dir: Path = typer.Option(None, "--out", help="folder (default BUDWOOD_HOME/adapters/ORG/NAME/VERSION)"),
+    accept_license: bool = typer.Option(False, "--accept-license", help="accept the adapter's licence terms"),
+    registry: str = RegistryOption,
+    api_key: str = ApiKeyOption,
+) -> None:
+    """Download an adapter version, checking every file's hash.
+
+    Example: budwood pull acme/support@1.0.0 --out adapters/support
+    """
+    from budwood.errors import BudwoodError
+
+    try:
+        info, path = _registry(registry, api_key).pull(ref, out_dir, accept_license)
+    except BudwoodError as e:
+        _fail(e)
+    if info.yanked:
+        console.print(f"[yellow]warning:[/] {info.ref} is yanked" + (f": {escape(info.yank_reason)}"
+                                                                     if info.yank_reason else ""))
+    out.print(f"{info.ref} -> {path}")
+
+
+def _versions_table(versions, title: str) -> Table:
+    table = Table(title=title)
+    for col in ("adapter", "version", "base", "licence", "signed", "hallucination", "summary"):
+        table.add_column(col, overflow="fold")
+    for v in versions:
+        rate = v.metrics.get("grounding.hallucination_rate")
+        table.add_row(v.id, v.version + (" (yanked)" if v.yanked else ""), v.base_model, v.license,
+                      "yes" if v.signer else "no", "" if rate is None else f"{rate:.3g}",
+                      (v.description or "")[:80])
+    return table
+
+
+@app.command("list")
+def list_cmd(registry: str = RegistryOption, api_key: str = ApiKeyOption) -> None:
+    """List the adapters in the registry (latest version of each)."""
+    from budwood.errors import BudwoodError
+
+    try:
+        found = _registry(registry, api_key).list()
+    except BudwoodError as e:
+        _fail(e)
+    out.print(_versions_table(found, f"{len(found)} adapter(s)"))
+
+
+@app.command("search")
+def search_cmd(
+    text: str = typer.Argument(None, help="words in the id or the card's summary"),
+    base: str = typer.Option(None, help="base model id or fingerprint"),
+    tag: str = typer.Option(None, help="a tag of the card"),
+    license: str = typer.Option(None, help="SPDX licence"),
+    where: list[str] = typer.Option([], help="metric condition, e.g. 'hallucination_rate<0.1' or "
+                                             "'domain.exact_match>=0.5' (repeatable)"),
+    registry: str = RegistryOption,
+    api_key: str = ApiKeyOption,
+) -> None:
+    """Find adapters by text, base model, tag, licence and evaluation results.
+
+    Example: budwood search support --base budwood-tiny --where 'hallucination_rate<0.6'
+    """
+    from budwood.errors import BudwoodError
+
+    try:
+        found = _registry(registry, api_key).search(text, base, tag, license, where)
+    except BudwoodError as e:
+        _fail(e)
+    out.print(_versions_table(found, f"{len(found)} match(es)"))
+
+
+@app.command("show")
+def show_cmd(
+    ref: str = typer.Argument(..., help="ORG/NAME"),
+    registry: str = RegistryOption,
+    api_key: str = ApiKeyOption,
+) -> None:
+    """Card summary, versions, results and signature status of an adapter."""
+    from budwood.errors import BudwoodError
+
+    try:
+        info = _registry(registry, api_key).show(ref)
+    except BudwoodError as e:
+        _fail(e)
+    latest = info.latest
+    head = latest or info.versions[-1]
+    out.print(f"[bold]{info.id}[/]{' (private)' if info.private else ''}  base {head.base_model}  "
+              f"licence {head.license}{'  (terms must be accepted)' if head.requires_acceptance else ''}",
+              soft_wrap=True)
+    if head.description:
+        out.print(head.description, soft_wrap=True, markup=False)
+    out.print(_versions_table(info.versions, "versions"))
+    if latest and latest.metrics:
+        table = Table(title=f"results of {latest.ref}")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for metric, value in latest.metrics.items():
+            table.add_row(metric, f"{value:.4g}")
+        out.print(table)
+    out.print("signature: " + (f"verified at publish, key {head.signer}" if head.signer else "unsigned"))
+
+
+@app.command("yank")
+def yank_cmd(
+    ref: str = typer.Argument(..., help="ORG/NAME@X.Y.Z"),
+    reason: str = typer.Option(None, help="why (shown to anyone who pulls it)"),
+    undo: bool = typer.Option(False, "--undo", help="un-yank"),
+    registry: str = RegistryOption,
+    api_key: str = ApiKeyOption,
+) -> None:
+    """Yank a version: no longer the latest or found by search; an exact pull still works, with a warning.
+
+    Example: budwood yank acme/support@1.0.0 --reason "answers with the old return policy"
+    """
+    from budwood.errors import BudwoodError
+
+    try:
+        info = _registry(registry, api_key).yank(ref, reason, undo)
+    except BudwoodError as e:
+        _fail(e)
+    out.print(f"{info.ref}: {'yanked' if info.yanked else 'not yanked'}")
+
+
+@app.command("export")
+def export_cmd(
+    adapter_dir: Path = typer.Argument(..., help="adapter directory with a card"),
+    hf: Path = typer.Option(..., "--hf", help="output folder in the Hugging Face Hub layout"),
+) -> None:
+    """Lay the adapter out as a Hugging Face Hub repository, ready to upload.
+
+    Example: budwood export runs/demo/adapter --hf out/support && huggingface-cli upload acme/support out/support
+    """
+    from budwood.errors import BudwoodError
+    from budwood.registry.export import export_hf
+
+    try:
+        path = export_hf(adapter_dir, hf)
+    except BudwoodError as e:
+        _fail(e)
+    out.print(f"exported: {path}")

@@ -1,0 +1,51 @@
+"""Serving registry ids: `org/name@1.2.0` (or `org/name` for the latest) as a model name.
+
+The first request for an id pulls the version into BUDWOOD_HOME/adapters (hash-checked); later
+ones find it there. An id without a version follows the latest release, looked up again after
+`ttl_s` so that a new publish is served without a restart.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from budwood.engine.adapters import AdapterError
+from budwood.registry.local import LicenseNotAccepted
+from budwood.registry.names import NotFound, RegistryError, parse_ref
+
+
+class RegistryResolver:
+    def __init__(self, registry, ttl_s: float = 30.0):
+        self.registry = registry
+        self.ttl_s = ttl_s
+        self.paths: dict[str, tuple[Path, float]] = {}
+        self.lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        with self.lock:
+            return sorted(self.paths)
+
+    def resolve(self, name: str) -> Path | None:
+        if "/" not in name:
+            return None
+        try:
+            ref = parse_ref(name)
+        except RegistryError:
+            return None
+        with self.lock:
+            hit = self.paths.get(name)
+        if hit and (ref.version or time.monotonic() - hit[1] < self.ttl_s):
+            return hit[0]
+        try:
+            _, path = self.registry.pull(name)
+        except NotFound:
+            return None
+        except LicenseNotAccepted:
+            raise AdapterError(f"{name} has licence terms that must be accepted first: run budwood pull {name} "
+                               "--accept-license on the server") from None
+        except RegistryError as e:
+            raise AdapterError(str(e)) from None
+        with self.lock:
+            self.paths[name] = (path, time.monotonic())
+        return path
