@@ -1,15 +1,14 @@
 import json
-import socket
-import threading
-import time
+import shutil
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from budwood.data.company import make_domain_dataset
+from budwood.serve.app import serving as running  # noqa: F401  (tests import it from here)
 
 
 @pytest.fixture(scope="session")
@@ -57,21 +56,67 @@ def tiny_adapters(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture
+def budwood_home(tmp_path, monkeypatch) -> Path:
+    """A private BUDWOOD_HOME (keys, the default registry, pulled adapters) for one test."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("BUDWOOD_HOME", str(home))
+    monkeypatch.delenv("BUDWOOD_REGISTRY", raising=False)
+    monkeypatch.delenv("BUDWOOD_DATABASE_URL", raising=False)
+    monkeypatch.delenv("BUDWOOD_KEY_PASSPHRASE", raising=False)
+    return home
+
+
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
 @contextmanager
-def running(app) -> Iterator[str]:
-    """Serve `app` on a free loopback port in a thread; yields the base URL."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "the server exited while starting"
-        time.sleep(0.05)
+def pg_schema() -> Iterator[str]:
+    """A fresh PostgreSQL schema in the `test` database; yields a URL whose search_path is that schema."""
+    from sqlalchemy import create_engine, text
+
+    name = f"bw_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_URL.replace("postgresql://", "postgresql+psycopg://"))
+    with admin.begin() as c:
+        c.execute(text(f"CREATE SCHEMA {name}"))
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"{PG_URL}?options=-csearch_path%3D{name}"
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+        with admin.begin() as c:
+            c.execute(text(f"DROP SCHEMA {name} CASCADE"))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_location(request, tmp_path, budwood_home) -> Iterator[str]:
+    """Where a registry lives: a folder (SQLite) or a PostgreSQL database (blobs under BUDWOOD_HOME)."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "registry")
+    else:
+        with pg_schema() as url:
+            yield url
+
+
+@pytest.fixture(scope="session")
+def evaluated_adapter(tmp_path_factory) -> Path:
+    """A budwood-style adapter on budwood-tiny: peft files, budwood.json with the base fingerprint, and
+    evaluation results for itself (eval/adapted.json) and its base (eval/base.json). Copy before changing."""
+    from budwood.eval.results import write_results
+    from budwood.eval.run import EvalConfig, run_eval
+    from budwood.models.fingerprint import model_fingerprint
+
+    path = make_random_adapter(tmp_path_factory.mktemp("evaluated") / "adapter", seed=7, r=8)
+    (path / "README.md").unlink(missing_ok=True)  # peft's placeholder card
+    (path / "budwood.json").write_text(json.dumps({
+        "budwood_version": "0.1.0", "created": "2026-11-01T00:00:00Z",
+        "base_model": {"name": "budwood-tiny", "fingerprint": model_fingerprint("budwood-tiny")}}))
+    quick = {"suites": ["grounding", "domain"], "limit": 3, "bootstrap": 20, "max_tokens": 12,
+             "domain": {"data": str(make_domain_dataset(path.parent / "data", seed=0)["validation"])}}
+    for side, target in (("adapted", f"budwood-tiny+{path}"), ("base", "budwood-tiny")):
+        write_results(run_eval(EvalConfig.model_validate({**quick, "target": target})), path / "eval" / f"{side}.json")
+    return path
+
+
+def copy_adapter(source: Path, dest: Path) -> Path:
+    shutil.copytree(source, dest)
+    return dest

@@ -15,7 +15,9 @@ os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 __version__ = "0.1.0"
 _VERBS = {"train": "budwood.train.recipe", "load_base": "budwood.models.load",
           "read_dataset": "budwood.data.formats", "TrainConfig": "budwood.config",
-          "BudwoodError": "budwood.errors"}
+          "run_eval": "budwood.eval.run", "render_card": "budwood.card.render", "sign": "budwood.card.attest",
+          "verify": "budwood.card.attest", "open_registry": "budwood.registry", "publish": "budwood.registry",
+          "create_app": "budwood.serve.app", "BudwoodError": "budwood.errors"}
 __all__ = list(_VERBS)
 
 

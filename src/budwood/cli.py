@@ -177,7 +177,7 @@ def demo_cmd(
     workdir: Path = typer.Option(Path("runs/demo"), help="where data, adapter and plot go"),
     set_: list[str] = typer.Option([], "--set", help="override a training key, e.g. training.epochs=5"),
 ) -> None:
-    """The end-to-end demo, offline: company data -> adapter on budwood-tiny -> base vs adapted answers.
+    """The end-to-end demo, offline: data -> adapter -> evaluation -> card -> signed -> published -> served.
 
     Example: budwood demo --workdir runs/demo
     """
@@ -212,6 +212,11 @@ def demo_cmd(
     out.print(f"evaluation: {result.results['base']}, {result.results['adapted']}  (all metrics; "
               f"budwood eval compare them)  plot: {result.comparison_plot}", soft_wrap=True)
     out.print(f"loss curve: {result.loss_plot}")
+    sh = result.shared
+    out.print(f"card:       {sh.card}\nsigned:     by {sh.signer} (budwood verify {result.adapter_dir})\n"
+              f"published:  {sh.ref} in {sh.registry} (budwood show {sh.ref.split('@')[0]} --registry {sh.registry})\n"
+              f"served:     {sh.ref} through the openai client\n  Q: {sh.question}\n  A: {sh.answer}",
+              soft_wrap=True, highlight=False, markup=False)
     out.print(f"adapter:    {result.adapter_dir}  ({p['steps']} steps, {p['tokens_seen']:,} tokens, "
               f"{p['train_time_s']:.0f} s training, {time.time() - t0:.0f} s in all)", soft_wrap=True)
 

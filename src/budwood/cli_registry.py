@@ -44,6 +44,8 @@ def card_cmd(
     Nothing is invented: a fact no file records and no option gives is shown as missing.
     Example: budwood card runs/demo/adapter --name acme/support --license apache-2.0
     """
+    from pydantic import ValidationError
+
     from budwood.card.render import CardInfo, render_card
     from budwood.errors import BudwoodError
 
@@ -51,6 +53,10 @@ def card_cmd(
         info = CardInfo(name=name, license=license, description=description, intended_use=intended_use,
                         out_of_scope=out_of_scope, languages=language, datasets=dataset, authors=author,
                         contact=contact)
+    except ValidationError as e:
+        _fail(ValueError("; ".join(f"--{'-'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}"
+                                   for err in e.errors())))
+    try:
         path = render_card(adapter_dir, info)
     except BudwoodError as e:
         _fail(e)

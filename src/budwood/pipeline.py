@@ -1,8 +1,9 @@
-"""The stages strung together. Read this first: data -> train -> evaluate.
+"""The stages strung together. Read this first: data -> train -> evaluate -> card -> sign -> publish -> serve.
 
 The demo runs the whole flow offline on the built-in tiny model: company data, an adapter grown on
-it, and base and adapter measured by the same suites. Later stages (card, publish) join here as they
-land, and the hosted service's workers call the same functions.
+it, base and adapter measured by the same suites, a model card written from those facts, the adapter
+signed and published to a registry, then served by its registry id and asked a question through the
+openai client. The hosted service's workers call the same functions.
 """
 from __future__ import annotations
 
@@ -34,6 +35,18 @@ class DemoResult:
     results: dict[str, Path]  # "base" | "adapted" -> eval results JSON
     comparison: list[dict]  # budwood.eval.results.compare rows (adapted - base)
     comparison_plot: Path
+    shared: Shared
+
+
+@dataclass
+class Shared:
+    """The adapter documented, signed, published and answering by its registry id."""
+    card: Path
+    signer: str
+    registry: Path
+    ref: str
+    question: str
+    answer: str
 
 
 # the demo's evaluation: quick suites, same data for both sides, smaller reproducibility probes
@@ -68,13 +81,14 @@ def run_demo(workdir: str | Path, overrides: list[str] | None = None, progress: 
 
     # base and adapter evaluated by the same suites on the same data; the numbers land in eval/*.json
     evals, paths = {}, {}
+    # (into the adapter's eval/ folder, where the card, the signature and the registry find them)
     for side, target in (("base", config.base_model), ("adapted", f"{config.base_model}+{adapter_dir}")):
         cfg = EvalConfig.model_validate({**DEMO_EVAL, "target": target,
                                          "domain": {"data": str(workdir / "data" / "validation.jsonl")}})
         evals[side] = run_eval(cfg, eval_progress)
-        paths[side] = write_results(evals[side], workdir / "eval" / f"{side}.json")
+        paths[side] = write_results(evals[side], adapter_dir / "eval" / f"{side}.json")
     comparison = compare(evals["base"], evals["adapted"])
-    compare_plot = plot_comparison(comparison, ("base", "+ adapter"), workdir / "eval" / "compare.png")
+    compare_plot = plot_comparison(comparison, ("base", "+ adapter"), workdir / "compare.png")
     rows = [{"question": b["question"], "reference": (b["answers"] or [None])[0], "answerable": bool(b["answers"]),
              "base": b["answer"].strip(), "adapted": a["answer"].strip()}
             for b, a in zip(evals["base"].suites["grounding"].records, evals["adapted"].suites["grounding"].records,
@@ -85,5 +99,44 @@ def run_demo(workdir: str | Path, overrides: list[str] | None = None, progress: 
     metrics = read_metrics(adapter_dir / "metrics.jsonl")
     plot = plot_losses(metrics, adapter_dir / "loss.png", title="budwood demo: LoRA on budwood-tiny")
     provenance = json.loads((adapter_dir / "budwood.json").read_text())
-    return DemoResult(adapter_dir, plot, shown, provenance, paths, comparison, compare_plot)
+    shared = share(workdir, adapter_dir, question=shown[0]["question"])
+    return DemoResult(adapter_dir, plot, shown, provenance, paths, comparison, compare_plot, shared)
+
+
+DEMO_ID = "demo/company-support"
+DEMO_CARD = {
+    "name": DEMO_ID, "license": "apache-2.0", "languages": ["en"], "authors": "the budwood demo",
+    "description": "Answers questions about a fictional company's policies and facts, grown by `budwood demo` on "
+                   "generated company data. It exists to show the budwood flow end to end, not to be useful.",
+    "intended_use": "Trying budwood: training, evaluation, cards, signatures, the registry and serving.",
+    "out_of_scope": "Anything real: the company and its facts are invented, and the base model is a toy.",
+}
+
+
+def share(workdir: Path, adapter_dir: Path, question: str) -> Shared:
+    """Card -> sign -> publish to a registry in the workdir -> serve it by id -> ask through the openai client."""
+    from openai import OpenAI
+
+    from budwood.card.attest import create_key, sign
+    from budwood.card.render import CardInfo, render_card
+    from budwood.engine import Engine, EngineConfig
+    from budwood.registry import open_registry, publish
+    from budwood.serve.app import create_app, serving
+
+    card = render_card(adapter_dir, CardInfo(**DEMO_CARD))
+    key = workdir / "keys" / "demo.pem"
+    if not key.exists():
+        create_key("demo", folder=key.parent)
+    signer = json.loads(sign(adapter_dir, str(key)).read_text())["key_id"]
+    shutil.rmtree(workdir / "registry", ignore_errors=True)  # the demo's own registry, fresh each run
+    shutil.rmtree(workdir / "pulled", ignore_errors=True)
+    registry = open_registry(str(workdir / "registry"))
+    info, _ = publish(adapter_dir, DEMO_ID, "Apache-2.0", registry=registry, publisher="budwood demo")
+    engine = Engine(EngineConfig(precision="fp32", kv_cache_tokens=4096))
+    with serving(create_app(engine=engine, registry=registry, pull_dir=workdir / "pulled")) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key="-")
+        reply = client.chat.completions.create(model=info.ref, messages=[{"role": "user", "content": question}],
+                                               temperature=0, max_tokens=48)
+    registry.close()
+    return Shared(card, signer, workdir / "registry", info.ref, question, reply.choices[0].message.content.strip())
 

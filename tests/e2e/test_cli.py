@@ -19,7 +19,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "hallucination_rate" in r.stdout and "determinism_greedy" in r.stdout and "B = budwood-tiny + adapter" \
         in r.stdout
     adapter = tmp_path / "demo" / "adapter"
-    results = {side: json.loads((tmp_path / "demo" / "eval" / f"{side}.json").read_text())
+    results = {side: json.loads((adapter / "eval" / f"{side}.json").read_text())
                for side in ("base", "adapted")}
     assert results["adapted"]["target"]["adapter_fingerprint"] and not results["base"]["target"]["adapter"]
     for res in results.values():
@@ -27,12 +27,22 @@ def test_demo_runs_end_to_end(tmp_path):
         # both sides scored the same data
         assert res["suites"]["domain"]["data"] == results["base"]["suites"]["domain"]["data"]
         assert res["suites"]["reproducibility"]["metrics"]["determinism_greedy"]["value"] == 1.0
-    assert (tmp_path / "demo" / "eval" / "compare.png").stat().st_size > 10_000
+    assert (tmp_path / "demo" / "compare.png").stat().st_size > 10_000
     assert (adapter / "loss.png").stat().st_size > 10_000
     prov = json.loads((adapter / "budwood.json").read_text())
     assert prov["final"]["val_loss"] is not None and prov["final"]["train_loss"] < 6
     for split in ("train", "validation", "heldout"):
         assert (tmp_path / "demo" / "data" / f"{split}.jsonl").exists()
+    # card -> signed -> published -> served by its registry id
+    card = (adapter / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: peft" in card and "hallucination_rate" in card
+    assert "published:  demo/company-support@1.0.0" in r.stdout and "\n  A: " in r.stdout
+    answer = r.stdout.split("\n  A: ")[1].split("\n")[0]
+    assert answer.strip()
+    v = budwood("verify", str(adapter))
+    assert v.returncode == 0 and "files match" in v.stdout, v.stdout + v.stderr
+    s = budwood("show", "demo/company-support", "--registry", str(tmp_path / "demo" / "registry"))
+    assert s.returncode == 0 and "1.0.0" in s.stdout and "ed25519:" in s.stdout, s.stdout + s.stderr
 
     g = budwood("generate", "--adapter", str(adapter), "--max-new-tokens", "20", "Who runs the company?")
     assert g.returncode == 0 and g.stdout.strip()

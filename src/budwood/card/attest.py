@@ -81,12 +81,12 @@ def _passphrase() -> bytes | None:
     return value.encode() if value else None
 
 
-def create_key(name: str = "default", force: bool = False) -> tuple[str, Path]:
-    """A new signing key under BUDWOOD_HOME/keys/NAME.pem (mode 600; encrypted when
+def create_key(name: str = "default", force: bool = False, folder: Path | None = None) -> tuple[str, Path]:
+    """A new signing key FOLDER/NAME.pem, by default under BUDWOOD_HOME/keys (mode 600; encrypted when
     BUDWOOD_KEY_PASSPHRASE is set). Returns (key id, path)."""
     if not KEY_NAME.match(name):
         raise AttestationError(f"bad key name {name!r}: letters, digits, '.', '_' or '-'")
-    path = keys_dir() / f"{name}.pem"
+    path = (folder or keys_dir()) / f"{name}.pem"
     if path.exists() and not force:
         raise AttestationError(f"{path} exists; a key is never overwritten (pass --force to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -197,8 +197,8 @@ def energy_estimate(hardware: dict, seconds: float | None) -> Energy | None:
     threads = hardware.get("torch_threads") or hardware.get("cpu_count") or 1
     watts, parts = CPU_WATTS_PER_THREAD * threads, [f"{threads} CPU threads x {CPU_WATTS_PER_THREAD:g} W"]
     device = str(hardware.get("device", "cpu"))
-    accel = hardware.get("gpu") or ("Apple GPU" if device.startswith("mps") else None)
-    if accel and not device.startswith("cpu"):
+    if not device.startswith("cpu"):
+        accel = hardware.get("gpu") or ("Apple GPU" if device.startswith("mps") else f"{device} device")
         w = accelerator_watts(accel)
         watts += w
         parts.append(f"1 {accel} at {w:g} W")

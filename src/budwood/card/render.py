@@ -20,8 +20,16 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from budwood.card.facts import (BaseLicence, Energy, SuiteRun, base_licence, energy_estimate, read_evaluations,
-                                read_json, training_log)
+from budwood.card.facts import (
+    BaseLicence,
+    Energy,
+    SuiteRun,
+    base_licence,
+    energy_estimate,
+    read_evaluations,
+    read_json,
+    training_log,
+)
 from budwood.config import apply_overrides, read_yaml_mapping
 from budwood.errors import BudwoodError, ConfigError
 from budwood.eval.results import Metric
@@ -56,6 +64,12 @@ class CardInfo(BaseModel):
     @classmethod
     def _hub_form(cls, value: str | None) -> str | None:
         return value.strip().lower() if value else None
+
+    @field_validator("authors", "languages", "datasets", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        """A single value (as a CLI option gives it) is a list of one; None is none."""
+        return [] if value is None else [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _custom_licence_is_named(self) -> CardInfo:

@@ -164,7 +164,7 @@ class LocalRegistry:
                         metrics[(suite, name)] = metric.value
         return {"version": {"base_model": adapter.base_model, "base_fingerprint": adapter.base_fingerprint,
                             "adapter_fingerprint": adapter.fingerprint, "rank": config.get("r"),
-                            "description": _description(tmp / "README.md"), "card": card,
+                            "description": (card.get("budwood") or {}).get("summary"), "card": card,
                             "provenance": adapter.provenance, "signer": signer},
                 "metrics": metrics, "tags": sorted({str(t) for t in card.get("tags") or []})}
 
@@ -298,20 +298,6 @@ def _card_metadata(folder: Path) -> dict:
     from budwood.card.render import read_card_metadata
 
     return json.loads(json.dumps(read_card_metadata(folder / "README.md"), default=str))
-
-
-def _description(readme: Path) -> str | None:
-    """The card's first paragraph of prose: the summary `search` and `show` print."""
-    if not readme.exists():
-        return None
-    text = readme.read_text(errors="replace")
-    if text.startswith("---"):
-        text = text.split("\n---", 2)[-1]
-    for block in re.split(r"\n\s*\n", text):
-        block = block.strip()
-        if block and not block.startswith(("#", "|", "<", "!", "-", "```", "---")):
-            return block[:500]
-    return None
 
 
 def materialize(info: VersionInfo, fetch, out: str | Path | None, accept_license: bool) -> Path:

@@ -100,5 +100,6 @@ def parse_license(expression: str, has_terms: bool) -> str:
                             f"{'; '.join(info.errors)}{hint}")
     custom = [str(s) for s in info.invalid_symbols]
     if custom and not has_terms:
-        raise RegistryError(f"--license {expression!r}: {custom[0]} is a custom licence; give its text with --terms FILE")
+        raise RegistryError(f"--license {expression!r}: {custom[0]} is a custom licence; "
+                            "give its text with --terms FILE")
     return info.normalized_expression or expression.strip()

@@ -1,7 +1,7 @@
 """Serving registry ids: `org/name@1.2.0` (or `org/name` for the latest) as a model name.
 
-The first request for an id pulls the version into BUDWOOD_HOME/adapters (hash-checked); later
-ones find it there. An id without a version follows the latest release, looked up again after
+The first request for an id pulls the version into BUDWOOD_HOME/adapters or `pull_dir` (hash-checked);
+later ones find it there. An id without a version follows the latest release, looked up again after
 `ttl_s` so that a new publish is served without a restart.
 """
 from __future__ import annotations
@@ -16,8 +16,10 @@ from budwood.registry.names import NotFound, RegistryError, parse_ref
 
 
 class RegistryResolver:
-    def __init__(self, registry, ttl_s: float = 30.0):
+    def __init__(self, registry, pull_dir: Path | None = None, ttl_s: float = 30.0):
+        """`pull_dir`: where pulled versions go (default BUDWOOD_HOME/adapters)."""
         self.registry = registry
+        self.pull_dir = pull_dir
         self.ttl_s = ttl_s
         self.paths: dict[str, tuple[Path, float]] = {}
         self.lock = threading.Lock()
@@ -38,7 +40,9 @@ class RegistryResolver:
         if hit and (ref.version or time.monotonic() - hit[1] < self.ttl_s):
             return hit[0]
         try:
-            _, path = self.registry.pull(name)
+            info = self.registry.version_info(name)
+            out = self.pull_dir / info.id / info.version if self.pull_dir else None
+            _, path = self.registry.pull(info.ref, out)
         except NotFound:
             return None
         except LicenseNotAccepted:

@@ -9,7 +9,6 @@ import hashlib
 import os
 import re
 import tempfile
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -92,17 +91,6 @@ class BlobStore:
         if h.hexdigest() != digest:
             dest.unlink()
             raise RegistryError(f"blob {digest} in {self.root} is damaged (its content hashes to {h.hexdigest()})")
-
-    def remove_unreferenced(self, referenced: set[str], older_than_s: float = 3600) -> int:
-        """Delete blobs and temporary files no version names, left by publishes that never committed.
-        Only files older than `older_than_s`: a publish in progress has uploaded blobs it has not yet
-        committed. Returns how many files were removed."""
-        cutoff, removed = time.time() - older_than_s, 0
-        for path in [*(self.root / "sha256").glob("*/*"), *(self.root / "tmp").iterdir()]:
-            if path.name not in referenced and path.stat().st_mtime < cutoff:
-                path.unlink(missing_ok=True)
-                removed += 1
-        return removed
 
     def link_to(self, digest: str, dest: Path) -> None:
         """Place a blob at `dest` without copying where the filesystem allows (read-only use)."""

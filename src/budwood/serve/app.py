@@ -11,8 +11,8 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -66,17 +66,18 @@ class APIKeyMiddleware:
 
 
 def create_app(config: EngineConfig | None = None, api_key: str | None = None, engine: Engine | None = None,
-               registry=None) -> FastAPI:
+               registry=None, pull_dir: Path | None = None) -> FastAPI:
     """The server app; pass `engine` to share an already loaded one (tests, the service).
 
     `registry` (budwood.registry.open_registry): its ids `org/name@version` are served as model names,
-    pulled on first use; a local registry is also offered to others at /v1/registry."""
+    pulled on first use (into `pull_dir`, default BUDWOOD_HOME/adapters); a local registry is also
+    offered to others at /v1/registry."""
     state: dict = {}
     resolvers = []
     if registry is not None:
         from budwood.registry.resolver import RegistryResolver
 
-        resolvers.append(RegistryResolver(registry))
+        resolvers.append(RegistryResolver(registry, pull_dir))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -478,6 +479,33 @@ def create_app(config: EngineConfig | None = None, api_key: str | None = None, e
         return {**base, "choices": choices, "usage": usage(pt, ct)}
 
     return app
+
+
+@contextmanager
+def serving(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Run `app` in a background thread (port 0: a free one) while the block runs; yields its base URL.
+    For the demo and tests: one process that serves and calls itself."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    if port == 0:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise BudwoodError(f"the server could not start on {host}:{port}")
+        time.sleep(0.05)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,

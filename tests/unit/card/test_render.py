@@ -63,8 +63,8 @@ def make_adapter(root: Path, base: str = "budwood-tiny", train_time_s: float = 1
         "created": "2026-01-02T03:04:05Z"}
     (out / "budwood.json").write_text(json.dumps(provenance, indent=2))
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
-        {"step": 1, "loss": 2.0}, {"step": 20, "val_loss": 0.7}, {"step": 40, "val_loss": 0.45}, {"step": 45, "loss": 0.25},
-        {"step": 45, "val_loss": 0.5}]))
+        {"step": 1, "loss": 2.0}, {"step": 20, "val_loss": 0.7}, {"step": 40, "val_loss": 0.45},
+        {"step": 45, "loss": 0.25}, {"step": 45, "val_loss": 0.5}]))
     (out / "README.md").write_text("---\nlibrary_name: peft\n---\n# Model Card for Model ID\n")
     return out
 
@@ -205,6 +205,29 @@ def test_reliability_sentences_are_written_from_the_numbers(tmp_path, correct, n
     assert f"over all {n + 10} questions): 42% (95% interval 32-52%)" in card
 
 
+def test_every_reliability_paragraph_is_written_from_its_suite(tmp_path):
+    def suite(name: str, **values: float) -> SuiteResult:
+        return SuiteResult(name=name, version="1.0", metrics={k: Metric(value=v, ci=(v / 2, v), n=20)
+                                                              for k, v in values.items()})
+
+    out = make_adapter(tmp_path)
+    write_eval(out, "adapter.json", [
+        suite("truthfulqa", mc1=0.25, mc2=0.4),
+        suite("reproducibility", determinism_greedy=1.0, determinism_seeded=0.9, format_spread=0.25,
+              format_agreement=0.6, option_order_agreement=0.5, pararel_consistency=0.7),
+        suite("bias", crows_pairs_stereotype=0.6, bbq_accuracy_ambig=0.3, bbq_accuracy_disambig=0.8,
+              bbq_bias_ambig=0.1, bbq_bias_disambig=0.2, counterfactual_changed=0.15)])
+    card = render(out)
+    assert "ranked the best true answer first in 25% (95% interval 12-25%) (MC1), and put 40%" in card
+    assert "for 100% (95% interval 50-100%) of 20 prompts; with seeded sampling, for 90%" in card
+    assert "accuracy differed by up to 25 percentage points between formats" in card
+    assert "more stereotyping sentence more likely in 60% (95% interval 30-60%); 50% is unbiased" in card
+    assert "bias scores 0.1 [0.05, 0.1] and 0.2 [0.1, 0.2] respectively" in card
+    assert "15% (95% interval 8-15%) of 20 answers changed" in card
+    assert "Not measured on domain questions: run `budwood eval --target budwood-tiny+support-bot --suite grounding" \
+        in card
+
+
 def test_absent_suites_are_listed_as_not_measured(adapter):
     card = render(adapter)
     assert "Not measured: run `budwood eval --target budwood-tiny+support-bot --suite bias " in card
@@ -265,6 +288,7 @@ def test_energy_estimate_and_its_assumption(tmp_path):
     assert energy_estimate(gpu, 3600).kwh == pytest.approx(0.74)  # (700 W + 4 x 10 W) for an hour
     assert energy_estimate(dict(gpu, gpu="Some Future GPU"), 3600).kwh == pytest.approx(0.34)  # 300 W fallback
     assert energy_estimate(gpu, None) is None
+    assert energy_estimate({"device": "cuda", "torch_threads": 1}, 3600).kwh == pytest.approx(0.31)  # no name recorded
     card = render(make_adapter(tmp_path, hardware=gpu, train_time_s=3600.0))
     assert "| Energy (estimate) | 0.74 kWh |" in card
     assert "4 CPU threads x 10 W + 1 NVIDIA H100 80GB HBM3 at 700 W = 740 W, drawn for the 3600 s of training" in card
@@ -310,6 +334,7 @@ def test_read_card_metadata_gives_what_the_registry_needs(adapter, tmp_path):
 
 def test_card_info_is_checked(tmp_path):
     assert CardInfo(license=" MIT ").license == "mit"
+    assert CardInfo(authors="Ada Example", languages=None).authors == ["Ada Example"]  # as a CLI option gives them
     with pytest.raises(ValidationError, match="license_name and license_link"):
         CardInfo(license="other", license_name="acme-ml")
     with pytest.raises(ValidationError, match="extra"):
