@@ -215,7 +215,8 @@ def demo_cmd(
     sh = result.shared
     out.print(f"card:       {sh.card}\nsigned:     by {sh.signer} (budwood verify {result.adapter_dir})\n"
               f"published:  {sh.ref} in {sh.registry} (budwood show {sh.ref.split('@')[0]} --registry {sh.registry})\n"
-              f"served:     {sh.ref} through the openai client\n  Q: {sh.question}\n  A: {sh.answer}",
+              f"served:     {sh.ref} through the openai client\n  Q: {sh.question}\n  A: {sh.answer}\n"
+              f"  (reference: {sh.reference or 'none: the data does not say'})",
               soft_wrap=True, highlight=False, markup=False)
     out.print(f"adapter:    {result.adapter_dir}  ({p['steps']} steps, {p['tokens_seen']:,} tokens, "
               f"{p['train_time_s']:.0f} s training, {time.time() - t0:.0f} s in all)", soft_wrap=True)

@@ -46,6 +46,7 @@ class Shared:
     registry: Path
     ref: str
     question: str
+    reference: str | None
     answer: str
 
 
@@ -99,7 +100,7 @@ def run_demo(workdir: str | Path, overrides: list[str] | None = None, progress: 
     metrics = read_metrics(adapter_dir / "metrics.jsonl")
     plot = plot_losses(metrics, adapter_dir / "loss.png", title="budwood demo: LoRA on budwood-tiny")
     provenance = json.loads((adapter_dir / "budwood.json").read_text())
-    shared = share(workdir, adapter_dir, question=shown[0]["question"])
+    shared = share(workdir, adapter_dir, shown[0]["question"], shown[0]["reference"])
     return DemoResult(adapter_dir, plot, shown, provenance, paths, comparison, compare_plot, shared)
 
 
@@ -113,7 +114,7 @@ DEMO_CARD = {
 }
 
 
-def share(workdir: Path, adapter_dir: Path, question: str) -> Shared:
+def share(workdir: Path, adapter_dir: Path, question: str, reference: str | None) -> Shared:
     """Card -> sign -> publish to a registry in the workdir -> serve it by id -> ask through the openai client."""
     from openai import OpenAI
 
@@ -138,5 +139,6 @@ def share(workdir: Path, adapter_dir: Path, question: str) -> Shared:
         reply = client.chat.completions.create(model=info.ref, messages=[{"role": "user", "content": question}],
                                                temperature=0, max_tokens=48)
     registry.close()
-    return Shared(card, signer, workdir / "registry", info.ref, question, reply.choices[0].message.content.strip())
+    answer = reply.choices[0].message.content.strip()
+    return Shared(card, signer, workdir / "registry", info.ref, question, reference, answer)
 
