@@ -8,7 +8,12 @@ anything else in the folder stay local.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,3 +119,21 @@ class AdapterDir:
             if odd:
                 warnings.append(f"target modules {odd} are not linear projections vLLM applies LoRA to")
         return warnings
+
+
+@contextmanager
+def staged_dir(dest: Path) -> Iterator[Path]:
+    """Fill a temporary sibling of `dest`, then rename it into place: `dest` appears complete or not at
+    all, whatever kills the process midway. `dest` must not exist or be empty."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial-"))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
+        if dest.exists():
+            dest.rmdir()
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -8,12 +8,10 @@ the Hub requires.
 """
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from budwood.artifacts import ATTESTATION, AdapterDir
+from budwood.artifacts import ATTESTATION, AdapterDir, staged_dir
 from budwood.errors import BudwoodError
 
 GITATTRIBUTES = """*.safetensors filter=lfs diff=lfs merge=lfs -text
@@ -43,16 +41,9 @@ def export_hf(adapter_dir: str | Path, out: str | Path) -> Path:
             raise BudwoodError(f"{adapter.path}: the attestation does not verify ({'; '.join(check.problems)}"
                                f"{'; unsigned: ' + ', '.join(check.unsigned) if check.unsigned else ''}); "
                                "re-sign it or remove attestation.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    try:
+    with staged_dir(out) as tmp:
         for name in adapter.files() + ([ATTESTATION] if signed else []):
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(adapter.path / name, tmp / name)
         (tmp / ".gitattributes").write_text(GITATTRIBUTES)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

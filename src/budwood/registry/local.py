@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from budwood.artifacts import ARTIFACT_PATH, ATTESTATION, AdapterDir
+from budwood.artifacts import ARTIFACT_PATH, ATTESTATION, AdapterDir, staged_dir
 from budwood.errors import BudwoodError
 from budwood.registry import models as m
 from budwood.registry.db import budwood_home, default_url, open_database
@@ -305,12 +304,8 @@ def materialize(info: VersionInfo, fetch, out: str | Path | None, accept_license
     against its hash on the way; the folder appears complete or not at all."""
     dest = Path(out).expanduser() if out else budwood_home() / "adapters" / info.id / info.version
     marker = {"id": info.id, "version": info.version, "files": {f.path: f.sha256 for f in info.files}}
-    if dest.exists():
-        try:
-            if json.loads((dest / PULL_MARKER).read_text()) == marker:
-                return dest  # pulled before (its terms were accepted then)
-        except (OSError, json.JSONDecodeError):
-            pass
+    if _pulled(dest, marker):
+        return dest  # pulled before (its terms were accepted then)
     if info.requires_acceptance and not accept_license:
         raise LicenseNotAccepted(info.ref, info.license, info.terms or "")
     if info.yanked:
@@ -318,19 +313,24 @@ def materialize(info: VersionInfo, fetch, out: str | Path | None, accept_license
     if dest.exists():
         if any(dest.iterdir()):
             raise BudwoodError(f"{dest} exists and is not a pull of {info.ref}; choose another --out")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial-"))
     try:
-        for f in info.files:
-            if not ARTIFACT_PATH.match(f.path):
-                raise RegistryError(f"{info.ref}: refusing file {f.path!r}")
-            target = tmp / f.path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fetch(f.sha256, target)
-        (tmp / PULL_MARKER).write_text(json.dumps(marker, indent=1))
-        if dest.exists():
-            dest.rmdir()
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with staged_dir(dest) as tmp:
+            for f in info.files:
+                if not ARTIFACT_PATH.match(f.path):
+                    raise RegistryError(f"{info.ref}: refusing file {f.path!r}")
+                target = tmp / f.path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fetch(f.sha256, target)
+            (tmp / PULL_MARKER).write_text(json.dumps(marker, indent=1))
+    except OSError:
+        if _pulled(dest, marker):  # a concurrent pull of the same version finished first
+            return dest
+        raise
     return dest
+
+
+def _pulled(dest: Path, marker: dict) -> bool:
+    try:
+        return json.loads((dest / PULL_MARKER).read_text()) == marker
+    except (OSError, json.JSONDecodeError):
+        return False
