@@ -220,14 +220,16 @@ def pull_cmd(
 
 
 def _versions_table(versions, title: str) -> Table:
+    """One row per version; the summary column only where the terminal has room for it."""
+    wide = out.width >= 110
     table = Table(title=title)
-    for col in ("adapter", "version", "base", "licence", "signed", "hallucination", "summary"):
-        table.add_column(col, overflow="fold")
+    for col in ("adapter", "version", "base", "licence", "signed", "halluc.") + (("summary",) if wide else ()):
+        table.add_column(col, no_wrap=col != "summary", overflow="ellipsis" if col == "summary" else "fold")
     for v in versions:
         rate = v.metrics.get("grounding.hallucination_rate")
-        table.add_row(v.id, v.version + (" (yanked)" if v.yanked else ""), v.base_model, v.license,
-                      "yes" if v.signer else "no", "" if rate is None else f"{rate:.3g}",
-                      (v.description or "")[:80])
+        row = [v.id, v.version + (" (yanked)" if v.yanked else ""), v.base_model, v.license,
+               "yes" if v.signer else "no", "" if rate is None else f"{rate:.3g}"]
+        table.add_row(*row, *([v.description or ""] if wide else []))
     return table
 
 
