@@ -395,6 +395,9 @@ def serve_cmd(
     """
     from budwood.errors import BudwoodError
 
+    if engine == "vllm" and registry:
+        _fail(ValueError("--registry works with --engine budwood; for vLLM, budwood pull the adapters into the "
+                         "--adapters folder"))
     if engine == "vllm":
         from budwood.serve.vllm import serve_vllm
         try:

@@ -51,6 +51,9 @@ def open_database(url: str) -> Engine:
         parsed = make_url(url)
     except ArgumentError:
         raise RegistryError(f"bad database URL {url!r}: expected sqlite:///PATH or postgresql://HOST/DB") from None
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise RegistryError(f"database URL {url!r}: the registry runs on SQLite or PostgreSQL, not "
+                            f"{parsed.get_backend_name()}")
     if parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() == "sqlite" and parsed.database:
