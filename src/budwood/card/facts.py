@@ -79,7 +79,16 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def _role(results: EvalResults, adapter_fp: str, base_fp: str) -> tuple[str, str]:
+def results_base_fingerprint(adapter_dir: Path, adapter_fp: str) -> str | None:
+    """For an adapter that records no base fingerprint: the one its own evaluation measured, if any."""
+    for path in sorted((adapter_dir / "eval").glob("*.json")):
+        target = load_results(path).target
+        if target.kind == "local" and target.adapter_fingerprint == adapter_fp:
+            return target.base_fingerprint
+    return None
+
+
+def _role(results: EvalResults, adapter_fp: str, base_fp: str | None) -> tuple[str, str]:
     """(kind, label): ("adapter", ""), ("base", "base") or ("openai", model id); ValueError for results about
     other weights."""
     t = results.target
@@ -104,7 +113,7 @@ def _why_not_comparable(a: Run, b: Run) -> str | None:
     return None
 
 
-def read_evaluations(adapter_dir: Path, adapter_fp: str, base_fp: str, order: list[str]) -> dict[str, SuiteRun]:
+def read_evaluations(adapter_dir: Path, adapter_fp: str, base_fp: str | None, order: list[str]) -> dict[str, SuiteRun]:
     """Every eval/*.json, by suite in `order` (then by name). Where several files ran one suite for the
     same target, the latest `created` wins; the base and endpoint runs become comparison columns when
     they ran the same suite version on the same data with the same settings."""

@@ -28,6 +28,7 @@ from budwood.card.facts import (
     energy_estimate,
     read_evaluations,
     read_json,
+    results_base_fingerprint,
     training_log,
 )
 from budwood.config import apply_overrides, read_yaml_mapping
@@ -97,7 +98,9 @@ class CardFacts:
 
     adapter_dir: Path
     info: CardInfo
-    provenance: dict
+    provenance: dict  # budwood.json; {} for an adapter not trained by budwood
+    base: str
+    base_fingerprint: str | None
     adapter_config: dict
     adapter_fingerprint: str
     training_log: dict | None
@@ -106,10 +109,6 @@ class CardFacts:
     base_licence: BaseLicence
     energy: Energy | None
     loss_plot: bool
-
-    @property
-    def base(self) -> str:
-        return self.provenance["base_model"]["name"]
 
     @property
     def dirname(self) -> str:
@@ -141,17 +140,22 @@ def collect_facts(adapter_dir: str | Path, info: CardInfo | None = None) -> Card
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise BudwoodError(f"{adapter_dir}: no such adapter directory")
-    provenance = read_json(adapter_dir / "budwood.json")
-    base = provenance.get("base_model") or {}
-    if not (isinstance(base, dict) and base.get("name") and base.get("fingerprint")):
-        raise BudwoodError(f"{adapter_dir / 'budwood.json'}: base_model.name and base_model.fingerprint are missing")
+    # an adapter made elsewhere (plain peft) has no budwood.json: its card says what is not recorded
+    provenance = read_json(adapter_dir / "budwood.json") if (adapter_dir / "budwood.json").exists() else {}
+    config = read_json(adapter_dir / "adapter_config.json")
+    recorded = provenance.get("base_model") if isinstance(provenance.get("base_model"), dict) else {}
+    base = recorded.get("name") or config.get("base_model_name_or_path")
+    if not base:
+        raise BudwoodError(f"{adapter_dir}: names no base model (budwood.json base_model.name or "
+                           "adapter_config.json base_model_name_or_path)")
     fingerprint = adapter_fingerprint(adapter_dir)
-    suites = read_evaluations(adapter_dir, fingerprint, base["fingerprint"], list(SUITES))
+    base_fp = recorded.get("fingerprint") or results_base_fingerprint(adapter_dir, fingerprint)
+    suites = read_evaluations(adapter_dir, fingerprint, base_fp, list(SUITES))
     return CardFacts(
-        adapter_dir=adapter_dir, info=info or CardInfo(), provenance=provenance,
-        adapter_config=read_json(adapter_dir / "adapter_config.json"), adapter_fingerprint=fingerprint,
+        adapter_dir=adapter_dir, info=info or CardInfo(), provenance=provenance, base=base, base_fingerprint=base_fp,
+        adapter_config=config, adapter_fingerprint=fingerprint,
         training_log=training_log(adapter_dir / "metrics.jsonl"), suites=suites,
-        absent_suites=[s for s in SUITES if s not in suites], base_licence=base_licence(base["name"]),
+        absent_suites=[s for s in SUITES if s not in suites], base_licence=base_licence(base),
         energy=energy_estimate(provenance.get("hardware") or {}, provenance.get("train_time_s")),
         loss_plot=(adapter_dir / "loss.png").exists())
 
@@ -171,7 +175,7 @@ def card_data(facts: CardFacts) -> ModelCardData:
                                       metric_value=m.value, metric_name=f"{name} (n={m.n}{ci})"))
     info = facts.info
     own = {"name": info.name, "summary": info.description, "adapter_fingerprint": facts.adapter_fingerprint,
-           "base_fingerprint": facts.provenance["base_model"]["fingerprint"]}
+           "base_fingerprint": facts.base_fingerprint}
     return ModelCardData(
         license=info.license, license_name=info.license_name, license_link=info.license_link,
         base_model=facts.base, library_name="peft", pipeline_tag="text-generation",

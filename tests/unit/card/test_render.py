@@ -347,5 +347,5 @@ def test_card_info_is_checked(tmp_path):
 
 
 def test_not_an_adapter_dir_is_a_clear_error(tmp_path):
-    with pytest.raises(BudwoodError, match="budwood.json: missing"):
+    with pytest.raises(BudwoodError, match="adapter_config.json: missing"):
         render_card(tmp_path)
