@@ -30,7 +30,10 @@ def _registry(location: str | None, api_key: str | None):
 def card_cmd(
     adapter_dir: Path = typer.Argument(..., help="adapter directory (its eval/*.json results go in the card)"),
     name: str = typer.Option(None, help="registry id ORG/NAME the card names the adapter by"),
-    license: str = typer.Option(None, help="SPDX licence id of the adapter, e.g. apache-2.0"),
+    license: str = typer.Option(None, help="SPDX licence id of the adapter, e.g. apache-2.0; or 'other' with "
+                                           "--license-name and --license-link"),
+    license_name: str = typer.Option(None, help="with --license other: the licence's short name"),
+    license_link: str = typer.Option(None, help="with --license other: where its text is (URL or LICENSE file)"),
     description: str = typer.Option(None, help="one paragraph: what the adapter does"),
     intended_use: str = typer.Option(None, help="what it is for"),
     out_of_scope: str = typer.Option(None, help="what it must not be used for"),
@@ -50,12 +53,13 @@ def card_cmd(
     from budwood.errors import BudwoodError
 
     try:
-        info = CardInfo(name=name, license=license, description=description, intended_use=intended_use,
+        info = CardInfo(name=name, license=license, license_name=license_name, license_link=license_link,
+                        description=description, intended_use=intended_use,
                         out_of_scope=out_of_scope, languages=language, datasets=dataset, authors=author,
                         contact=contact)
     except ValidationError as e:
-        _fail(ValueError("; ".join(f"--{'-'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}"
-                                   for err in e.errors())))
+        _fail(ValueError("; ".join((f"--{'-'.join(map(str, err['loc'])).replace('_', '-')}: " if err["loc"] else "")
+                                   + err["msg"].removeprefix("Value error, ") for err in e.errors())))
     try:
         path = render_card(adapter_dir, info)
     except BudwoodError as e:

@@ -15,7 +15,7 @@ import yaml
 
 from budwood.errors import BudwoodError, ModelError
 from budwood.eval.results import EvalResults, SuiteResult, load_results
-from budwood.models.load import TINY_NAME, resolve_model_path
+from budwood.models.names import TINY_NAME, resolve_model_path
 
 LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md")
 

@@ -35,7 +35,7 @@ from budwood.config import apply_overrides, read_yaml_mapping
 from budwood.errors import BudwoodError, ConfigError
 from budwood.eval.results import Metric
 from budwood.models.fingerprint import adapter_fingerprint
-from budwood.models.load import TINY_NAME
+from budwood.models.names import TINY_NAME
 
 MISSING = "_Not stated by the publisher._"
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts

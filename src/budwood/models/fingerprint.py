@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from budwood.errors import ModelError
-from budwood.models.load import resolve_model_path
+from budwood.models.names import resolve_model_path
 
 CACHE = Path(os.environ.get("BUDWOOD_CACHE", Path.home() / ".cache" / "budwood")) / "fingerprints.json"
 

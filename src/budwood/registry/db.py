@@ -28,9 +28,10 @@ def default_url(home: Path) -> str:
 
 
 def _sqlite_setup(engine: Engine) -> None:
-    """Foreign keys on, a 30 s wait for the write lock, WAL so readers never block, and every
-    transaction taking the write lock at BEGIN: a deferred transaction that reads and then writes
-    can fail at once with 'database is locked' when another writer got there first."""
+    """Foreign keys on, a 30 s wait for the write lock, WAL so readers never block, and write
+    transactions (a connection with execution option `write=True`: `writer(engine)`) taking the write
+    lock at BEGIN: a deferred transaction that reads and then writes can fail at once with 'database
+    is locked' when another writer got there first."""
 
     @event.listens_for(engine, "connect")
     def connect(dbapi_conn, _record):
@@ -43,7 +44,12 @@ def _sqlite_setup(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def begin(conn):
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("write") else "BEGIN")
+
+
+def writer(engine: Engine) -> Engine:
+    """The same engine, for transactions that write (on SQLite they take the write lock at BEGIN)."""
+    return engine.execution_options(write=True)
 
 
 def open_database(url: str) -> Engine:
@@ -71,13 +77,19 @@ def open_database(url: str) -> Engine:
 
 
 def migrate(engine: Engine) -> None:
-    """Upgrade to the newest revision; a no-op when already there."""
+    """Upgrade to the newest revision; when already there, one read and no lock."""
     from alembic import command
     from alembic.config import Config
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
 
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn:
+    head = ScriptDirectory.from_config(config).get_current_head()
+    with engine.connect() as conn:
+        if MigrationContext.configure(conn).get_current_revision() == head:
+            return
+    with writer(engine).begin() as conn:
         if engine.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK})
         config.attributes["connection"] = conn

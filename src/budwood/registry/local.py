@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 from budwood.artifacts import ARTIFACT_PATH, ATTESTATION, AdapterDir, staged_dir
 from budwood.errors import BudwoodError
 from budwood.registry import models as m
-from budwood.registry.db import budwood_home, default_url, open_database
+from budwood.registry.db import budwood_home, default_url, open_database, writer
 from budwood.registry.names import (
     AdapterRef,
     NotFound,
@@ -68,6 +68,7 @@ class LocalRegistry:
         self.store = BlobStore(blobs or os.environ.get("BUDWOOD_BLOBS") or home / "blobs")
         self.engine = open_database(self.url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.writes = sessionmaker(writer(self.engine), expire_on_commit=False)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -99,11 +100,24 @@ class LocalRegistry:
             raise RegistryError(f"{ref}: a file is named twice in the manifest")
         with tempfile.TemporaryDirectory(dir=self.store.root / "tmp") as tmp:
             facts = self._inspect(Path(tmp), request, license)
-        with self.sessions.begin() as s:
+        explicit = ref.version or request.version
+        wanted = parse_version(explicit) if explicit else None
+        for attempt in range(3):  # an automatic version taken by a concurrent publish: take the next one
+            try:
+                version = self._record(ref, request, license, facts, wanted)
+                break
+            except VersionExists:
+                if wanted or attempt == 2:
+                    raise
+        return self.version_info(f"{ref.id}@{version}")
+
+    def _record(self, ref: AdapterRef, request: PublishRequest, license: str, facts: dict,
+                version: str | None) -> str:
+        """One transaction: the adapter row (created on first publish), the version, its files and numbers."""
+        with self.writes.begin() as s:
             adapter = self._adapter_row(s, ref, request.private)
             existing = [v for (v,) in s.execute(select(m.Version.version).where(m.Version.adapter_id == adapter.id))]
-            version = parse_version(ref.version or request.version) if (ref.version or request.version) \
-                else next_version(existing)
+            version = version or next_version(existing)
             if version in existing:
                 raise VersionExists(f"{ref.id}@{version} is already published; versions are immutable, publish "
                                     "another version")
@@ -119,7 +133,7 @@ class LocalRegistry:
             except IntegrityError:
                 raise VersionExists(f"{ref.id}@{version} is already published (another publish got there first); "
                                     "versions are immutable, publish another version") from None
-        return self.version_info(f"{ref.id}@{version}")
+        return version
 
     def _adapter_row(self, s: Session, ref: AdapterRef, private: bool) -> m.Adapter:
         """Create the adapter on first publish; concurrent first publishes both end up with the one row."""
@@ -243,7 +257,7 @@ class LocalRegistry:
         """Hide a version from `latest` and search; pulling it by its exact version still works, with a warning
         (as with Cargo and PyPI), so that nothing pinned to it breaks."""
         parsed = parse_ref(ref, version_required=True)
-        with self.sessions.begin() as s:
+        with self.writes.begin() as s:
             row = s.scalars(select(m.Version).join(m.Adapter).where(
                 m.Adapter.namespace == parsed.namespace, m.Adapter.name == parsed.name,
                 m.Version.version == parsed.version)).one_or_none()

@@ -16,10 +16,12 @@ from budwood.registry.names import NotFound, RegistryError, parse_ref
 
 
 class RegistryResolver:
-    def __init__(self, registry, pull_dir: Path | None = None, ttl_s: float = 30.0):
-        """`pull_dir`: where pulled versions go (default BUDWOOD_HOME/adapters)."""
+    def __init__(self, registry, pull_dir: Path | None = None, include_private: bool = False, ttl_s: float = 30.0):
+        """`pull_dir`: where pulled versions go (default BUDWOOD_HOME/adapters). `include_private`: serve
+        private adapters too, for a server whose callers hold its API key."""
         self.registry = registry
         self.pull_dir = pull_dir
+        self.include_private = include_private
         self.ttl_s = ttl_s
         self.paths: dict[str, tuple[Path, float]] = {}
         self.lock = threading.Lock()
@@ -40,9 +42,9 @@ class RegistryResolver:
         if hit and (ref.version or time.monotonic() - hit[1] < self.ttl_s):
             return hit[0]
         try:
-            info = self.registry.version_info(name)
+            info = self.registry.version_info(name, include_private=self.include_private)
             out = self.pull_dir / info.id / info.version if self.pull_dir else None
-            _, path = self.registry.pull(info.ref, out)
+            _, path = self.registry.pull(info.ref, out, include_private=self.include_private)
         except NotFound:
             return None
         except LicenseNotAccepted:

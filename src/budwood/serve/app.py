@@ -70,14 +70,14 @@ def create_app(config: EngineConfig | None = None, api_key: str | None = None, e
     """The server app; pass `engine` to share an already loaded one (tests, the service).
 
     `registry` (budwood.registry.open_registry): its ids `org/name@version` are served as model names,
-    pulled on first use (into `pull_dir`, default BUDWOOD_HOME/adapters); a local registry is also
-    offered to others at /v1/registry."""
+    pulled on first use (into `pull_dir`, default BUDWOOD_HOME/adapters); private ones only when the
+    server has an API key. A local registry is also offered to others at /v1/registry."""
     state: dict = {}
     resolvers = []
     if registry is not None:
         from budwood.registry.resolver import RegistryResolver
 
-        resolvers.append(RegistryResolver(registry, pull_dir))
+        resolvers.append(RegistryResolver(registry, pull_dir, include_private=bool(api_key)))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
