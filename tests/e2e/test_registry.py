@@ -189,7 +189,7 @@ import sys, time
 from budwood.registry import open_registry
 from budwood.registry.names import parse_ref
 registry = open_registry(sys.argv[1])
-with registry.sessions.begin() as s:  # a publish's transaction, held open
+with registry.writes.begin() as s:  # a publish's transaction (write lock taken), held open
     registry._adapter_row(s, parse_ref("acme/slow"), False)
     s.flush()
     print("READY", flush=True)
