@@ -80,9 +80,9 @@ def run_demo(workdir: str | Path, overrides: list[str] | None = None, progress: 
     if progress is not None:
         progress.stop()  # evaluation shows its own bars
 
-    # base and adapter evaluated by the same suites on the same data; the numbers land in eval/*.json
+    # base and adapter evaluated by the same suites on the same data; the numbers land in the adapter's
+    # eval/ folder, where the card, the signature and the registry find them
     evals, paths = {}, {}
-    # (into the adapter's eval/ folder, where the card, the signature and the registry find them)
     for side, target in (("base", config.base_model), ("adapted", f"{config.base_model}+{adapter_dir}")):
         cfg = EvalConfig.model_validate({**DEMO_EVAL, "target": target,
                                          "domain": {"data": str(workdir / "data" / "validation.jsonl")}})
@@ -132,13 +132,14 @@ def share(workdir: Path, adapter_dir: Path, question: str, reference: str | None
     shutil.rmtree(workdir / "registry", ignore_errors=True)  # the demo's own registry, fresh each run
     shutil.rmtree(workdir / "pulled", ignore_errors=True)
     registry = open_registry(str(workdir / "registry"))
-    info, _ = publish(adapter_dir, DEMO_ID, "Apache-2.0", registry=registry, publisher="budwood demo")
-    engine = Engine(EngineConfig(precision="fp32", kv_cache_tokens=4096))
-    with serving(create_app(engine=engine, registry=registry, pull_dir=workdir / "pulled")) as url:
-        client = OpenAI(base_url=f"{url}/v1", api_key="-")
-        reply = client.chat.completions.create(model=info.ref, messages=[{"role": "user", "content": question}],
-                                               temperature=0, max_tokens=48)
-    registry.close()
+    try:
+        info, _ = publish(adapter_dir, DEMO_ID, "Apache-2.0", registry=registry, publisher="budwood demo")
+        engine = Engine(EngineConfig(precision="fp32", kv_cache_tokens=4096))
+        with serving(create_app(engine=engine, registry=registry, pull_dir=workdir / "pulled")) as url:
+            client = OpenAI(base_url=f"{url}/v1", api_key="-")
+            reply = client.chat.completions.create(model=info.ref, messages=[{"role": "user", "content": question}],
+                                                   temperature=0, max_tokens=48)
+    finally:
+        registry.close()
     answer = reply.choices[0].message.content.strip()
     return Shared(card, signer, workdir / "registry", info.ref, question, reference, answer)
-

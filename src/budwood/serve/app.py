@@ -95,12 +95,12 @@ def create_app(config: EngineConfig | None = None, api_key: str | None = None, e
     app = FastAPI(title="budwood", lifespan=lifespan)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
-    from budwood.registry.local import LocalRegistry
-
-    if isinstance(registry, LocalRegistry):
+    if registry is not None:
+        from budwood.registry.local import LocalRegistry
         from budwood.serve.registry_routes import registry_router
 
-        app.include_router(registry_router(registry, writable=bool(api_key)))
+        if isinstance(registry, LocalRegistry):
+            app.include_router(registry_router(registry, writable=bool(api_key)))
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
