@@ -77,12 +77,13 @@ class LocalRegistry:
     def publish(self, adapter_dir: str | Path, ref: str, license: str, terms: str | None = None,
                 private: bool = False, publisher: str | None = None) -> VersionInfo:
         adapter = AdapterDir.open(adapter_dir)
+        parsed = parse_ref(ref)
+        parse_license(license, bool(terms))  # before anything is stored
         names = adapter.files() + ([ATTESTATION] if (adapter.path / ATTESTATION).is_file() else [])
         files = []
         for name in names:
             digest, size = self.store.put_file(adapter.path / name)
             files.append(FileEntry(path=name, sha256=digest, size=size))
-        parsed = parse_ref(ref)
         return self.commit(PublishRequest(id=parsed.id, version=parsed.version, license=license, terms=terms,
                                           private=private, publisher=publisher, files=files))
 
