@@ -51,6 +51,23 @@ class LicenseNotAccepted(RegistryError):
         self.terms = terms
 
 
+# which private adapters a caller sees: all (True), none (False), or those of the namespaces named
+# (a tenant of the fine-tuning service sees its own)
+Private = bool | frozenset[str]
+
+
+def _sees(private: Private, adapter: m.Adapter) -> bool:
+    return not adapter.private or private is True or (isinstance(private, frozenset) and adapter.namespace in private)
+
+
+def _visible(query, private: Private):
+    if private is True:
+        return query
+    if not private:
+        return query.where(m.Adapter.private.is_(False))
+    return query.where(or_(m.Adapter.private.is_(False), m.Adapter.namespace.in_(sorted(private))))
+
+
 def parse_condition(text: str) -> tuple[str | None, str, str, float]:
     """`hallucination_rate<0.1` or `grounding.hallucination_rate <= 0.1` -> (suite, metric, op, value)."""
     match = _CONDITION.match(text)
@@ -188,13 +205,13 @@ class LocalRegistry:
             selectinload(m.Version.files), selectinload(m.Version.metrics), selectinload(m.Version.tags),
             selectinload(m.Version.adapter))
 
-    def version_info(self, ref: str, include_private: bool = True) -> VersionInfo:
+    def version_info(self, ref: str, include_private: Private = True) -> VersionInfo:
         """An exact version, or the latest one that is not yanked."""
         parsed = parse_ref(ref)
         with self.sessions() as s:
             rows = s.scalars(self._versions_query().where(m.Adapter.namespace == parsed.namespace,
                                                            m.Adapter.name == parsed.name)).all()
-            rows = [r for r in rows if include_private or not r.adapter.private]
+            rows = [r for r in rows if _sees(include_private, r.adapter)]
             if not rows:
                 raise NotFound(f"{parsed.id}: no such adapter in the registry")
             if parsed.version:
@@ -205,12 +222,12 @@ class LocalRegistry:
                 return _info(row)
             return _info(_latest(rows) or _raise_all_yanked(parsed.id))
 
-    def show(self, ref: str, include_private: bool = True) -> AdapterInfo:
+    def show(self, ref: str, include_private: Private = True) -> AdapterInfo:
         parsed = parse_ref(ref)
         with self.sessions() as s:
             rows = s.scalars(self._versions_query().where(m.Adapter.namespace == parsed.namespace,
                                                            m.Adapter.name == parsed.name)).all()
-            if not rows or (rows[0].adapter.private and not include_private):
+            if not rows or not _sees(include_private, rows[0].adapter):
                 raise NotFound(f"{parsed.id}: no such adapter in the registry")
             rows = sorted(rows, key=lambda r: version_key(r.version))
             latest = _latest(rows)
@@ -219,11 +236,9 @@ class LocalRegistry:
 
     def search(self, text: str | None = None, base: str | None = None, tag: str | None = None,
                license: str | None = None, where: list[str] | None = None,
-               include_private: bool = True) -> list[VersionInfo]:
+               include_private: Private = True) -> list[VersionInfo]:
         """The newest non-yanked version of each adapter that matches every filter given."""
-        query = self._versions_query().where(m.Version.yanked.is_(False))
-        if not include_private:
-            query = query.where(m.Adapter.private.is_(False))
+        query = _visible(self._versions_query().where(m.Version.yanked.is_(False)), include_private)
         if text:
             like = f"%{text.lower()}%"
             query = query.where(or_(func.lower(m.Adapter.namespace + "/" + m.Adapter.name).like(like),
@@ -250,7 +265,7 @@ class LocalRegistry:
             found = [_info(_latest(rows)) for rows in by_adapter.values()]
         return sorted(found, key=lambda v: v.id)
 
-    def list(self, include_private: bool = True) -> list[VersionInfo]:
+    def list(self, include_private: Private = True) -> list[VersionInfo]:
         return self.search(include_private=include_private)
 
     # -- change -------------------------------------------------------------------------------------
@@ -269,15 +284,14 @@ class LocalRegistry:
 
     # -- pull -----------------------------------------------------------------------------------------
     def pull(self, ref: str, out: str | Path | None = None, accept_license: bool = False,
-             include_private: bool = True) -> tuple[VersionInfo, Path]:
+             include_private: Private = True) -> tuple[VersionInfo, Path]:
         info = self.version_info(ref, include_private)
         return info, materialize(info, self.store.copy_to, out, accept_license)
 
-    def blob_visible(self, digest: str, include_private: bool) -> bool:
+    def blob_visible(self, digest: str, include_private: Private) -> bool:
         """Blobs are served only as part of a committed version the caller may see."""
-        query = select(m.File.id).join(m.Version).join(m.Adapter).where(m.File.sha256 == check_digest(digest))
-        if not include_private:
-            query = query.where(m.Adapter.private.is_(False))
+        query = _visible(select(m.File.id).join(m.Version).join(m.Adapter).where(m.File.sha256 == check_digest(digest)),
+                         include_private)
         with self.sessions() as s:
             return s.execute(query.limit(1)).first() is not None and self.store.has(digest)
 

@@ -7,7 +7,6 @@ n, stop, response_format), /v1/load_lora_adapter and /v1/unload_lora_adapter (vL
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -25,6 +24,7 @@ from budwood.engine.adapters import AdapterError
 from budwood.engine.engine import RequestOutput, merge_outputs
 from budwood.engine.sampling import TokenLogprob
 from budwood.errors import BudwoodError
+from budwood.serve.auth import AuthMiddleware, Authenticator, Caller, ModelAccess, NoKey, RegistryAccess, SingleKey, caller_of
 from budwood.serve.metrics import Metrics
 from budwood.serve.protocol import (
     ChatCompletionRequest,
@@ -47,37 +47,25 @@ class APIError(Exception):
         self.status, self.body = status, error_body(message, type_, param, code)
 
 
-class APIKeyMiddleware:
-    """`Authorization: Bearer KEY` on /v1 routes. Plain ASGI: Starlette's BaseHTTPMiddleware would
-    hide client disconnects from the routes, and a disconnect must cancel its generation."""
-
-    def __init__(self, app, api_key: str):
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                response = JSONResponse(error_body("Incorrect API key provided.", "invalid_request_error", None,
-                                                   "invalid_api_key"), status_code=401)
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
 def create_app(config: EngineConfig | None = None, api_key: str | None = None, engine: Engine | None = None,
-               registry=None, pull_dir: Path | None = None) -> FastAPI:
+               registry=None, pull_dir: Path | None = None, auth: Authenticator | None = None,
+               access: ModelAccess | None = None, resolvers: list | None = None, routers: list | None = None,
+               title: str = "budwood") -> FastAPI:
     """The server app; pass `engine` to share an already loaded one (tests, the service).
 
     `registry` (budwood.registry.open_registry): its ids `org/name@version` are served as model names,
-    pulled on first use (into `pull_dir`, default BUDWOOD_HOME/adapters); private ones only when the
-    server has an API key. A local registry is also offered to others at /v1/registry."""
+    pulled on first use (into `pull_dir`, default BUDWOOD_HOME/adapters); private ones only to callers
+    who may see them (with `api_key`, its holder). A local registry is also offered at /v1/registry.
+    The fine-tuning service passes its own `auth` (tenant keys), `access` (tenants' `ft:` models),
+    `resolvers` and `routers` (files, fine-tuning jobs, dashboard)."""
     state: dict = {}
-    resolvers = []
+    resolvers = list(resolvers or [])
     if registry is not None:
         from budwood.registry.resolver import RegistryResolver
 
-        resolvers.append(RegistryResolver(registry, pull_dir, include_private=bool(api_key)))
+        resolvers.append(RegistryResolver(registry, pull_dir, include_private=True))  # access decides who sees
+    auth = auth or (SingleKey(api_key) if api_key else NoKey())
+    access = access or RegistryAccess(registry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -92,15 +80,16 @@ def create_app(config: EngineConfig | None = None, api_key: str | None = None, e
         yield
         state["async"].shutdown()
 
-    app = FastAPI(title="budwood", lifespan=lifespan)
-    if api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    app = FastAPI(title=title, lifespan=lifespan)
+    app.add_middleware(AuthMiddleware, authenticator=auth)
     if registry is not None:
         from budwood.registry.local import LocalRegistry
         from budwood.serve.registry_routes import registry_router
 
         if isinstance(registry, LocalRegistry):
-            app.include_router(registry_router(registry, writable=bool(api_key)))
+            app.include_router(registry_router(registry))
+    for router in routers or []:
+        app.include_router(router)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
@@ -132,7 +121,14 @@ def create_app(config: EngineConfig | None = None, api_key: str | None = None, e
     def eng() -> Engine:
         return state["engine"]
 
-    async def resolve(model: str):
+    def operator_only(request: Request) -> None:
+        if caller_of(request).tenant is not None:
+            raise APIError(403, "only the server's operator may load or unload adapters", "permission_error")
+
+    async def resolve(caller: Caller, model: str):
+        if not await asyncio.to_thread(access.can_use, caller, model):  # before the engine's cache is asked
+            raise APIError(404, f"The model `{model}` does not exist or you do not have access to it.",
+                           param="model", code="model_not_found")
         try:
             return await asyncio.to_thread(eng().adapter, model)
         except UnknownAdapter as e:
@@ -248,28 +244,30 @@ def create_app(config: EngineConfig | None = None, api_key: str | None = None, e
         body, ctype = state["metrics"].render()
         return Response(body, media_type=ctype)
 
-    def model_cards() -> list[dict]:
+    def model_cards(caller: Caller) -> list[dict]:
         e = eng()
         cards = [{"id": e.base_name, "object": "model", "created": 0, "owned_by": "budwood", "root": e.base_name,
                   "parent": None, "max_model_len": e.runner.max_model_len}]
-        for name in e.adapters.names():
-            cards.append({"id": name, "object": "model", "created": 0, "owned_by": "budwood",
+        names = [n for n in e.adapters.names() if access.can_use(caller, n)]
+        for name in sorted(set(names) | set(access.listed(caller))):
+            cards.append({"id": name, "object": "model", "created": 0, "owned_by": caller.tenant or "budwood",
                           "root": name, "parent": e.base_name, "max_model_len": e.runner.max_model_len})
         return cards
 
     @app.get("/v1/models")
-    async def list_models():
-        return {"object": "list", "data": await asyncio.to_thread(model_cards)}
+    async def list_models(request: Request):
+        return {"object": "list", "data": await asyncio.to_thread(model_cards, caller_of(request))}
 
     @app.get("/v1/models/{model:path}")
-    async def get_model(model: str):
-        for card in await asyncio.to_thread(model_cards):
+    async def get_model(model: str, request: Request):
+        for card in await asyncio.to_thread(model_cards, caller_of(request)):
             if card["id"] == model:
                 return card
         raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
     @app.post("/v1/load_lora_adapter")
-    async def load_lora(body: LoadAdapterRequest):
+    async def load_lora(body: LoadAdapterRequest, request: Request):
+        operator_only(request)
         e = eng()
         if not e.config.adapters:
             raise APIError(400, "runtime adapter loading needs the server started with --adapters DIR; "
@@ -282,8 +280,9 @@ def create_app(config: EngineConfig | None = None, api_key: str | None = None, e
         if body.lora_name == e.base_name:
             raise APIError(400, f"{body.lora_name!r} is the base model's name", param="lora_name")
         from budwood.engine.adapters import ADAPTER_NAME
-        if not ADAPTER_NAME.match(body.lora_name):
-            raise APIError(400, f"lora_name {body.lora_name!r}: use letters, digits and . _ - : @ /", param="lora_name")
+        if not ADAPTER_NAME.match(body.lora_name) or body.lora_name.startswith("ft:"):
+            raise APIError(400, f"lora_name {body.lora_name!r}: use letters, digits and . _ - : @ / (names starting "
+                                "'ft:' are the fine-tuning service's)", param="lora_name")
         try:
             await asyncio.to_thread(e.register_adapter, body.lora_name, path)
         except AdapterError as err:
@@ -291,7 +290,8 @@ def create_app(config: EngineConfig | None = None, api_key: str | None = None, e
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
-    async def unload_lora(body: UnloadAdapterRequest):
+    async def unload_lora(body: UnloadAdapterRequest, request: Request):
+        operator_only(request)
         try:
             eng().unregister_adapter(body.lora_name)
         except AdapterError as err:
@@ -301,7 +301,7 @@ def create_app(config: EngineConfig | None = None, api_key: str | None = None, e
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
         t0 = time.perf_counter()
-        adapter = await resolve(body.model)
+        adapter = await resolve(caller_of(request), body.model)
         messages = []
         for i, m in enumerate(body.messages):
             content = m.content
@@ -388,7 +388,7 @@ def create_app(config: EngineConfig | None = None, api_key: str | None = None, e
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         t0 = time.perf_counter()
-        adapter = await resolve(body.model)
+        adapter = await resolve(caller_of(request), body.model)
         p = body.prompt
         if isinstance(p, str):  # text prompts get the tokenizer's BOS, as HF and vLLM give them
             prompts = [eng().encode(p, add_special_tokens=True)]

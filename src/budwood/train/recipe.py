@@ -14,7 +14,7 @@ import platform
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +38,15 @@ log = logging.getLogger(__name__)
 
 
 class TrainingInterrupted(TrainingError):
-    """Ctrl-C or SIGTERM: a checkpoint was saved, and `--resume` continues from it."""
+    """Ctrl-C, SIGTERM or a `stop` reason: a checkpoint was saved, and `--resume` continues from it."""
+
+    def __init__(self, message: str, step: int = 0, checkpoint: Path | None = None):
+        super().__init__(message)
+        self.step, self.checkpoint = step, checkpoint
+
+
+class _Stop(Exception):
+    """Raised inside the loop when `stop()` gives a reason, to leave it through the Ctrl-C path."""
 
 
 class Progress(Protocol):
@@ -194,13 +202,20 @@ def versions() -> dict:
             "tokenizers": tokenizers.__version__, "safetensors": safetensors.__version__}
 
 
-def train(config: TrainConfig, resume: bool = False, progress: Progress | None = None) -> Path:
-    """Train a LoRA adapter; return the adapter directory (config.output_dir)."""
+def train(config: TrainConfig, resume: bool = False, progress: Progress | None = None,
+          stop: Callable[[], str | None] | None = None,
+          on_checkpoint: Callable[[Path], None] | None = None) -> Path:
+    """Train a LoRA adapter; return the adapter directory (config.output_dir).
+
+    `stop` is asked after every optimizer step; a reason (a string) saves a checkpoint and raises
+    TrainingInterrupted with it, as Ctrl-C does (the fine-tuning service's cancel, pause and lost
+    leases). `on_checkpoint` gets each checkpoint folder once it is complete on disk."""
     with locked_output_dir(Path(config.output_dir)):
-        return _train(config, resume, progress or _LogProgress())
+        return _train(config, resume, progress or _LogProgress(), stop, on_checkpoint)
 
 
-def _train(config: TrainConfig, resume: bool, progress: Progress) -> Path:
+def _train(config: TrainConfig, resume: bool, progress: Progress, stop: Callable[[], str | None] | None,
+           on_checkpoint: Callable[[Path], None] | None) -> Path:
     t = config.training
     out = Path(config.output_dir)
     ckpt_root = out / "checkpoints"
@@ -268,8 +283,11 @@ def _train(config: TrainConfig, resume: bool, progress: Progress) -> Path:
 
     def checkpoint() -> Path:
         state = dict(done, elapsed_s=done["elapsed_s"] + time.perf_counter() - loop_start)
-        return save_checkpoint(ckpt_root, done["step"], model, opt, scheduler, rng_after_step, state,
+        path = save_checkpoint(ckpt_root, done["step"], model, opt, scheduler, rng_after_step, state,
                                t.keep_checkpoints)
+        if on_checkpoint is not None:
+            on_checkpoint(path)
+        return path
 
     # --- loop ----------------------------------------------------------------------------------
     lm = model.get_base_model()
@@ -331,12 +349,16 @@ def _train(config: TrainConfig, resume: bool, progress: Progress) -> Path:
                 progress.update({"step": step, "val_loss": done["val_loss"], "total_steps": total_steps})
             if step % t.save_every == 0 and step < total_steps:
                 checkpoint()
-    except KeyboardInterrupt:
+            reason = stop() if stop is not None and step < total_steps else None
+            if reason:
+                raise _Stop(reason)
+    except (KeyboardInterrupt, _Stop) as e:
         path = checkpoint() if done["step"] > 0 else None
         metrics.close()
-        raise TrainingInterrupted(f"interrupted at step {done['step']}; " + (
+        what = str(e) if isinstance(e, _Stop) else "interrupted"
+        raise TrainingInterrupted(f"{what} at step {done['step']}; " + (
             f"checkpoint saved to {path}; run again with --resume to continue" if path
-            else "nothing to save yet")) from None
+            else "nothing to save yet"), step=done["step"], checkpoint=path) from None
 
     # --- save ----------------------------------------------------------------------------------
     train_time = elapsed_before + time.perf_counter() - loop_start
@@ -405,11 +427,16 @@ def _check_resumable(path: Path, saved: dict, now: dict) -> None:
 
 
 def _resume_hash(config: TrainConfig) -> str:
-    """What must match between a checkpoint and its resume: all but the step budget and bookkeeping."""
+    """What must match between a checkpoint and its resume: all but the step budget and bookkeeping.
+    Paths are not part of it (the data is checked by its fingerprints), so a run resumes in a moved
+    folder or on another machine, as the fine-tuning service's workers do."""
     import hashlib
 
     resolved = config.resolved()
     for key in ("max_steps", "epochs", "save_every", "eval_every", "keep_checkpoints", "compile"):
         resolved["training"].pop(key, None)
+    for key in ("train", "validation"):
+        resolved["data"].pop(key, None)
     resolved.pop("logging", None)
+    resolved.pop("output_dir", None)
     return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:16]
