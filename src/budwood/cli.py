@@ -431,4 +431,7 @@ def main() -> None:
     app(prog_name="budwood")
 
 
-from budwood import cli_registry  # noqa: E402,F401  (registers card, keys, sign, verify, publish, pull, …)
+from budwood import (
+    cli_registry,  # noqa: E402,F401  (registers card, keys, sign, verify, publish, pull, …)
+    cli_service,  # noqa: E402,F401  (registers service, worker, tenants, keys issue/revoke)
+)

@@ -11,7 +11,8 @@ from rich.table import Table
 
 from budwood.cli import _fail, app, console, out
 
-keys_app = typer.Typer(no_args_is_help=True, help="Signing keys (ed25519) for attestations.")
+keys_app = typer.Typer(no_args_is_help=True, help="Signing keys (ed25519) for attestations (create, list), and "
+                                                   "the fine-tuning service's API keys (issue, revoke, issued).")
 app.add_typer(keys_app, name="keys")
 
 REGISTRY_HELP = "registry: a folder, a database URL (sqlite:///…, postgresql://…) or http(s)://server " \

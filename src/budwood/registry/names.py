@@ -43,7 +43,7 @@ class AdapterRef:
         return self.id + (f"@{self.version}" if self.version else "")
 
 
-def _check_part(part: str, what: str, ref: str) -> None:
+def check_part(part: str, what: str, ref: str) -> None:
     if not _PART.match(part) or ".." in part:
         raise RegistryError(f"bad adapter id {ref!r}: the {what} {part!r} must be 1-64 lower-case letters, digits, "
                             "'.', '_' or '-', starting and ending with a letter or digit")
@@ -55,8 +55,8 @@ def parse_ref(ref: str, version_required: bool = False) -> AdapterRef:
         raise RegistryError(f"bad adapter id {ref!r}: expected ORG/NAME or ORG/NAME@VERSION")
     body, _, version = ref.partition("@")
     namespace, name = body.split("/")
-    _check_part(namespace, "organisation", ref)
-    _check_part(name, "name", ref)
+    check_part(namespace, "organisation", ref)
+    check_part(name, "name", ref)
     if version or "@" in ref:
         version = parse_version(version, ref)
     elif version_required:

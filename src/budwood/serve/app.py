@@ -24,9 +24,19 @@ from budwood.engine.adapters import AdapterError
 from budwood.engine.engine import RequestOutput, merge_outputs
 from budwood.engine.sampling import TokenLogprob
 from budwood.errors import BudwoodError
-from budwood.serve.auth import AuthMiddleware, Authenticator, Caller, ModelAccess, NoKey, RegistryAccess, SingleKey, caller_of
+from budwood.serve.auth import (
+    Authenticator,
+    AuthMiddleware,
+    Caller,
+    ModelAccess,
+    NoKey,
+    RegistryAccess,
+    SingleKey,
+    caller_of,
+)
 from budwood.serve.metrics import Metrics
 from budwood.serve.protocol import (
+    APIError,
     ChatCompletionRequest,
     CompletionRequest,
     LoadAdapterRequest,
@@ -38,13 +48,6 @@ from budwood.serve.protocol import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.body = status, error_body(message, type_, param, code)
 
 
 def create_app(config: EngineConfig | None = None, api_key: str | None = None, engine: Engine | None = None,

@@ -138,5 +138,5 @@ def test_manifests_naming_odd_paths_or_missing_blobs_are_refused(registry_locati
 def test_schema_is_managed_by_alembic(registry_location):
     reg = open_registry(registry_location)
     with reg.engine.connect() as c:
-        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
     open_registry(registry_location)  # opening again is a no-op, not a second CREATE TABLE

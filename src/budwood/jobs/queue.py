@@ -1,0 +1,450 @@
+"""The job queue, in the database: files, jobs, events and checkpoints, scoped by tenant.
+
+Workers claim jobs with a lease that they renew by heartbeat. A claim is one transaction: on
+PostgreSQL `SELECT ... FOR UPDATE SKIP LOCKED`, so workers never wait on each other's rows; on
+SQLite the write lock taken at BEGIN (BEGIN IMMEDIATE) makes the select-and-update atomic. Each claim
+raises the job's `attempt`, and every write a worker makes afterwards (heartbeat, event, checkpoint,
+outcome) is conditioned on (owner, attempt): a worker whose lease expired and whose job another
+worker took can never write to it again. Times come from the database's clock, so workers on
+machines whose clocks disagree still agree on when a lease ran out.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import string
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import Select, func, or_, select, text, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from budwood.errors import BudwoodError
+from budwood.jobs.models import Checkpoint, Job, JobEvent, StoredFile, Tenant
+from budwood.jobs.protocol import ACTIVE, TERMINAL
+from budwood.registry.db import writer
+from budwood.serve.protocol import APIError
+
+_ALPHABET = string.ascii_letters + string.digits
+HOLDING = ("validating_files", "queued", "running", "pausing")  # statuses in which a worker may hold the lease
+
+
+def new_id(prefix: str, n: int = 24) -> str:
+    return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(n))
+
+
+class ServiceError(APIError, BudwoodError):
+    """A request the service refuses, answered with `status` and OpenAI's error fields."""
+
+    def __init__(self, message: str, status: int = 400, code: str | None = None, param: str | None = None,
+                 type_: str = "invalid_request_error"):
+        super().__init__(status, message, type_, param, code)
+
+
+class LeaseLost(Exception):
+    """This worker no longer holds the job: another worker took it, or the job was deleted."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    job_id: str
+    owner: str
+    attempt: int
+
+
+def db_now(s: Session) -> float:
+    """Seconds since the epoch on the database server's clock."""
+    if s.bind.dialect.name == "postgresql":
+        return float(s.execute(text("SELECT extract(epoch from clock_timestamp())")).scalar())
+    return float(s.execute(text("SELECT (julianday('now') - 2440587.5) * 86400.0")).scalar())
+
+
+def request_hash(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class JobQueue:
+    def __init__(self, engine, default_storage_bytes: int, default_concurrent_jobs: int):
+        self.engine = engine
+        self.postgres = engine.dialect.name == "postgresql"
+        self.sessions = sessionmaker(engine, expire_on_commit=False)
+        self.writes = sessionmaker(writer(engine), expire_on_commit=False)
+        self.default_storage_bytes = default_storage_bytes
+        self.default_concurrent_jobs = default_concurrent_jobs
+
+    def _lock(self, query: Select, skip_locked: bool = False) -> Select:
+        return query.with_for_update(skip_locked=skip_locked) if self.postgres else query
+
+    def _tenant(self, s: Session, name: str) -> Tenant:
+        """The tenant's row, locked on PostgreSQL so that quota checks of one tenant run one at a time."""
+        row = s.scalars(self._lock(select(Tenant).where(Tenant.name == name))).one_or_none()
+        if row is None:
+            raise ServiceError(f"tenant {name!r} does not exist", 401, "invalid_api_key")
+        return row
+
+    # -- files ------------------------------------------------------------------------------------------
+    def add_file(self, tenant: str, file_id: str, filename: str, purpose: str, size: int, sha256: str,
+                 format: str | None, examples: int | None, store, quota: bool = True) -> StoredFile:
+        """Record an upload whose bytes `store()` moves into place, inside the transaction that checks
+        the tenant's storage quota: the quota holds however many uploads race. Uploads count against
+        the quota; the service's own results files (`quota=False`) do not."""
+        with self.writes.begin() as s:
+            t = self._tenant(s, tenant)
+            limit = t.max_storage_bytes if t.max_storage_bytes is not None else self.default_storage_bytes
+            used = s.scalar(select(func.coalesce(func.sum(StoredFile.bytes), 0)).where(
+                StoredFile.tenant == tenant, StoredFile.purpose != "fine-tune-results"))
+            if quota and used + size > limit:
+                raise ServiceError(f"storage quota exceeded: tenant {tenant!r} stores {used:,} bytes of "
+                                   f"{limit:,}; this file has {size:,}. Delete files (DELETE /v1/files/ID) "
+                                   "or ask for a larger quota", 429, "storage_quota_exceeded",
+                                   type_="insufficient_quota")
+            row = StoredFile(id=file_id, tenant=tenant, filename=filename, purpose=purpose, bytes=size,
+                             sha256=sha256, created_at=time.time(), status="processed", format=format,
+                             examples=examples)
+            s.add(row)
+            s.flush()
+            store()
+        return row
+
+    def get_file(self, tenant: str, file_id: str, param: str = "file_id") -> StoredFile:
+        with self.sessions() as s:
+            row = s.scalars(select(StoredFile).where(StoredFile.id == file_id, StoredFile.tenant == tenant)).first()
+        if row is None:
+            raise ServiceError(f"No such File object: {file_id}", 404, "file_not_found", param)
+        return row
+
+    def list_files(self, tenant: str, purpose: str | None, after: str | None, limit: int, order: str
+                   ) -> tuple[list[StoredFile], bool]:
+        query = select(StoredFile).where(StoredFile.tenant == tenant)
+        if purpose:
+            query = query.where(StoredFile.purpose == purpose)
+        with self.sessions() as s:
+            if after:
+                anchor = s.scalar(select(StoredFile.seq).where(StoredFile.id == after, StoredFile.tenant == tenant))
+                if anchor is None:
+                    raise ServiceError(f"after: no file {after!r}", 400, "invalid_value", "after")
+                query = query.where(StoredFile.seq > anchor if order == "asc" else StoredFile.seq < anchor)
+            query = query.order_by(StoredFile.seq.asc() if order == "asc" else StoredFile.seq.desc())
+            rows = list(s.scalars(query.limit(limit + 1)))
+        return rows[:limit], len(rows) > limit
+
+    def delete_file(self, tenant: str, file_id: str, remove) -> None:
+        with self.writes.begin() as s:
+            row = s.scalars(self._lock(select(StoredFile).where(StoredFile.id == file_id,
+                                                                StoredFile.tenant == tenant))).first()
+            if row is None:
+                raise ServiceError(f"No such File object: {file_id}", 404, "file_not_found", "file_id")
+            users = s.scalars(select(Job.id).where(Job.tenant == tenant, Job.status.in_(ACTIVE + ("paused",)),
+                                                   or_(Job.training_file == file_id,
+                                                       Job.validation_file == file_id))).all()
+            if users:
+                raise ServiceError(f"{file_id} is used by fine-tuning job {users[0]}, which has not finished; "
+                                   "cancel it first", 409, "file_in_use", "file_id")
+            s.delete(row)
+        remove()  # after the commit: a crash in between leaves bytes no row names, never a row without bytes
+
+    def usage(self) -> dict[str, dict]:
+        """Per tenant: files, bytes stored (uploads), jobs and jobs not yet finished."""
+        out: dict[str, dict] = {}
+        with self.sessions() as s:
+            for tenant, n, size in s.execute(select(StoredFile.tenant, func.count(), func.sum(StoredFile.bytes))
+                                             .where(StoredFile.purpose != "fine-tune-results")
+                                             .group_by(StoredFile.tenant)):
+                out.setdefault(tenant, {}).update(files=n, bytes=int(size or 0))
+            for tenant, status, n in s.execute(select(Job.tenant, Job.status, func.count())
+                                               .group_by(Job.tenant, Job.status)):
+                u = out.setdefault(tenant, {})
+                u["jobs"] = u.get("jobs", 0) + n
+                if status in ACTIVE:
+                    u["active"] = u.get("active", 0) + n
+        return out
+
+    # -- jobs: the API's side -------------------------------------------------------------------------------
+    def create_job(self, tenant: str, values: dict, idempotency_key: str | None, body_hash: str) -> tuple[Job, bool]:
+        """A new job in validating_files, or (with an idempotency key seen before) the job it made.
+        Returns (job, created)."""
+        for attempt in range(2):
+            try:
+                with self.writes.begin() as s:
+                    t = self._tenant(s, tenant)
+                    if idempotency_key:
+                        seen = s.scalars(select(Job).where(Job.tenant == tenant,
+                                                           Job.idempotency_key == idempotency_key)).first()
+                        if seen is not None:
+                            if seen.request_hash != body_hash:
+                                raise ServiceError("this Idempotency-Key was used with a different request; use a "
+                                                   "new key for a new job", 409, "idempotency_key_reused")
+                            return seen, False
+                    limit = t.max_concurrent_jobs if t.max_concurrent_jobs is not None \
+                        else self.default_concurrent_jobs
+                    active = s.scalar(select(func.count()).select_from(Job).where(Job.tenant == tenant,
+                                                                                  Job.status.in_(ACTIVE)))
+                    if active >= limit:
+                        raise ServiceError(f"tenant {tenant!r} has {active} fine-tuning jobs that have not finished; "
+                                           f"its limit is {limit} at a time. Wait for one to finish or cancel one",
+                                           429, "concurrent_jobs_limit", type_="rate_limit_exceeded")
+                    job = Job(id=new_id("ftjob-"), tenant=tenant, status="validating_files", created_at=time.time(),
+                              idempotency_key=idempotency_key, request_hash=body_hash, attempt=0, result_files=[],
+                              progress={}, **values)
+                    s.add(job)
+                    s.flush()
+                    self._event(s, job.id, f"Created fine-tuning job: {job.id}", attempt=0)
+                    self._event(s, job.id, f"Validating training file: {job.training_file}"
+                                + (f" and validation file: {job.validation_file}" if job.validation_file else ""),
+                                attempt=0)
+                return job, True
+            except IntegrityError:
+                if attempt or not idempotency_key:  # a concurrent create with the same key won: return its job
+                    raise
+        raise AssertionError("unreachable")
+
+    def get_job(self, tenant: str | None, job_id: str) -> Job:
+        query = select(Job).where(Job.id == job_id)
+        if tenant is not None:
+            query = query.where(Job.tenant == tenant)
+        with self.sessions() as s:
+            row = s.scalars(query).first()
+        if row is None:
+            raise ServiceError(f"No fine-tuning job found with id {job_id!r}", 404, "job_not_found",
+                               "fine_tuning_job_id")
+        return row
+
+    def list_jobs(self, tenant: str | None, after: str | None = None, limit: int = 20,
+                  metadata: dict[str, str] | None = None) -> tuple[list[Job], bool]:
+        """Newest first. `tenant` None lists every tenant's (the operator's dashboard)."""
+        query = select(Job)
+        if tenant is not None:
+            query = query.where(Job.tenant == tenant)
+        with self.sessions() as s:
+            if after:
+                anchor = s.scalar(select(Job.seq).where(Job.id == after, *([Job.tenant == tenant] if tenant else [])))
+                if anchor is None:
+                    raise ServiceError(f"after: no fine-tuning job {after!r}", 400, "invalid_value", "after")
+                query = query.where(Job.seq < anchor)
+            query = query.order_by(Job.seq.desc())
+            rows = list(s.scalars(query if metadata else query.limit(limit + 1)))
+        if metadata:  # JSON containment differs per database; a tenant's jobs are few enough to filter here
+            rows = [j for j in rows if all((j.meta or {}).get(k) == v for k, v in metadata.items())]
+        return rows[:limit], len(rows) > limit
+
+    def cancel(self, tenant: str, job_id: str) -> Job:
+        with self.writes.begin() as s:
+            job = self._own_job(s, tenant, job_id)
+            if job.status in TERMINAL:
+                raise ServiceError(f"Job {job_id} has already {job.status}; it cannot be cancelled", 400,
+                                   "job_not_cancellable", "fine_tuning_job_id")
+            job.status, job.finished_at, job.estimated_finish = "cancelled", time.time(), None
+            self._event(s, job_id, "Job cancelled by user request", attempt=job.attempt)
+        return job
+
+    def pause(self, tenant: str, job_id: str) -> Job:
+        """A running job checkpoints and stops (pausing -> paused); a waiting one is paused at once."""
+        with self.writes.begin() as s:
+            job = self._own_job(s, tenant, job_id)
+            if job.status == "running":
+                job.status = "pausing"
+                self._event(s, job_id, "Pausing: the job stops at its next step and saves a checkpoint",
+                            attempt=job.attempt)
+            elif job.status in ("validating_files", "queued"):
+                job.status, job.lease_owner, job.lease_expires = "paused", None, None
+                self._event(s, job_id, "Job paused", attempt=job.attempt)
+            else:
+                raise ServiceError(f"Job {job_id} is {job.status}; only a running or waiting job can be paused", 400,
+                                   "job_not_pausable", "fine_tuning_job_id")
+        return job
+
+    def resume(self, tenant: str, job_id: str) -> Job:
+        with self.writes.begin() as s:
+            job = self._own_job(s, tenant, job_id)
+            if job.status != "paused":
+                raise ServiceError(f"Job {job_id} is {job.status}; only a paused job can be resumed", 400,
+                                   "job_not_resumable", "fine_tuning_job_id")
+            job.status = "queued"
+            self._event(s, job_id, "Job resumed; it continues from its last checkpoint", attempt=job.attempt)
+        return job
+
+    def _own_job(self, s: Session, tenant: str, job_id: str) -> Job:
+        job = s.scalars(self._lock(select(Job).where(Job.id == job_id, Job.tenant == tenant))).first()
+        if job is None:
+            raise ServiceError(f"No fine-tuning job found with id {job_id!r}", 404, "job_not_found",
+                               "fine_tuning_job_id")
+        return job
+
+    def events(self, tenant: str | None, job_id: str, after: str | None = None, limit: int = 20,
+               newer_than: int | None = None) -> tuple[list[JobEvent], bool]:
+        """Newest first, as OpenAI lists them; `newer_than` (an event seq) gives the ones after it,
+        oldest first, for live streams."""
+        self.get_job(tenant, job_id)
+        query = select(JobEvent).where(JobEvent.job_id == job_id)
+        with self.sessions() as s:
+            if newer_than is not None:
+                return list(s.scalars(query.where(JobEvent.seq > newer_than).order_by(JobEvent.seq))), False
+            if after:
+                anchor = s.scalar(select(JobEvent.seq).where(JobEvent.id == after, JobEvent.job_id == job_id))
+                if anchor is None:
+                    raise ServiceError(f"after: no event {after!r} in this job", 400, "invalid_value", "after")
+                query = query.where(JobEvent.seq < anchor)
+            rows = list(s.scalars(query.order_by(JobEvent.seq.desc()).limit(limit + 1)))
+        return rows[:limit], len(rows) > limit
+
+    def checkpoints(self, tenant: str | None, job_id: str, after: str | None = None, limit: int = 10
+                    ) -> tuple[list[Checkpoint], bool]:
+        self.get_job(tenant, job_id)
+        query = select(Checkpoint).where(Checkpoint.job_id == job_id)
+        with self.sessions() as s:
+            if after:
+                anchor = s.scalar(select(Checkpoint.seq).where(Checkpoint.id == after, Checkpoint.job_id == job_id))
+                if anchor is None:
+                    raise ServiceError(f"after: no checkpoint {after!r} in this job", 400, "invalid_value", "after")
+                query = query.where(Checkpoint.seq < anchor)
+            rows = list(s.scalars(query.order_by(Checkpoint.step.desc()).limit(limit + 1)))
+        return rows[:limit], len(rows) > limit
+
+    def find_model(self, fine_tuned_model: str) -> Job | None:
+        """The succeeded job whose model has this name (whoever owns it: callers check the tenant)."""
+        with self.sessions() as s:
+            return s.scalars(select(Job).where(Job.fine_tuned_model == fine_tuned_model,
+                                               Job.status == "succeeded")).first()
+
+    def models(self, tenant: str) -> list[str]:
+        with self.sessions() as s:
+            return list(s.scalars(select(Job.fine_tuned_model).where(Job.tenant == tenant, Job.status == "succeeded")
+                                  .order_by(Job.seq)))
+
+    # -- jobs: the workers' side --------------------------------------------------------------------------
+    def claim(self, owner: str, lease_s: float, max_attempts: int) -> tuple[Job, Lease] | None:
+        """Take the oldest job that is waiting, or whose worker's lease ran out. Jobs whose worker died
+        while pausing become paused, and those that lost too many workers fail, on the way."""
+        for _ in range(100):
+            with self.writes.begin() as s:
+                now = db_now(s)
+                expired = (Job.lease_expires.is_(None)) | (Job.lease_expires < now)
+                query = select(Job).where(or_(Job.status.in_(("validating_files", "queued")) & expired,
+                                              Job.status.in_(("running", "pausing")) & (Job.lease_expires < now)))
+                job = s.scalars(self._lock(query.order_by(Job.seq).limit(1), skip_locked=True)).first()
+                if job is None:
+                    return None
+                previous = job.lease_owner
+                if job.status == "pausing":  # its worker died while pausing: paused at its last checkpoint
+                    job.status, job.lease_owner, job.lease_expires = "paused", None, None
+                    self._event(s, job.id, f"Worker {previous} stopped responding while pausing; the job is "
+                                           "paused at its last checkpoint", "warn", attempt=job.attempt)
+                    continue
+                if job.status == "running" and job.attempt >= max_attempts:
+                    job.status, job.finished_at, job.lease_owner, job.lease_expires = "failed", time.time(), None, None
+                    job.error = {"code": "worker_lost", "param": None,
+                                 "message": f"the job's worker stopped responding {job.attempt} times (last: "
+                                            f"{previous}); the job may be too large for the workers' memory"}
+                    self._event(s, job.id, job.error["message"], "error", attempt=job.attempt)
+                    continue
+                if job.status == "running":
+                    self._event(s, job.id, f"Worker {previous} stopped responding; {owner} takes the job over "
+                                           "from its last checkpoint", "warn", attempt=job.attempt + 1)
+                job.attempt += 1
+                job.lease_owner, job.lease_expires = owner, now + lease_s
+                return job, Lease(job.id, owner, job.attempt)
+        return None
+
+    def heartbeat(self, lease: Lease, lease_s: float, progress: dict | None = None,
+                  estimated_finish: float | None = None) -> str:
+        """Renew the lease; returns the job's status (a user may have cancelled or paused it)."""
+        with self.writes.begin() as s:
+            now = db_now(s)
+            values: dict = {"lease_expires": now + lease_s}
+            if progress is not None:
+                values["progress"] = progress
+                values["estimated_finish"] = estimated_finish
+            done = s.execute(update(Job).where(Job.id == lease.job_id, Job.lease_owner == lease.owner,
+                                               Job.attempt == lease.attempt, Job.status.in_(HOLDING))
+                             .values(**values)).rowcount
+            if done:
+                return s.scalar(select(Job.status).where(Job.id == lease.job_id))
+            row = s.execute(select(Job.status, Job.lease_owner, Job.attempt).where(Job.id == lease.job_id)).first()
+        if row is not None and row.lease_owner == lease.owner and row.attempt == lease.attempt:
+            return row.status  # cancelled (or another end) while this worker held it
+        raise LeaseLost(lease.job_id)
+
+    def _fenced(self, s: Session, lease: Lease) -> Job:
+        job = s.scalars(self._lock(select(Job).where(Job.id == lease.job_id))).first()
+        if job is None or job.lease_owner != lease.owner or job.attempt != lease.attempt:
+            raise LeaseLost(lease.job_id)
+        return job
+
+    def emit(self, lease: Lease, events: list[tuple[str, str, str, dict | None]]) -> None:
+        """Append (level, type, message, data) events, only while this worker holds the job."""
+        if not events:
+            return
+        with self.writes.begin() as s:
+            self._fenced(s, lease)
+            for level, type_, message, data in events:
+                self._event(s, lease.job_id, message, level, type_, data, lease.attempt)
+
+    def _event(self, s: Session, job_id: str, message: str, level: str = "info", type_: str = "message",
+               data: dict | None = None, attempt: int = 0) -> None:
+        s.add(JobEvent(id=new_id("ftevent-"), job_id=job_id, created_at=time.time(), level=level, type=type_,
+                       message=message, data=data, attempt=attempt))
+
+    def set_hyperparameters(self, lease: Lease, hyperparameters: dict) -> None:
+        """Validation done: the "auto" values resolved; the job moves to queued and on to running."""
+        with self.writes.begin() as s:
+            job = self._fenced(s, lease)
+            if job.status != "validating_files":
+                raise LeaseLost(lease.job_id)
+            job.hyperparameters, job.status = hyperparameters, "queued"
+            self._event(s, job.id, "Files validated, moving job to queued state", attempt=lease.attempt)
+
+    def start(self, lease: Lease, resumed_from: int | None) -> Job:
+        with self.writes.begin() as s:
+            job = self._fenced(s, lease)
+            if job.status not in ("queued", "running"):  # running: taken over from a worker that died
+                raise LeaseLost(lease.job_id)
+            job.status = "running"
+            job.started_at = job.started_at or time.time()
+            self._event(s, job.id, "Fine-tuning job started" if resumed_from is None else
+                        f"Fine-tuning job resumed from its checkpoint at step {resumed_from}", attempt=lease.attempt)
+        return job
+
+    def add_checkpoint(self, lease: Lease, step: int, metrics: dict, final: bool) -> Checkpoint:
+        with self.writes.begin() as s:
+            self._fenced(s, lease)
+            row = s.scalars(select(Checkpoint).where(Checkpoint.job_id == lease.job_id, Checkpoint.step == step)
+                            ).first()
+            if row is None:
+                row = Checkpoint(id=new_id("ftckpt_"), job_id=lease.job_id, step=step, created_at=time.time(),
+                                 metrics=metrics, attempt=lease.attempt, final=final)
+                s.add(row)
+                self._event(s, lease.job_id, f"Checkpoint created at step {step}", data={"step": step},
+                            attempt=lease.attempt)
+        return row
+
+    def latest_checkpoint(self, job_id: str) -> Checkpoint | None:
+        with self.sessions() as s:
+            return s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc())
+                             ).first()
+
+    def finish(self, lease: Lease, status: str, message: str, level: str = "info", **values) -> bool:
+        """The job's outcome, written once: only by the worker holding it, only while it is in progress.
+        Returns False if the job had already ended (cancelled meanwhile) or was taken over."""
+        with self.writes.begin() as s:
+            job = self._fenced(s, lease)
+            if job.status not in HOLDING:
+                return False
+            job.status, job.lease_owner, job.lease_expires = status, None, None
+            if status in TERMINAL:
+                job.finished_at, job.estimated_finish = time.time(), None
+            for key, value in values.items():
+                setattr(job, key, value)
+            self._event(s, job.id, message, level, attempt=lease.attempt)
+        return True
+
+    def release(self, lease: Lease, message: str) -> None:
+        """Give a job back (worker shutting down): waiting again, to resume from its last checkpoint."""
+        with self.writes.begin() as s:
+            job = self._fenced(s, lease)
+            if job.status in HOLDING:
+                job.status = "paused" if job.status == "pausing" else \
+                    "validating_files" if job.status == "validating_files" else "queued"
+                job.lease_owner, job.lease_expires = None, None
+                self._event(s, job.id, message, "warn", attempt=lease.attempt)

@@ -1,0 +1,190 @@
+"""`budwood service`: the whole server app (inference, registry, fine-tuning, dashboard) and its workers.
+
+Read top to bottom: the config (YAML, every field documented) -> `Service`, what both the app and
+the workers open: the database (the registry's, with the service's tables), the registry, the queue,
+the tenants and the storage folder -> `create_service_app` -> `run_service`, which also starts the
+configured number of worker processes on this machine.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from budwood.config import LoraConfig, apply_overrides, read_yaml_mapping
+from budwood.engine import EngineConfig
+from budwood.errors import ConfigError
+from budwood.registry.db import budwood_home
+
+log = logging.getLogger(__name__)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Quotas(_Strict):
+    storage_bytes: int = Field(10 << 30, ge=0, description="a tenant's uploaded files, in bytes, unless set per "
+                                                           "tenant (budwood tenants create --max-storage-bytes)")
+    concurrent_jobs: int = Field(4, ge=0, description="a tenant's jobs that have not finished, at a time")
+    file_bytes: int = Field(512 << 20, ge=1, description="largest single upload")
+
+
+class ServiceTraining(_Strict):
+    """What every job is trained with; the job gives n_epochs, batch_size and the learning rate multiplier."""
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    learning_rate: float = Field(2e-4, gt=0, description="LoRA learning rate at learning_rate_multiplier 1")
+    scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    max_seq_len: int = Field(2048, ge=8)
+    min_examples: int = Field(10, ge=1, description="fewer valid training examples than this fail validation "
+                                                    "(OpenAI asks for at least 10)")
+    checkpoint_every: int | None = Field(None, ge=1, description="optimizer steps between checkpoints "
+                                                                 "(default: one per epoch)")
+    precision: str = Field("auto", pattern="^(auto|fp32|bf16)$")
+    device: str = "auto"
+    compile: bool | str = "auto"
+
+
+class ServiceEvaluation(_Strict):
+    """The quick suites every finished adapter is measured with before it is published."""
+    suites: list[str] = Field(default_factory=lambda: ["domain", "truthfulqa", "bias", "reproducibility"],
+                              description="domain runs on the job's validation file and is skipped without one")
+    limit: int | None = Field(100, ge=1, description="examples per suite (per category for bias)")
+    compare_base: bool = Field(True, description="also measure the base, so the card shows what the job changed")
+    settings: dict = Field(default_factory=dict, description="per-suite settings as in budwood eval's config, "
+                                                             "e.g. {reproducibility: {prompts: 8}}")
+
+
+class ServiceConfig(_Strict):
+    home: Path = Field(default_factory=lambda: budwood_home() / "service",
+                       description="files/, checkpoints/, blobs/, keys/; every worker must reach it")
+    database: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///HOME/service.db. "
+                                                   "postgresql://HOST/DB for workers on several machines")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_url: str | None = Field(None, description="how users reach the service (in cards); default http://HOST:PORT")
+    serving: EngineConfig = Field(default_factory=EngineConfig,
+                                  description="the inference engine; serving.base is the model jobs fine-tune")
+    workers: int = Field(1, ge=0, description="worker processes `budwood service` starts on this machine")
+    work_dir: Path | None = Field(None, description="workers' local scratch space (default HOME/work)")
+    lease_s: float = Field(30.0, gt=0, description="a worker that has not renewed its lease for this long has lost "
+                                                   "its job to another worker")
+    heartbeat_s: float = Field(2.0, gt=0, description="how often a worker renews its lease and reads cancel/pause")
+    poll_s: float = Field(1.0, gt=0, description="how often an idle worker looks for work")
+    max_attempts: int = Field(3, ge=1, description="workers a job may lose before it fails")
+    quotas: Quotas = Field(default_factory=Quotas)
+    training: ServiceTraining = Field(default_factory=ServiceTraining)
+    evaluation: ServiceEvaluation = Field(default_factory=ServiceEvaluation)
+    adapter_license: str = Field("LicenseRef-tenant-private", description="licence of published job adapters")
+    adapter_terms: str = Field("This adapter was trained on its tenant's private data by a budwood service. It "
+                               "belongs to that tenant; no one else may use or redistribute it.",
+                               description="terms published with them")
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> ServiceConfig:
+        if self.heartbeat_s * 3 > self.lease_s:
+            raise ValueError(f"heartbeat_s ({self.heartbeat_s}) must be at most a third of lease_s ({self.lease_s}), "
+                             "so that a slow heartbeat does not lose a live worker its job")
+        return self
+
+    @property
+    def database_url(self) -> str:
+        return self.database or f"sqlite:///{self.home.expanduser().resolve() / 'service.db'}"
+
+    @property
+    def url(self) -> str:
+        return self.public_url or f"http://{self.host}:{self.port}"
+
+
+def load_service_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ServiceConfig:
+    raw = apply_overrides(read_yaml_mapping(path) if path else {}, overrides or [])
+    try:
+        return ServiceConfig.model_validate(raw)
+    except ValidationError as e:
+        where = str(path) if path else "--set"
+        raise ConfigError("\n".join(f"{where}: {'.'.join(map(str, x['loc'])) or 'config'}: {x['msg']}"
+                                    for x in e.errors())) from None
+
+
+class Service:
+    """What the app and the workers share, opened from one config."""
+
+    def __init__(self, config: ServiceConfig):
+        from budwood.jobs.queue import JobQueue
+        from budwood.jobs.storage import Storage
+        from budwood.jobs.tenants import Tenants
+        from budwood.registry.local import LocalRegistry
+
+        self.config = config
+        home = config.home.expanduser()
+        home.mkdir(parents=True, exist_ok=True)
+        self.registry = LocalRegistry(database=config.database_url, blobs=home / "blobs")
+        self.engine = self.registry.engine
+        self.queue = JobQueue(self.engine, config.quotas.storage_bytes, config.quotas.concurrent_jobs)
+        self.tenants = Tenants(self.engine)
+        self.storage = Storage(home)
+        self.key_path = home / "keys" / "service.pem"
+
+    def ensure_key(self) -> Path:
+        """The service's signing key (every worker signs with it); made once, never replaced."""
+        from budwood.card.attest import AttestationError, create_key
+
+        if not self.key_path.exists():
+            try:
+                create_key("service", folder=self.key_path.parent)
+            except AttestationError:
+                pass  # another process made it first
+        return self.key_path
+
+    def close(self) -> None:
+        self.registry.close()
+
+
+def create_service_app(service: Service, engine=None):
+    """The server app with every route: inference (the base, registry ids, tenants' ft: models),
+    /v1/registry, /v1/files, /v1/fine_tuning and the dashboard, every one scoped to the caller's tenant."""
+    from budwood.jobs.api import files_router, jobs_router
+    from budwood.jobs.serving import FineTunedResolver, ServiceAccess
+    from budwood.jobs.tenants import TenantAuth
+    from budwood.serve.app import create_app
+    from budwood.web.dashboard import dashboard_router
+
+    config = service.config
+    pull_dir = config.home.expanduser() / "served"
+    access = ServiceAccess(service.queue, service.registry)
+    return create_app(config.serving, engine=engine, registry=service.registry, pull_dir=pull_dir,
+                      auth=TenantAuth(service.tenants), access=access,
+                      resolvers=[FineTunedResolver(service.queue, service.storage, service.registry, pull_dir)],
+                      routers=[files_router(service), jobs_router(service), dashboard_router(service)],
+                      title="budwood service")
+
+
+def _worker_main(config_json: str, index: int) -> None:
+    from budwood.jobs.worker import run_worker
+
+    run_worker(ServiceConfig.model_validate_json(config_json), f"{os.uname().nodename}:{os.getpid()}:w{index}")
+
+
+def run_service(config: ServiceConfig) -> None:
+    """Serve on config.host:config.port, with config.workers worker processes beside the server."""
+    import uvicorn
+
+    service = Service(config)
+    service.ensure_key()
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no torch threads or locks inherited
+    workers = [context.Process(target=_worker_main, args=(config.model_dump_json(), i), daemon=True)
+               for i in range(config.workers)]
+    for w in workers:
+        w.start()
+    try:
+        uvicorn.run(create_service_app(service), host=config.host, port=config.port, log_level="info")
+    finally:
+        for w in workers:
+            w.terminate()  # SIGTERM: each checkpoints its job and gives it back
+        for w in workers:
+            w.join(timeout=60)
+        service.close()

@@ -1,0 +1,1 @@
+"""The service's dashboard: server-rendered pages over the same queue and registry the API uses."""
