@@ -431,7 +431,6 @@ def main() -> None:
     app(prog_name="budwood")
 
 
-from budwood import (
-    cli_registry,  # noqa: E402,F401  (registers card, keys, sign, verify, publish, pull, …)
+from budwood import cli_registry, cli_service  # noqa: E402,F401  (register card, keys, publish, service, …)
     cli_service,  # noqa: E402,F401  (registers service, worker, tenants, keys issue/revoke)
 )

@@ -51,8 +51,10 @@ class ServiceTraining(_Strict):
 
 class ServiceEvaluation(_Strict):
     """The quick suites every finished adapter is measured with before it is published."""
-    suites: list[str] = Field(default_factory=lambda: ["domain", "truthfulqa", "bias", "reproducibility"],
-                              description="domain runs on the job's validation file and is skipped without one")
+    suites: list[str] = Field(default_factory=lambda: ["domain", "grounding", "truthfulqa", "bias", "reproducibility"],
+                              description="domain runs on the job's validation file and is skipped without one; "
+                                          "grounding asks about a fictional company no tenant's data covers, so an "
+                                          "adapter that invents answers shows a high hallucination rate")
     limit: int | None = Field(100, ge=1, description="examples per suite (per category for bias)")
     compare_base: bool = Field(True, description="also measure the base, so the card shows what the job changed")
     settings: dict = Field(default_factory=dict, description="per-suite settings as in budwood eval's config, "
