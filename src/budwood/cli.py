@@ -432,5 +432,3 @@ def main() -> None:
 
 
 from budwood import cli_registry, cli_service  # noqa: E402,F401  (register card, keys, publish, service, …)
-    cli_service,  # noqa: E402,F401  (registers service, worker, tenants, keys issue/revoke)
-)
