@@ -1,5 +1,6 @@
 import json
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -120,3 +121,82 @@ def evaluated_adapter(tmp_path_factory) -> Path:
 def copy_adapter(source: Path, dest: Path) -> Path:
     shutil.copytree(source, dest)
     return dest
+
+
+# -- the fine-tuning service ------------------------------------------------------------------------------
+# small and quick: jobs on budwood-tiny finish in seconds; workers notice cancel/pause within half a second
+SERVICE_TEST_CONFIG = {
+    "serving": {"precision": "fp32", "kv_cache_tokens": 4096},
+    "training": {"learning_rate": 2e-3, "checkpoint_every": 5, "precision": "fp32", "compile": False},
+    "evaluation": {"suites": ["domain", "grounding"], "limit": 4, "compare_base": False,
+                   "settings": {"max_tokens": 16, "bootstrap": 20}},
+    "heartbeat_s": 0.5, "lease_s": 4.0, "poll_s": 0.2,
+}
+
+
+def service_config(home: Path, database: str | None = None, **overrides):
+    from budwood.jobs.service import ServiceConfig
+
+    raw = json.loads(json.dumps(SERVICE_TEST_CONFIG))
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key].update(value)
+        else:
+            raw[key] = value
+    return ServiceConfig.model_validate({**raw, "home": str(home), "database": database})
+
+
+class LiveService:
+    """A running service (app in a thread, workers in threads) and helpers to drive it as a client would."""
+
+    def __init__(self, url: str, service, stop):
+        self.url, self.service, self.stop = url, service, stop
+
+    def tenant(self, name: str, **quotas) -> str:
+        """Create a tenant; returns an API key for it."""
+        self.service.tenants.create(name, **quotas)
+        return self.service.tenants.issue_key(name).key
+
+    def client(self, key: str):
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=60)
+
+    def wait(self, client, job_id: str, statuses=("succeeded", "failed", "cancelled"), timeout: float = 240):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = client.fine_tuning.jobs.retrieve(job_id)
+            if job.status in statuses:
+                return job
+            time.sleep(0.2)
+        raise AssertionError(f"{job_id} still {job.status} after {timeout} s")
+
+
+@contextmanager
+def live_service(home: Path, database: str | None = None, workers: int = 1, **overrides) -> Iterator[LiveService]:
+    import threading
+
+    from budwood.jobs.service import Service, create_service_app
+    from budwood.jobs.worker import run_worker
+
+    config = service_config(home, database, **overrides)
+    service = Service(config)
+    service.ensure_key()
+    stop = threading.Event()
+    threads = [threading.Thread(target=run_worker, args=(config, f"test-w{i}", stop), daemon=True)
+               for i in range(workers)]
+    for t in threads:
+        t.start()
+    try:
+        with running(create_service_app(service)) as url:
+            yield LiveService(url, service, stop)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        service.close()
+
+
+def upload(client, path: Path):
+    with open(path, "rb") as f:
+        return client.files.create(file=f, purpose="fine-tune")

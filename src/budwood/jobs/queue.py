@@ -431,7 +431,7 @@ class JobQueue:
             job = self._fenced(s, lease)
             if job.status not in HOLDING:
                 return False
-            job.status, job.lease_owner, job.lease_expires = status, None, None
+            job.status, job.lease_expires = status, None  # the owner stays on record: who ended it
             if status in TERMINAL:
                 job.finished_at, job.estimated_finish = time.time(), None
             for key, value in values.items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -48,6 +49,8 @@ from budwood.serve.protocol import (
 )
 
 log = logging.getLogger(__name__)
+# how pydantic names the member of a union in an error's location: literal['auto'], constrained-int, int
+_UNION_MEMBER = re.compile(r"^([a-z_-]+\[.*\]|constrained-[a-z]+|function-[a-z-]+|int|float|str|bool|dict|list|none)$")
 
 
 def create_app(config: EngineConfig | None = None, api_key: str | None = None, engine: Engine | None = None,
@@ -100,8 +103,9 @@ def create_app(config: EngineConfig | None = None, api_key: str | None = None, e
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):
-        err = e.errors()[0]
-        loc = [str(x) for x in err.get("loc", []) if x != "body"]
+        errors = e.errors()  # for a union field, one per member: the one that is not "should be 'auto'"
+        err = next((x for x in errors if x.get("type") != "literal_error"), errors[0])
+        loc = [str(x) for x in err.get("loc", []) if x != "body" and not _UNION_MEMBER.match(str(x))]
         param = ".".join(loc) or None
         if err.get("type") == "json_invalid":
             msg = "The request body is not valid JSON."
