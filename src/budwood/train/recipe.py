@@ -364,7 +364,7 @@ def _train(config: TrainConfig, resume: bool, progress: Progress, stop: Callable
     train_time = elapsed_before + time.perf_counter() - loop_start
     checkpoint()
     model.save_pretrained(out)
-    _portable_base_name(out / "adapter_config.json", config.base_model)
+    _portable_config(out / "adapter_config.json", config.base_model)
     metrics.close()
     provenance = {
         "budwood_version": budwood.__version__,
@@ -408,10 +408,14 @@ def locked_output_dir(out: Path) -> Iterator[None]:
         yield
 
 
-def _portable_base_name(adapter_config: Path, base_model: str) -> None:
-    """peft records the local path it loaded from; record the name others can load instead."""
+def _portable_config(adapter_config: Path, base_model: str) -> None:
+    """peft records the local path it loaded from: record the name others can load instead. peft also
+    writes "all-linear" as a list in set order, which changes with Python's hash seed: sort it, so the
+    same training gives the same file (and adapter fingerprint) in every process."""
     cfg = json.loads(adapter_config.read_text())
     cfg["base_model_name_or_path"] = base_model
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
     adapter_config.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 

@@ -12,15 +12,17 @@ that every request checks again with `Tenants.tenant_of`, so a revoked key signs
 once. SameSite=Strict keeps the cookie off cross-site requests, which is what guards the POST routes
 (cancel, logout). Another tenant's job or adapter is answered 404, exactly as one that does not exist.
 
-A running job's page asks metrics.json for what is new every two seconds (the events after the last
-one it has, by sequence number) and merges metrics into the chart by step, the latest value of a step
-winning, as a worker that takes a job over repeats steps since the last checkpoint. The chart is
+A job's page, until the job ends, asks metrics.json for what is new every two seconds (the events
+after the last one it has, by sequence number) and merges metrics into the chart by step, the latest
+value of a step winning, as a worker that takes a job over repeats steps since the last checkpoint;
+when the job's status changes the page reloads, to show what the new status brings. The chart is
 Chart.js 4, vendored unchanged under static/ (static/VENDORED.txt says which build and its licence).
 """
 from __future__ import annotations
 
 import math
 import posixpath
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,7 +33,7 @@ from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from budwood.jobs.protocol import TERMINAL
+from budwood.jobs.protocol import TERMINAL, checkpoint_model
 from budwood.jobs.queue import ServiceError
 from budwood.registry.names import RegistryError
 
@@ -41,6 +43,7 @@ COOKIE = "budwood_dashboard"
 POLL_MS = 2000
 LOG_ROWS = 300  # newest events shown in the log; the chart always has every step
 MISSING = "—"
+_COMMENT_LINES = re.compile(r"^[ \t]*<!--.*?-->[ \t]*\n?", re.S | re.M)  # invisible on the Hub too
 HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin",
            "X-Frame-Options": "DENY",
            "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -114,7 +117,7 @@ def _environment() -> Environment:
     env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, undefined=StrictUndefined,
                       trim_blocks=True, lstrip_blocks=True)
     env.filters.update(when=when, number=number, size=size)
-    env.globals.update(MISSING=MISSING, TERMINAL=TERMINAL)
+    env.globals.update(MISSING=MISSING, TERMINAL=TERMINAL, checkpoint_model=checkpoint_model)
     return env
 
 
@@ -160,7 +163,6 @@ def live_state(job) -> dict:
     """The parts of the job page that change while it runs."""
     p = job.progress or {}
     return {"status": job.status, "finished": job.status in TERMINAL, "progress": progress_text(job),
-            "train_loss": number(p.get("train_loss"), 4), "valid_loss": number(p.get("valid_loss"), 4),
             "tokens_per_s": number(p.get("tokens_per_s"), 0),
             "estimated_finish": when(job.estimated_finish) if job.status == "running" else MISSING}
 
@@ -177,12 +179,13 @@ def strip_front_matter(text: str) -> str:
 
 
 def render_card(text: str, files_url: str, paths: set[str]) -> str:
-    """The card's markdown as HTML: raw HTML in it is escaped (markdown-it's html=False), tables
-    rendered, and links and images to the version's own files (loss.png) pointed at the file route."""
+    """The card's markdown as HTML: raw HTML in it is escaped (markdown-it's html=False) but for
+    comments on lines of their own, which are dropped; tables rendered; links and images to the
+    version's own files (loss.png) pointed at the file route."""
     from markdown_it import MarkdownIt
 
     md = MarkdownIt("commonmark", {"html": False}).enable(["table", "strikethrough"])
-    tokens = md.parse(strip_front_matter(text))
+    tokens = md.parse(_COMMENT_LINES.sub("", strip_front_matter(text)))
     for token in tokens:
         for child in token.children or []:
             attr = "src" if child.type == "image" else "href" if child.type == "link_open" else None
@@ -309,10 +312,11 @@ def dashboard_router(service) -> APIRouter:
                     files.append((role, file_id, queue.get_file(tenant, file_id)))
                 except ServiceError:
                     files.append((role, file_id, None))  # deleted since
-        rows = [event_row(e) for e in reversed(events)]
-        return render(request, "job.html", tenant, job=job, live=live_state(job), files=files,
+        rows, series = [event_row(e) for e in reversed(events)], loss_series(events)
+        latest = {name: number(points[-1][1], 4) if points else MISSING for name, points in series.items()}
+        return render(request, "job.html", tenant, job=job, live=live_state(job), files=files, latest=latest,
                       checkpoints=checkpoints, events=rows[:LOG_ROWS], hidden_events=max(0, len(rows) - LOG_ROWS),
-                      series=loss_series(events), after=events[-1].seq if events else 0, poll_ms=POLL_MS,
+                      series=series, after=events[-1].seq if events else 0, poll_ms=POLL_MS,
                       adapter_id=job.registry_ref.split("@")[0] if job.registry_ref else None)
 
     @router.get("/jobs/{job_id}/metrics.json")

@@ -1,0 +1,125 @@
+"""`budwood service` and three `budwood worker` processes on PostgreSQL; one worker is SIGKILLed mid-training."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from openai import OpenAI
+
+from tests.conftest import SERVICE_TEST_CONFIG, pg_schema, upload
+
+BUDWOOD = [sys.executable, "-m", "budwood"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(config: Path, *args: str) -> str:
+    done = subprocess.run(BUDWOOD + list(args) + ["--config", str(config)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_ten_jobs_three_workers_one_killed_all_succeed_once(tmp_path, company_data):
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    procs: dict[str, subprocess.Popen] = {}
+    with pg_schema() as url:
+        config = tmp_path / "service.yaml"
+        config.write_text(yaml.safe_dump({**json.loads(json.dumps(SERVICE_TEST_CONFIG)), "home": str(tmp_path / "home"),
+                                          "database": url, "port": port, "workers": 0}))
+        cli(config, "tenants", "create", "acme", "--max-concurrent-jobs", "10")
+        key = cli(config, "keys", "issue", "acme").strip().splitlines()[-1]
+        assert key.startswith("bw-")
+        try:
+            procs["service"] = subprocess.Popen(BUDWOOD + ["service", "--config", str(config)], env=env,
+                                                stdout=subprocess.DEVNULL, stderr=open(tmp_path / "service.log", "w"))
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline and procs["service"].poll() is None, \
+                    (tmp_path / "service.log").read_text()[-3000:]
+                time.sleep(0.3)
+            client = OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+            train = upload(client, company_data["train"])
+            # the same data, seed and settings for all ten: exact resume means ten identical adapters
+            jobs = [client.fine_tuning.jobs.create(model="budwood-tiny", training_file=train.id, seed=3, suffix=f"j{i}",
+                                                   hyperparameters={"n_epochs": 2, "batch_size": 8}).id
+                    for i in range(10)]
+            for i in range(3):
+                procs[f"w{i}"] = subprocess.Popen(BUDWOOD + ["worker", "--config", str(config), "--id", f"w{i}"],
+                                                  env=env, stdout=subprocess.DEVNULL,
+                                                  stderr=open(tmp_path / f"w{i}.log", "w"))
+            # kill the worker of the first job that is past its first checkpoint (step 5)
+            from budwood.jobs.service import Service, load_service_config
+
+            service = Service(load_service_config(config))
+            victim = None
+            deadline = time.monotonic() + 180
+            while victim is None:
+                assert time.monotonic() < deadline, "no job reached step 7"
+                for job_id in jobs:
+                    job = service.queue.get_job(None, job_id)
+                    if job.status == "running" and (job.progress or {}).get("step", 0) >= 7:
+                        victim = job
+                        break
+                time.sleep(0.1)
+            procs[victim.lease_owner].send_signal(signal.SIGKILL)
+            killed_at = victim.progress["step"]
+            # every job ends, each exactly once
+            deadline = time.monotonic() + 400
+            while not all(service.queue.get_job(None, j).status in ("succeeded", "failed", "cancelled") for j in jobs):
+                assert time.monotonic() < deadline, [service.queue.get_job(None, j).status for j in jobs]
+                time.sleep(0.5)
+            finals = [client.fine_tuning.jobs.retrieve(j) for j in jobs]
+            assert [f.status for f in finals] == ["succeeded"] * 10, [f.error for f in finals]
+            assert len({f.fine_tuned_model for f in finals}) == 10
+            fingerprints = set()
+            for f in finals:
+                events = list(client.fine_tuning.jobs.list_events(f.id, limit=100))
+                messages = [e.message for e in events]
+                assert messages.count("The job has successfully completed") == 1
+                assert len({e.id for e in events}) == len(events)
+                assert {e.data["step"] for e in events if e.type == "metrics"} == set(range(1, 21))
+                checkpoints = list(client.fine_tuning.jobs.checkpoints.list(f.id))
+                assert sorted(c.step_number for c in checkpoints) == [5, 10, 15, 20]
+                for c in checkpoints:  # every checkpoint the API lists is whole in the storage
+                    assert (service.storage.checkpoint_dir(f.id, c.step_number) / "trainer_state.json").exists()
+                info = service.registry.version_info(f"acme/j{jobs.index(f.id)}-{f.id[6:14].lower()}@1.0.0")
+                fingerprints.add(info.adapter_fingerprint)
+                if f.id == victim.id:
+                    assert any(f"{victim.lease_owner} stopped responding" in m for m in messages), messages
+                    resumed = [m for m in messages if "resumed from its checkpoint at step" in m]
+                    assert resumed and int(resumed[0].rsplit(" ", 1)[1]) in (5, 10, 15) and killed_at >= 7
+            assert len(fingerprints) == 1, "a resumed job trained other weights than the uninterrupted ones"
+            with service.engine.connect() as c:  # nothing half-written: no job row still holds a lease
+                from sqlalchemy import text
+
+                assert c.execute(text("SELECT count(*) FROM ft_jobs WHERE lease_expires IS NOT NULL")).scalar() == 0
+            service.close()
+        finally:
+            for p in procs.values():
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            for p in procs.values():
+                try:
+                    p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
