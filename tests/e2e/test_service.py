@@ -263,7 +263,8 @@ def test_cancel_reaches_a_running_job_within_seconds(live, acme, finished):
         assert time.monotonic() - t0 < 10, "the worker did not stop within 10 s"
         time.sleep(0.1)
     stopped = next(e for e in acme.fine_tuning.jobs.list_events(job.id) if e.message.startswith("Training stopped"))
-    last_step = max(e.data["step"] for e in acme.fine_tuning.jobs.list_events(job.id, limit=1000) if e.type == "metrics")
+    events = acme.fine_tuning.jobs.list_events(job.id, limit=1000)
+    last_step = max(e.data["step"] for e in events if e.type == "metrics")
     assert f"at step {last_step}" in stopped.message and last_step < 500
     final = acme.fine_tuning.jobs.retrieve(job.id)
     assert final.status == "cancelled" and final.fine_tuned_model is None
