@@ -345,6 +345,21 @@ def test_leaderboard_bias_sorts_by_distance_from_half_and_bbq_only_when_present(
     assert [base for base, _ in board["groups"]] == ["b", "other"]
 
 
+def test_loss_series_keeps_the_latest_value_of_a_repeated_step():
+    from types import SimpleNamespace
+
+    from budwood.web.dashboard import loss_series
+
+    def metrics(step, **data):
+        return SimpleNamespace(type="metrics", data={"step": step, "total_steps": 4, **data})
+
+    events = [metrics(1, train_loss=3.0), metrics(2, train_loss=2.5), metrics(2, valid_loss=2.9),
+              SimpleNamespace(type="message", data={"step": 9, "train_loss": 0.1}),  # not a metrics event
+              metrics(3, train_loss=float("nan")),  # a NaN stops the run; it is no point on the chart
+              metrics(2, train_loss=2.4), metrics(3, train_loss=2.2)]  # a takeover repeats step 2
+    assert loss_series(events) == {"train": [[1, 3.0], [2, 2.4], [3, 2.2]], "valid": [[2, 2.9]]}
+
+
 def test_cookie_is_httponly_and_strict(acme_tab, dash):
     [cookie] = acme_tab.context.cookies()
     assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict" and cookie["secure"] is False

@@ -54,6 +54,8 @@ def parse_ref(ref: str, version_required: bool = False) -> AdapterRef:
     if not isinstance(ref, str) or ref.count("/") != 1:
         raise RegistryError(f"bad adapter id {ref!r}: expected ORG/NAME or ORG/NAME@VERSION")
     body, _, version = ref.partition("@")
+    if body.count("/") != 1:
+        raise RegistryError(f"bad adapter id {ref!r}: expected ORG/NAME or ORG/NAME@VERSION")
     namespace, name = body.split("/")
     check_part(namespace, "organisation", ref)
     check_part(name, "name", ref)

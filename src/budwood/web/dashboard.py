@@ -262,16 +262,17 @@ def dashboard_router(service) -> APIRouter:
         return frozenset({tenant})
 
     @router.get("/login")
-    def login_form(request: Request, next: str | None = None):
+    def login_form(request: Request, goto: str | None = Query(None, alias="next")):
+        goto = _safe_next(goto, root_of(request))
         if signed_in(request):
-            return RedirectResponse(_safe_next(next, root_of(request)), 303, headers=HEADERS)
-        return render(request, "login.html", None, error=None, next=_safe_next(next, root_of(request)))
+            return RedirectResponse(goto, 303, headers=HEADERS)
+        return render(request, "login.html", None, error=None, next=goto)
 
     @router.post("/login")
-    def login(request: Request, api_key: str = Form(""), next: str = Form("")):
+    def login(request: Request, api_key: str = Form(""), goto: str = Form("", alias="next")):
         key = api_key.strip()
         tenant = tenants.tenant_of(key) if key else None
-        goto = _safe_next(next, root_of(request))
+        goto = _safe_next(goto, root_of(request))
         if tenant is None:
             return render(request, "login.html", None, 401, next=goto,
                           error="That API key is not valid (or it was revoked).")
