@@ -22,7 +22,7 @@ def test_no_route_answers_a_server_error(tmp_path, company_data):
             @given(case=operation.as_strategy())
             @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
                       database=None)
-            def fuzz(case):
+            def fuzz(case, operation=operation):
                 if operation.path in ("/v1/chat/completions", "/v1/completions") and isinstance(case.body, dict):
                     case.body["model"] = "budwood-tiny"  # past the model check, into the sampling and the engine
                     case.body["max_tokens"] = 4  # long generations would only cost time
