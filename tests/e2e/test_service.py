@@ -293,3 +293,35 @@ def test_a_paused_job_resumes_to_the_adapter_an_uninterrupted_run_makes(live, ac
     reg = live.service.registry
     assert reg.version_info(f"acme/paused-{a.id[6:14].lower()}@1.0.0").adapter_fingerprint == \
         reg.version_info(f"acme/straight-{b.id[6:14].lower()}@1.0.0").adapter_fingerprint
+
+
+def test_a_worker_shutting_down_gives_its_job_back_to_continue_elsewhere(tmp_path, company_data):
+    import threading
+
+    from budwood.jobs.worker import run_worker
+
+    with live_service(tmp_path, workers=0) as live:
+        client = live.client(live.tenant("acme"))
+        train = upload(client, company_data["train"])
+        job = client.fine_tuning.jobs.create(model="budwood-tiny", training_file=train.id,
+                                             hyperparameters={"n_epochs": 2, "batch_size": 8})
+        first = threading.Event()
+        thread = threading.Thread(target=run_worker, args=(live.service.config, "leaving", first))
+        thread.start()
+        wait_for_step(live, client, job.id, 6)
+        first.set()  # what SIGTERM does
+        thread.join(timeout=60)
+        back = client.fine_tuning.jobs.retrieve(job.id)
+        assert back.status == "queued" and not thread.is_alive()
+        assert any("leaving shut down at step" in e.message for e in client.fine_tuning.jobs.list_events(job.id))
+        second = threading.Event()
+        thread = threading.Thread(target=run_worker, args=(live.service.config, "arriving", second))
+        thread.start()
+        try:
+            done = live.wait(client, job.id)
+        finally:
+            second.set()
+            thread.join(timeout=60)
+        assert done.status == "succeeded"
+        events = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
+        assert any("resumed from its checkpoint at step" in m for m in events)
