@@ -3,7 +3,8 @@
 One service for the module (SQLite in a tmp folder, one worker thread) with two tenants: acme runs
 one real job to success and has one more cancelled; the registry also holds globex's adapters (two
 public, one private) made from acme's, with other numbers, so that the leaderboard has rows to
-sort. Every page is loaded, checked and saved as a screenshot under the test's tmp_path.
+sort. Every page is loaded, checked and saved as a screenshot under the test's tmp_path; the last
+test runs a longer job, watches its chart grow by polling and cancels it with the page's button.
 """
 from __future__ import annotations
 

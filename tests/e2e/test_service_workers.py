@@ -109,6 +109,10 @@ def test_ten_jobs_three_workers_one_killed_all_succeed_once(tmp_path, company_da
                     resumed = [m for m in messages if "resumed from its checkpoint at step" in m]
                     assert resumed and int(resumed[0].rsplit(" ", 1)[1]) in (5, 10, 15) and killed_at >= 7
             assert len(fingerprints) == 1, "a resumed job trained other weights than the uninterrupted ones"
+            # the server process answers with a model that a worker process made, without a restart
+            reply = client.chat.completions.create(model=finals[0].fine_tuned_model, max_tokens=8,
+                                                   messages=[{"role": "user", "content": "Who founded Corvidworth?"}])
+            assert reply.choices[0].message.content is not None
             with service.engine.connect() as c:  # nothing half-written: no job row still holds a lease
                 from sqlalchemy import text
 
@@ -123,3 +127,20 @@ def test_ten_jobs_three_workers_one_killed_all_succeed_once(tmp_path, company_da
                     p.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     p.kill()
+
+
+def test_tenants_and_keys_from_the_command_line(tmp_path):
+    config = tmp_path / "service.yaml"
+    config.write_text(yaml.safe_dump({"home": str(tmp_path / "home")}))
+    cli(config, "tenants", "create", "acme", "--max-storage-bytes", "5000")
+    failed = subprocess.run(BUDWOOD + ["tenants", "create", "Bad/Name", "--config", str(config)],
+                            capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 2 and "bad tenant name" in failed.stderr and "Traceback" not in failed.stderr
+    listing = cli(config, "tenants", "list")
+    assert "acme" in listing and "0 / 5,000" in listing
+    key = cli(config, "keys", "issue", "acme", "--name", "ci").strip().splitlines()[-1]
+    key_id = key.split("-")[1]
+    issued = cli(config, "keys", "issued")
+    assert key_id in issued and "active" in issued and key.split("-")[2] not in issued
+    cli(config, "keys", "revoke", key_id)
+    assert "revoked" in cli(config, "keys", "issued", "--tenant", "acme")

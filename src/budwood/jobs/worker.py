@@ -121,6 +121,9 @@ class JobProgress:
             self.valid_loss = record["val_loss"]
             self.beat.emit(f"Step {step}/{self.total}: validation loss={record['val_loss']:.4f}", type_="metrics",
                            data={"step": step, "valid_loss": record["val_loss"], "total_steps": self.total})
+            with self.beat.lock:
+                if self.beat.progress is not None:
+                    self.beat.progress = dict(self.beat.progress, valid_loss=self.valid_loss)
             return
         data = {"step": step, "train_loss": record["loss"], "total_steps": self.total,
                 "tokens_per_s": record.get("tokens_per_s"), "learning_rate": record.get("lr")}
@@ -197,6 +200,7 @@ class JobRun:
             if self.beat.reason:
                 self.stopped(None)
                 return
+            self.plot_losses()
             self.beat.emit("Training finished; evaluating the adapter")
             self.beat.flush()
             self.evaluate()
@@ -277,6 +281,12 @@ class JobRun:
             self.beat.flush()
             self.queue.release(self.lease, f"Worker {self.lease.owner} shut down{where}; the job waits for a worker "
                                            "and continues from its last checkpoint")
+
+    def plot_losses(self) -> None:
+        from budwood.train.metrics import plot_losses, read_metrics
+
+        plot_losses(read_metrics(self.adapter_dir / "metrics.jsonl"), self.adapter_dir / "loss.png",
+                    title=f"{self.job.id}: LoRA on {self.job.model}")
 
     def evaluate(self) -> None:
         from budwood.eval.results import write_results

@@ -65,7 +65,7 @@
     if (changed) {
       chart.data.datasets[0].data = points(steps.train);
       chart.data.datasets[1].data = points(steps.valid);
-      // no update
+      chart.update("none");
       empty.hidden = true;
       for (const [name, id] of [["train", "job-train-loss"], ["valid", "job-valid-loss"]]) {
         const value = latest(steps[name]);
