@@ -130,7 +130,7 @@ SERVICE_TEST_CONFIG = {
     "training": {"learning_rate": 2e-3, "checkpoint_every": 5, "precision": "fp32", "compile": False},
     "evaluation": {"suites": ["domain", "grounding"], "limit": 4, "compare_base": False,
                    "settings": {"max_tokens": 16, "bootstrap": 20}},
-    "heartbeat_s": 0.5, "lease_s": 4.0, "poll_s": 0.2,
+    "heartbeat_s": 0.5, "lease_s": 4.0, "poll_s": 0.2, "key_cache_s": 0.5,
 }
 
 

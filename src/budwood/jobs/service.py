@@ -78,6 +78,8 @@ class ServiceConfig(_Strict):
     heartbeat_s: float = Field(2.0, gt=0, description="how often a worker renews its lease and reads cancel/pause")
     poll_s: float = Field(1.0, gt=0, description="how often an idle worker looks for work")
     max_attempts: int = Field(3, ge=1, description="workers a job may lose before it fails")
+    key_cache_s: float = Field(5.0, ge=0, description="how long a server trusts a checked API key: a revoked key "
+                                                      "stops working within this time")
     quotas: Quotas = Field(default_factory=Quotas)
     training: ServiceTraining = Field(default_factory=ServiceTraining)
     evaluation: ServiceEvaluation = Field(default_factory=ServiceEvaluation)
@@ -159,7 +161,7 @@ def create_service_app(service: Service, engine=None):
     pull_dir = config.home.expanduser() / "served"
     access = ServiceAccess(service.queue, service.registry)
     return create_app(config.serving, engine=engine, registry=service.registry, pull_dir=pull_dir,
-                      auth=TenantAuth(service.tenants), access=access,
+                      auth=TenantAuth(service.tenants, config.key_cache_s), access=access,
                       resolvers=[FineTunedResolver(service.queue, service.storage, service.registry, pull_dir)],
                       routers=[files_router(service), jobs_router(service), dashboard_router(service)],
                       title="budwood service")
