@@ -137,10 +137,12 @@ def test_tenants_never_see_each_others_files_jobs_checkpoints_or_models(live, ac
     assert mine.status_code == 200 and mine.json()["private"]
     with pytest.raises(not_found):  # the registry id, too, is the owner's only
         other.chat.completions.create(model=f"{ref}@1.0.0", messages=[{"role": "user", "content": "hi"}])
-    # and a tenant publishes only into its own namespace
+    # and tenants publish nothing themselves (their adapters come from their jobs), nor store blobs
     manifest = {"id": "acme/planted", "license": "MIT", "files": []}
     r = httpx.post(f"{live.url}/v1/registry/adapters/acme/planted/versions", json=manifest, headers=headers)
-    assert r.status_code == 403 and "only under globex/" in r.json()["error"]["message"]
+    assert r.status_code == 403 and "its adapters are published by its fine-tuning jobs" in r.json()["error"]["message"]
+    blob = httpx.put(f"{live.url}/v1/registry/blobs/{'0' * 64}", content=b"x", headers=headers)
+    assert blob.status_code == 403
 
 
 def test_uploads_are_checked_before_anything_is_stored(live, acme, tmp_path, company_data):

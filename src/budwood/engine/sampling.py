@@ -43,6 +43,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k: the sampled token's plus the top k
     prompt_logprobs: int | None = None  # the same for prompt tokens (completions `echo`)
     grammar: object | None = None  # a compiled grammar from engine.grammar
+    cache_salt: str | None = None  # prefix-cache blocks are shared only between requests with the same salt
 
     def __post_init__(self):
         checks = [

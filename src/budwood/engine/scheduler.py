@@ -86,6 +86,8 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         seq.uid = next(self._uids)
         key = seq.adapter.key if seq.adapter is not None else ""
+        if seq.params.cache_salt:  # vLLM's cache_salt: a tenant's prompts never hit another tenant's blocks
+            key += "\x00salt:" + seq.params.cache_salt
         seq.hashes = block_hashes(seq.tokens[:seq.prompt_len], self.pool.block_size, key)
         self.waiting.append(seq)
 

@@ -72,9 +72,10 @@ def files_router(service) -> APIRouter:
 
         try:
             dataset = read_dataset(path, "auto", min_examples=1)
-        except DataError as e:
+        except DataError as e:  # told by the client's file name, never the scratch copy's path
             issues = e.issues or []
             shown = "\n".join(str(i) for i in issues[:20]) if issues else str(e)
+            shown = shown.replace(str(path), path.name).replace(str(path.parent) + "/", "")
             more = f"\n... and {len(issues) - 20} more" if len(issues) > 20 else ""
             head = f"{path.name}: {len([i for i in issues if i.level == 'error'])} error(s); nothing was stored:\n" \
                 if issues else ""

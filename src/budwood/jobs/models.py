@@ -84,6 +84,8 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires: Mapped[float | None] = mapped_column(Float)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
+    lost: Mapped[int] = mapped_column(Integer, default=0)  # workers that died holding it (not pauses, not shutdowns)
+    train_examples: Mapped[int | None] = mapped_column(Integer)  # set once the files are validated
 
 
 class JobEvent(Base):

@@ -164,7 +164,8 @@ class JobQueue:
     # -- jobs: the API's side -------------------------------------------------------------------------------
     def create_job(self, tenant: str, values: dict, idempotency_key: str | None, body_hash: str) -> tuple[Job, bool]:
         """A new job in validating_files, or (with an idempotency key seen before) the job it made.
-        Returns (job, created)."""
+        Its files are checked again in the transaction that creates it, their rows locked, so a file
+        deleted meanwhile is refused rather than trained on. Returns (job, created)."""
         for attempt in range(2):
             try:
                 with self.writes.begin() as s:
@@ -177,17 +178,12 @@ class JobQueue:
                                 raise ServiceError("this Idempotency-Key was used with a different request; use a "
                                                    "new key for a new job", 409, "idempotency_key_reused")
                             return seen, False
-                    limit = t.max_concurrent_jobs if t.max_concurrent_jobs is not None \
-                        else self.default_concurrent_jobs
-                    active = s.scalar(select(func.count()).select_from(Job).where(Job.tenant == tenant,
-                                                                                  Job.status.in_(ACTIVE)))
-                    if active >= limit:
-                        raise ServiceError(f"tenant {tenant!r} has {active} fine-tuning jobs that have not finished; "
-                                           f"its limit is {limit} at a time. Wait for one to finish or cancel one",
-                                           429, "concurrent_jobs_limit", type_="rate_limit_exceeded")
+                    self._check_concurrency(s, t)
+                    for param in ("training_file", "validation_file"):
+                        self._usable_file(s, tenant, values.get(param), param)
                     job = Job(id=new_id("ftjob-"), tenant=tenant, status="validating_files", created_at=time.time(),
-                              idempotency_key=idempotency_key, request_hash=body_hash, attempt=0, result_files=[],
-                              progress={}, **values)
+                              idempotency_key=idempotency_key, request_hash=body_hash, attempt=0, lost=0,
+                              result_files=[], progress={}, **values)
                     s.add(job)
                     s.flush()
                     self._event(s, job.id, f"Created fine-tuning job: {job.id}", attempt=0)
@@ -199,6 +195,17 @@ class JobQueue:
                 if attempt or not idempotency_key:  # a concurrent create with the same key won: return its job
                     raise
         raise AssertionError("unreachable")
+
+    def _usable_file(self, s: Session, tenant: str, file_id: str | None, param: str) -> None:
+        if file_id is None:
+            return
+        row = s.scalars(self._lock(select(StoredFile).where(StoredFile.id == file_id,
+                                                            StoredFile.tenant == tenant))).first()
+        if row is None:
+            raise ServiceError(f"invalid {param}: {file_id} does not exist", 400, f"invalid_{param}", param)
+        if row.purpose != "fine-tune":
+            raise ServiceError(f"invalid {param}: {file_id} has purpose {row.purpose!r}; upload it with purpose "
+                               "'fine-tune'", 400, f"invalid_{param}", param)
 
     def get_job(self, tenant: str | None, job_id: str) -> Job:
         query = select(Job).where(Job.id == job_id)
@@ -256,14 +263,26 @@ class JobQueue:
         return job
 
     def resume(self, tenant: str, job_id: str) -> Job:
+        """Paused -> waiting again (validating_files if its files were never validated), within the
+        tenant's concurrent-jobs limit: pausing is no way around it."""
         with self.writes.begin() as s:
+            t = self._tenant(s, tenant)
             job = self._own_job(s, tenant, job_id)
             if job.status != "paused":
                 raise ServiceError(f"Job {job_id} is {job.status}; only a paused job can be resumed", 400,
                                    "job_not_resumable", "fine_tuning_job_id")
-            job.status = "queued"
+            self._check_concurrency(s, t)
+            job.status = "queued" if job.train_examples is not None else "validating_files"
             self._event(s, job_id, "Job resumed; it continues from its last checkpoint", attempt=job.attempt)
         return job
+
+    def _check_concurrency(self, s: Session, t: Tenant) -> None:
+        limit = t.max_concurrent_jobs if t.max_concurrent_jobs is not None else self.default_concurrent_jobs
+        active = s.scalar(select(func.count()).select_from(Job).where(Job.tenant == t.name, Job.status.in_(ACTIVE)))
+        if active >= limit:
+            raise ServiceError(f"tenant {t.name!r} has {active} fine-tuning jobs waiting or running; its limit is "
+                               f"{limit} at a time. Wait for one to finish, or cancel or pause one", 429,
+                               "concurrent_jobs_limit", type_="rate_limit_exceeded")
 
     def _own_job(self, s: Session, tenant: str, job_id: str) -> Job:
         job = s.scalars(self._lock(select(Job).where(Job.id == job_id, Job.tenant == tenant))).first()
@@ -315,8 +334,9 @@ class JobQueue:
 
     # -- jobs: the workers' side --------------------------------------------------------------------------
     def claim(self, owner: str, lease_s: float, max_attempts: int) -> tuple[Job, Lease] | None:
-        """Take the oldest job that is waiting, or whose worker's lease ran out. Jobs whose worker died
-        while pausing become paused, and those that lost too many workers fail, on the way."""
+        """Take the oldest job that is waiting, or whose worker's lease ran out. A lease that ran out
+        is a worker lost (pauses and shutdowns give jobs back without one); a job that has lost
+        `max_attempts` workers fails, and one whose worker died while pausing is paused."""
         for _ in range(100):
             with self.writes.begin() as s:
                 now = db_now(s)
@@ -327,21 +347,25 @@ class JobQueue:
                 if job is None:
                     return None
                 previous = job.lease_owner
+                died = job.lease_expires is not None  # held by a worker that stopped renewing it
+                if died:
+                    job.lost += 1
                 if job.status == "pausing":  # its worker died while pausing: paused at its last checkpoint
-                    job.status, job.lease_owner, job.lease_expires = "paused", None, None
+                    job.status, job.lease_expires = "paused", None
                     self._event(s, job.id, f"Worker {previous} stopped responding while pausing; the job is "
                                            "paused at its last checkpoint", "warn", attempt=job.attempt)
                     continue
-                if job.status == "running" and job.attempt >= max_attempts:
-                    job.status, job.finished_at, job.lease_owner, job.lease_expires = "failed", time.time(), None, None
+                if died and job.lost >= max_attempts:
+                    job.status, job.finished_at, job.lease_expires = "failed", time.time(), None
                     job.error = {"code": "worker_lost", "param": None,
-                                 "message": f"the job's worker stopped responding {job.attempt} times (last: "
+                                 "message": f"the job's worker stopped responding {job.lost} times (last: "
                                             f"{previous}); the job may be too large for the workers' memory"}
                     self._event(s, job.id, job.error["message"], "error", attempt=job.attempt)
                     continue
-                if job.status == "running":
-                    self._event(s, job.id, f"Worker {previous} stopped responding; {owner} takes the job over "
-                                           "from its last checkpoint", "warn", attempt=job.attempt + 1)
+                if died:
+                    self._event(s, job.id, f"Worker {previous} stopped responding; {owner} takes the job over"
+                                + (" from its last checkpoint" if job.status == "running" else ""), "warn",
+                                attempt=job.attempt + 1)
                 job.attempt += 1
                 job.lease_owner, job.lease_expires = owner, now + lease_s
                 return job, Lease(job.id, owner, job.attempt)
@@ -386,18 +410,21 @@ class JobQueue:
         s.add(JobEvent(id=new_id("ftevent-"), job_id=job_id, created_at=time.time(), level=level, type=type_,
                        message=message, data=data, attempt=attempt))
 
-    def set_hyperparameters(self, lease: Lease, hyperparameters: dict) -> None:
+    def set_hyperparameters(self, lease: Lease, hyperparameters: dict, examples: int) -> None:
         """Validation done: the "auto" values resolved; the job moves to queued and on to running."""
         with self.writes.begin() as s:
             job = self._fenced(s, lease)
             if job.status != "validating_files":
                 raise LeaseLost(lease.job_id)
-            job.hyperparameters, job.status = hyperparameters, "queued"
+            job.hyperparameters, job.status, job.train_examples = hyperparameters, "queued", examples
             self._event(s, job.id, "Files validated, moving job to queued state", attempt=lease.attempt)
 
     def start(self, lease: Lease, resumed_from: int | None) -> Job:
         with self.writes.begin() as s:
             job = self._fenced(s, lease)
+            if job.status == "pausing":  # paused while a takeover restored its checkpoint: paused now
+                job.status, job.lease_expires = "paused", None
+                self._event(s, job.id, "Job paused", attempt=lease.attempt)
             if job.status not in ("queued", "running"):  # running: taken over from a worker that died
                 raise LeaseLost(lease.job_id)
             job.status = "running"

@@ -72,12 +72,16 @@ class ServiceConfig(_Strict):
     serving: EngineConfig = Field(default_factory=EngineConfig,
                                   description="the inference engine; serving.base is the model jobs fine-tune")
     workers: int = Field(1, ge=0, description="worker processes `budwood service` starts on this machine")
-    work_dir: Path | None = Field(None, description="workers' local scratch space (default HOME/work)")
+    work_dir: Path | None = Field(None, description="workers' scratch space, best on a local disk (default: the "
+                                                    "system's temporary folder)")
     lease_s: float = Field(30.0, gt=0, description="a worker that has not renewed its lease for this long has lost "
                                                    "its job to another worker")
     heartbeat_s: float = Field(2.0, gt=0, description="how often a worker renews its lease and reads cancel/pause")
     poll_s: float = Field(1.0, gt=0, description="how often an idle worker looks for work")
     max_attempts: int = Field(3, ge=1, description="workers a job may lose before it fails")
+    metrics_token: str | None = Field(None, description="bearer token for /metrics (Prometheus' bearer_token); "
+                                                        "without one /metrics is off, as its labels name "
+                                                        "tenants' models")
     key_cache_s: float = Field(5.0, ge=0, description="how long a server trusts a checked API key: a revoked key "
                                                       "stops working within this time")
     quotas: Quotas = Field(default_factory=Quotas)
@@ -164,7 +168,7 @@ def create_service_app(service: Service, engine=None):
                       auth=TenantAuth(service.tenants, config.key_cache_s), access=access,
                       resolvers=[FineTunedResolver(service.queue, service.storage, service.registry, pull_dir)],
                       routers=[files_router(service), jobs_router(service), dashboard_router(service)],
-                      title="budwood service")
+                      title="budwood service", metrics_token=config.metrics_token or "", accept_private_terms=True)
 
 
 def _worker_main(config_json: str, index: int) -> None:

@@ -62,14 +62,17 @@ class Storage:
         dest = self.checkpoint_dir(job_id, step)
         if (dest / "trainer_state.json").exists():
             return dest  # the same step of the same job is the same state (exact resume)
-        shutil.rmtree(dest, ignore_errors=True)
-        with staged_dir(dest) as tmp:
-            for f in folder.iterdir():
-                if f.is_file():
-                    shutil.copy2(f, tmp / f.name)
-            for f in extra:
-                if f.is_file():
-                    shutil.copy2(f, tmp / f.name)
+        try:
+            with staged_dir(dest) as tmp:
+                for f in folder.iterdir():
+                    if f.is_file():
+                        shutil.copy2(f, tmp / f.name)
+                for f in extra:
+                    if f.is_file():
+                        shutil.copy2(f, tmp / f.name)
+        except OSError:
+            if not (dest / "trainer_state.json").exists():  # not another worker's copy of the same step
+                raise
         return dest
 
     def restore_checkpoint(self, job_id: str, step: int, adapter_dir: Path) -> Path:

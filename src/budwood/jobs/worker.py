@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
+
+from sqlalchemy.exc import DBAPIError
 
 from budwood.errors import BudwoodError, DataError, ModelError, TrainingError
 from budwood.jobs.models import Job
@@ -170,7 +174,7 @@ class JobRun:
         self.service, self.job, self.lease = service, job, lease
         self.config = service.config
         self.queue, self.storage = service.queue, service.storage
-        work_root = (self.config.work_dir or self.config.home / "work").expanduser()
+        work_root = (self.config.work_dir or Path(tempfile.gettempdir()) / "budwood-work").expanduser()
         self.workdir = work_root / f"{job.id}-{lease.attempt}"
         self.data_dir = self.workdir / "data"
         self.adapter_dir = self.workdir / "adapter"
@@ -182,15 +186,13 @@ class JobRun:
         self.beat.start()
         try:
             self.fetch_files()
-            examples = None
             if self.job.status == "validating_files":
-                examples = self.validate()
+                self.validate()
             checkpoint = self.queue.latest_checkpoint(self.job.id)
             if checkpoint is not None:
                 self.storage.restore_checkpoint(self.job.id, checkpoint.step, self.adapter_dir)
             self.job = self.queue.start(self.lease, checkpoint.step if checkpoint else None)
-            config = train_config(self.config, self.job, self.data_dir, self.adapter_dir,
-                                  examples or self._examples())
+            config = train_config(self.config, self.job, self.data_dir, self.adapter_dir, self.job.train_examples)
             try:
                 train(config, resume=checkpoint is not None, progress=JobProgress(self.beat),
                       stop=lambda: self.beat.reason, on_checkpoint=self.upload_checkpoint)
@@ -207,13 +209,15 @@ class JobRun:
             self.share()
         except LeaseLost:
             log.warning("%s: lost the lease on %s; another worker has it", self.lease.owner, self.job.id)
+        except DBAPIError as e:  # the database away: this attempt ends, the lease runs out, a worker takes over
+            log.error("%s: database error during %s, giving it up: %s", self.lease.owner, self.job.id, e)
         except JobFailed as e:
             self.fail(e.code, str(e), e.param)
         except BudwoodError as e:
             self.fail(_error_code(e), str(e))
         except Exception as e:  # a bug: the job fails with what happened, the worker goes on
             log.exception("job %s failed", self.job.id)
-            self.fail("internal_error", f"{type(e).__name__}: {e}")
+            self.fail("internal_error", f"internal error ({type(e).__name__}: {e}); the service's logs have more")
         finally:
             self.beat.stop()
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -224,10 +228,6 @@ class JobRun:
         for name, file_id in (("train", self.job.training_file), ("validation", self.job.validation_file)):
             if file_id:
                 shutil.copyfile(self.storage.file_path(self.job.tenant, file_id), self.data_dir / f"{name}.jsonl")
-
-    def _examples(self) -> int:
-        with open(self.data_dir / "train.jsonl", "rb") as f:
-            return sum(1 for line in f if line.strip())
 
     def validate(self) -> int:
         """Tokenise the data with the base's chat template, then make "auto" concrete: validating_files ->
@@ -240,22 +240,28 @@ class JobRun:
             prepared = prepare_data(config, load_tokenizer(self.job.model))
         except (DataError, TrainingError) as e:
             message = self._public(str(e))
-            if self.job.validation_file and self.job.validation_file in message.split(":")[0]:
+            names = [str(i.file) for i in getattr(e, "issues", [])] or [message]
+            if self.job.validation_file and all(self.job.training_file not in self._public(n) for n in names) \
+                    and any(self.job.validation_file in self._public(n) for n in names):
                 raise JobFailed("invalid_validation_file", message, "validation_file") from None
             raise JobFailed("invalid_training_file", message, "training_file") from None
         examples = len(prepared.train)
         hp = resolve_auto(self.job.hyperparameters, examples)
-        self.queue.set_hyperparameters(self.lease, hp)
-        self.job.hyperparameters, self.job.status = hp, "queued"
+        self.queue.set_hyperparameters(self.lease, hp, examples)
+        self.job.hyperparameters, self.job.status, self.job.train_examples = hp, "queued", examples
         for issue in prepared.issues[:20]:
             self.beat.emit(f"warning: {self._public(str(issue))}", "warn")
         return examples
 
     def _public(self, message: str) -> str:
-        """A message about the local copies, naming the tenant's file ids instead of this worker's paths."""
+        """A message fit for the tenant: the local copies named by the tenant's file ids, and no path of
+        this worker's or of the service's folders (a path in them is shortened to its last part)."""
         for name, file_id in (("train", self.job.training_file), ("validation", self.job.validation_file)):
             if file_id:
                 message = message.replace(str(self.data_dir / f"{name}.jsonl"), file_id)
+        for root in {str(self.workdir), str(self.workdir.resolve()), str(self.config.home.expanduser()),
+                     str(self.config.home.expanduser().resolve())}:
+            message = re.sub(re.escape(root) + r"[^\s'\",;)]*", lambda m: Path(m.group()).name or "…", message)
         return message
 
     def upload_checkpoint(self, path: Path) -> None:
@@ -321,7 +327,7 @@ class JobRun:
         from budwood.card.render import CardInfo, render_card
         from budwood.jobs.protocol import fine_tuned_model
         from budwood.registry import publish
-        from budwood.registry.names import NotFound
+        from budwood.registry.names import NotFound, VersionExists
 
         if self.beat.reason:
             self.stopped(None)
@@ -338,6 +344,9 @@ class JobRun:
         sign(self.adapter_dir, str(self.service.ensure_key()))
         ref = f"{ref_id}@1.0.0"
         provenance = json.loads((self.adapter_dir / "budwood.json").read_text())
+        if self.beat.reason:  # cancelled while the card was written: nothing is published
+            self.stopped(None)
+            return
         try:
             existing = self.service.registry.version_info(ref)
         except NotFound:
@@ -345,11 +354,14 @@ class JobRun:
         if existing is None:
             terms = self.workdir / "TERMS.txt"
             terms.write_text(self.config.adapter_terms + "\n")
-            info, warnings = publish(self.adapter_dir, ref, self.config.adapter_license, terms_file=terms,
-                                     private=True, registry=self.service.registry, publisher="budwood service")
-            for w in warnings:
-                self.beat.emit(f"warning: {w}", "warn")
-        else:
+            try:
+                _, warnings = publish(self.adapter_dir, ref, self.config.adapter_license, terms_file=terms,
+                                      private=True, registry=self.service.registry, publisher="budwood service")
+                for w in warnings:
+                    self.beat.emit(f"warning: {w}", "warn")
+            except VersionExists:  # a worker that lost this job published the same version meanwhile
+                existing = self.service.registry.version_info(ref)
+        if existing is not None:
             from budwood.models.fingerprint import adapter_fingerprint
 
             if existing.adapter_fingerprint != adapter_fingerprint(self.adapter_dir):
@@ -434,7 +446,12 @@ def run_worker(config: ServiceConfig, worker_id: str | None = None, shutdown: th
     log.info("worker %s: waiting for jobs in %s", worker_id, config.database_url)
     try:
         while not shutdown.is_set() and (max_jobs is None or ran < max_jobs):
-            claimed = service.queue.claim(worker_id, config.lease_s, config.max_attempts)
+            try:
+                claimed = service.queue.claim(worker_id, config.lease_s, config.max_attempts)
+            except DBAPIError as e:  # the database restarting, or locked past its timeout: wait, try again
+                log.warning("worker %s: cannot reach the queue (%s); trying again", worker_id, e)
+                shutdown.wait(max(config.poll_s, 1.0))
+                continue
             if claimed is None:
                 shutdown.wait(config.poll_s)
                 continue

@@ -16,10 +16,14 @@ from budwood.registry.names import NotFound, RegistryError, parse_ref
 
 
 class RegistryResolver:
-    def __init__(self, registry, pull_dir: Path | None = None, include_private: bool = False, ttl_s: float = 30.0):
+    def __init__(self, registry, pull_dir: Path | None = None, include_private: bool = False, ttl_s: float = 30.0,
+                 accept_private_terms: bool = False):
         """`pull_dir`: where pulled versions go (default BUDWOOD_HOME/adapters). `include_private`: serve
-        private adapters too, for a server whose callers hold its API key."""
+        private adapters too (the server's ModelAccess decides which caller may use which).
+        `accept_private_terms`: a private adapter's terms bind only its owner, who alone may use it
+        (the fine-tuning service's tenants and their job adapters)."""
         self.registry = registry
+        self.accept_private_terms = accept_private_terms
         self.pull_dir = pull_dir
         self.include_private = include_private
         self.ttl_s = ttl_s
@@ -44,7 +48,8 @@ class RegistryResolver:
         try:
             info = self.registry.version_info(name, include_private=self.include_private)
             out = self.pull_dir / info.id / info.version if self.pull_dir else None
-            _, path = self.registry.pull(info.ref, out, include_private=self.include_private)
+            _, path = self.registry.pull(info.ref, out, include_private=self.include_private,
+                                         accept_license=self.accept_private_terms and info.private)
         except NotFound:
             return None
         except LicenseNotAccepted:

@@ -7,6 +7,7 @@ n, stop, response_format), /v1/load_lora_adapter and /v1/unload_lora_adapter (vL
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import re
@@ -24,7 +25,7 @@ from budwood.engine import AsyncEngine, Engine, EngineConfig, ParamError, QueueF
 from budwood.engine.adapters import AdapterError
 from budwood.engine.engine import RequestOutput, merge_outputs
 from budwood.engine.sampling import TokenLogprob
-from budwood.errors import BudwoodError
+from budwood.errors import BudwoodError, did_you_mean
 from budwood.serve.auth import (
     Authenticator,
     AuthMiddleware,
@@ -56,20 +57,25 @@ _UNION_MEMBER = re.compile(r"^([a-z_-]+\[.*\]|constrained-[a-z]+|function-[a-z-]
 def create_app(config: EngineConfig | None = None, api_key: str | None = None, engine: Engine | None = None,
                registry=None, pull_dir: Path | None = None, auth: Authenticator | None = None,
                access: ModelAccess | None = None, resolvers: list | None = None, routers: list | None = None,
-               title: str = "budwood") -> FastAPI:
+               title: str = "budwood", metrics_token: str | None = None, accept_private_terms: bool = False
+               ) -> FastAPI:
     """The server app; pass `engine` to share an already loaded one (tests, the service).
 
     `registry` (budwood.registry.open_registry): its ids `org/name@version` are served as model names,
     pulled on first use (into `pull_dir`, default BUDWOOD_HOME/adapters); private ones only to callers
     who may see them (with `api_key`, its holder). A local registry is also offered at /v1/registry.
     The fine-tuning service passes its own `auth` (tenant keys), `access` (tenants' `ft:` models),
-    `resolvers` and `routers` (files, fine-tuning jobs, dashboard)."""
+    `resolvers` and `routers` (files, fine-tuning jobs, dashboard), a `metrics_token` that /metrics then
+    asks for (its labels name the models callers used; "" turns /metrics off), and `accept_private_terms`: a private registry
+    adapter's terms are its owner's, accepted when the owner uses it. Tenants' prompts are cached
+    apart (a cache salt per tenant), so no timing tells one tenant what another asked."""
     state: dict = {}
     resolvers = list(resolvers or [])
     if registry is not None:
         from budwood.registry.resolver import RegistryResolver
 
-        resolvers.append(RegistryResolver(registry, pull_dir, include_private=True))  # access decides who sees
+        resolvers.append(RegistryResolver(registry, pull_dir, include_private=True,  # access decides who sees
+                                          accept_private_terms=accept_private_terms))
     auth = auth or (SingleKey(api_key) if api_key else NoKey())
     access = access or RegistryAccess(registry)
 
@@ -132,14 +138,23 @@ def create_app(config: EngineConfig | None = None, api_key: str | None = None, e
         if caller_of(request).tenant is not None:
             raise APIError(403, "only the server's operator may load or unload adapters", "permission_error")
 
+    def usable_names(caller: Caller) -> list[str]:
+        e = eng()
+        return [e.base_name, *(n for n in e.adapters.names() if access.can_use(caller, n)), *access.listed(caller)]
+
+    async def not_found(caller: Caller, model: str) -> APIError:
+        """The same answer for a model that does not exist and one the caller may not see; suggestions
+        only from what the caller may use."""
+        hint = did_you_mean(model, await asyncio.to_thread(usable_names, caller))
+        return APIError(404, f"The model `{model}` does not exist.{hint}", param="model", code="model_not_found")
+
     async def resolve(caller: Caller, model: str):
         if not await asyncio.to_thread(access.can_use, caller, model):  # before the engine's cache is asked
-            raise APIError(404, f"The model `{model}` does not exist or you do not have access to it.",
-                           param="model", code="model_not_found")
+            raise await not_found(caller, model)
         try:
             return await asyncio.to_thread(eng().adapter, model)
-        except UnknownAdapter as e:
-            raise APIError(404, str(e), param="model", code="model_not_found") from None
+        except UnknownAdapter:
+            raise await not_found(caller, model) from None
         except AdapterError as e:
             raise APIError(400, str(e), param="model", code="invalid_adapter") from None
 
@@ -156,7 +171,7 @@ def create_app(config: EngineConfig | None = None, api_key: str | None = None, e
             raise APIError(400, str(e), param="response_format") from None
 
     def sampling(req, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None,
-                 grammar_) -> SamplingParams:
+                 grammar_, cache_salt: str | None) -> SamplingParams:
         if getattr(req, "tools", None):
             raise APIError(400, "tools/function calling is not supported by budwood serve", param="tools")
         if getattr(req, "suffix", None):
@@ -175,7 +190,8 @@ def create_app(config: EngineConfig | None = None, api_key: str | None = None, e
                                   presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                                   repetition_penalty=req.repetition_penalty, logit_bias=bias, stop=stop,
                                   stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, n=req.n,
-                                  seed=req.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs, grammar=grammar_)
+                                  seed=req.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs, grammar=grammar_,
+                                  cache_salt=cache_salt)
         except ParamError as e:
             raise APIError(400, str(e), param=e.param) from None
 
@@ -247,7 +263,15 @@ def create_app(config: EngineConfig | None = None, api_key: str | None = None, e
         return {"status": "ok", "model": eng().base_name, "in_flight": state["async"].in_flight}
 
     @app.get("/metrics")
-    async def metrics():
+    async def metrics(request: Request):
+        if metrics_token == "":
+            raise APIError(403, "/metrics is off on this server: give it a metrics token to turn it on",
+                           "permission_error")
+        if metrics_token is not None:
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, f"Bearer {metrics_token}".encode()):
+                raise APIError(401, "/metrics needs the server's metrics token (Authorization: Bearer TOKEN)",
+                               code="invalid_api_key")
         body, ctype = state["metrics"].render()
         return Response(body, media_type=ctype)
 
@@ -326,7 +350,7 @@ def create_app(config: EngineConfig | None = None, api_key: str | None = None, e
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         params = sampling(body, body.max_completion_tokens or body.max_tokens, top, None,
-                          await grammar(body.response_format))
+                          await grammar(body.response_format), caller_of(request).tenant)
         rid, created, fp = new_id("chatcmpl"), now(), eng().system_fingerprint
         base = {"id": rid, "created": created, "model": body.model, "system_fingerprint": fp}
         gen = run(request, prompt_ids, params, adapter)
@@ -416,7 +440,7 @@ def create_app(config: EngineConfig | None = None, api_key: str | None = None, e
             raise APIError(400, "echo with logprobs is not supported when streaming", param="echo")
         params = sampling(body, body.max_tokens, body.logprobs,
                           body.logprobs if body.echo and body.logprobs is not None else None,
-                          await grammar(body.response_format))
+                          await grammar(body.response_format), caller_of(request).tenant)
         rid, created, fp = new_id("cmpl"), now(), eng().system_fingerprint
         base = {"id": rid, "object": "text_completion", "created": created, "model": body.model,
                 "system_fingerprint": fp}

@@ -34,7 +34,9 @@ class Caller:
 
     @classmethod
     def of_tenant(cls, tenant: str) -> Caller:
-        return cls(tenant, frozenset({tenant}), frozenset({tenant}))
+        """A tenant of the fine-tuning service: sees its own private adapters, publishes nothing itself
+        (its adapters arrive through its jobs, so every byte it stores counts against its quota)."""
+        return cls(tenant, frozenset({tenant}), False)
 
 
 ANONYMOUS = Caller()

@@ -40,7 +40,8 @@ def registry_router(registry: LocalRegistry) -> APIRouter:
         if caller.may_write(namespace):
             return None
         if caller.tenant is not None:
-            message = f"tenant {caller.tenant!r} may publish only under {caller.tenant}/, not {namespace}/"
+            message = (f"tenant {caller.tenant!r} reads this registry; its adapters are published by its "
+                       "fine-tuning jobs (the service's operator publishes others)")
         else:
             message = "this registry has no API key configured; it serves public reads only (start the server " \
                       "with --api-key to allow publishing)"

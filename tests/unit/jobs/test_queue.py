@@ -16,8 +16,9 @@ def service(request, tmp_path):
     def make(url):
         svc = Service(ServiceConfig.model_validate({"home": str(tmp_path / "home"), "database": url,
                                                     "quotas": {"concurrent_jobs": 3, "storage_bytes": 1000}}))
-        svc.tenants.create("acme")
-        svc.tenants.create("other")
+        for tenant, file_id in (("acme", TRAIN), ("other", OTHER_TRAIN)):
+            svc.tenants.create(tenant)
+            svc.queue.add_file(tenant, file_id, "t.jsonl", "fine-tune", 10, "0" * 64, "openai", 10, lambda: None)
         return svc
 
     if request.param == "sqlite":
@@ -31,12 +32,16 @@ def service(request, tmp_path):
             svc.close()
 
 
+TRAIN, OTHER_TRAIN = "file-" + "a" * 24, "file-" + "o" * 24
+
+
 def job_values(**extra) -> dict:
-    return {"model": "budwood-tiny", "training_file": "file-" + "a" * 24, "validation_file": None, "suffix": None,
+    return {"model": "budwood-tiny", "training_file": TRAIN, "validation_file": None, "suffix": None,
             "seed": 1, "meta": None, "hyperparameters": {"n_epochs": 1}, **extra}
 
 
 def create(svc, tenant="acme", key=None, body="b", **extra):
+    extra.setdefault("training_file", TRAIN if tenant == "acme" else OTHER_TRAIN)
     job, created = svc.queue.create_job(tenant, job_values(**extra), key, body)
     return job
 
@@ -47,7 +52,7 @@ def test_a_job_is_claimed_once_and_its_lease_fences_every_write(service):
     claimed, lease = q.claim("w1", lease_s=60, max_attempts=3)
     assert claimed.id == job.id and lease.attempt == 1
     assert q.claim("w2", lease_s=60, max_attempts=3) is None  # held
-    q.set_hyperparameters(lease, {"n_epochs": 1, "batch_size": 2, "learning_rate_multiplier": 1.0})
+    q.set_hyperparameters(lease, {"n_epochs": 1, "batch_size": 2, "learning_rate_multiplier": 1.0}, 10)
     assert q.start(lease, None).status == "running"
     assert q.heartbeat(lease, 60) == "running"
     stale = Lease(job.id, "w1", 0)
@@ -64,7 +69,7 @@ def test_an_expired_lease_passes_the_job_to_another_worker_and_locks_the_first_o
     q = service.queue
     job = create(service)
     _, first = q.claim("w1", lease_s=60, max_attempts=3)
-    q.set_hyperparameters(first, {})
+    q.set_hyperparameters(first, {}, 10)
     q.start(first, None)
     q.add_checkpoint(first, 5, {"train_loss": 1.0}, False)
     with service.engine.begin() as c:  # the worker went silent: its lease ran out
@@ -88,7 +93,7 @@ def test_a_job_that_loses_too_many_workers_fails(service):
     job = create(service)
     for _ in range(2):
         _, lease = q.claim("w", lease_s=60, max_attempts=2)
-        q.start(lease, None) if lease.attempt > 1 else (q.set_hyperparameters(lease, {}), q.start(lease, None))
+        q.start(lease, None) if lease.attempt > 1 else (q.set_hyperparameters(lease, {}, 10), q.start(lease, None))
         with service.engine.begin() as c:
             c.execute(text("UPDATE ft_jobs SET lease_expires = 0"))
     assert q.claim("w", lease_s=60, max_attempts=2) is None
@@ -123,8 +128,9 @@ def test_cancel_pause_and_resume_follow_the_job_states(service):
     assert q.claim("w1", lease_s=60, max_attempts=3) is None  # paused jobs wait
     with pytest.raises(ServiceError, match="only a paused job can be resumed"):
         q.resume("acme", create(service).id)
-    assert q.resume("acme", waiting.id).status == "queued"
+    assert q.resume("acme", waiting.id).status == "validating_files"  # paused before its files were checked
     _, lease = q.claim("w1", lease_s=60, max_attempts=3)
+    q.set_hyperparameters(lease, {}, 10)
     q.start(lease, None)
     assert q.pause("acme", waiting.id).status == "pausing"
     assert q.heartbeat(lease, 60) == "pausing"  # the worker reads it at its next heartbeat
@@ -141,7 +147,7 @@ def test_a_running_job_cancelled_tells_its_worker_and_cannot_succeed(service):
     q = service.queue
     job = create(service)
     _, lease = q.claim("w1", lease_s=60, max_attempts=3)
-    q.set_hyperparameters(lease, {})
+    q.set_hyperparameters(lease, {}, 10)
     q.start(lease, None)
     q.cancel("acme", job.id)
     assert q.heartbeat(lease, 60) == "cancelled"
@@ -157,7 +163,7 @@ def test_idempotency_keys_return_the_first_job(service):
     with pytest.raises(ServiceError, match="different request") as e:
         q.create_job("acme", job_values(), "k1", "h2")
     assert e.value.status == 409
-    other, created = q.create_job("other", job_values(), "k1", "h1")  # keys are per tenant
+    other, created = q.create_job("other", job_values(training_file=OTHER_TRAIN), "k1", "h1")  # keys are per tenant
     assert created and other.id != first.id
 
 
@@ -200,7 +206,7 @@ def test_storage_quota_counts_uploads_and_holds_under_races(service, tmp_path):
         t.start()
     for t in threads:
         t.join()
-    assert len(stored) == 3  # 3 x 300 <= 1000 < 4 x 300
+    assert len(stored) == 3  # 10 + 3 x 300 <= 1000 < 10 + 4 x 300
 
 
 def test_pagination_is_newest_first_with_after(service):

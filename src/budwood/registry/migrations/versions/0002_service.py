@@ -78,6 +78,8 @@ def upgrade() -> None:
     sa.Column('lease_owner', sa.String(length=200), nullable=True),
     sa.Column('lease_expires', sa.Float(), nullable=True),
     sa.Column('attempt', sa.Integer(), nullable=False),
+    sa.Column('lost', sa.Integer(), nullable=False),
+    sa.Column('train_examples', sa.Integer(), nullable=True),
     sa.ForeignKeyConstraint(['tenant'], ['tenants.name'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('seq'),
     sa.UniqueConstraint('id'),
