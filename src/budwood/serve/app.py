@@ -66,8 +66,9 @@ def create_app(config: EngineConfig | None = None, api_key: str | None = None, e
     who may see them (with `api_key`, its holder). A local registry is also offered at /v1/registry.
     The fine-tuning service passes its own `auth` (tenant keys), `access` (tenants' `ft:` models),
     `resolvers` and `routers` (files, fine-tuning jobs, dashboard), a `metrics_token` that /metrics then
-    asks for (its labels name the models callers used; "" turns /metrics off), and `accept_private_terms`: a private registry
-    adapter's terms are its owner's, accepted when the owner uses it. Tenants' prompts are cached
+    asks for (its labels name the models callers used; "" turns /metrics off), and
+    `accept_private_terms`: a private registry adapter's terms are its owner's, accepted when the owner
+    uses it. Tenants' prompts are cached
     apart (a cache salt per tenant), so no timing tells one tenant what another asked."""
     state: dict = {}
     resolvers = list(resolvers or [])
