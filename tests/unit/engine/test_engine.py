@@ -152,6 +152,25 @@ def test_logprobs_are_those_of_the_model(engines):
         ids.append(tid)
 
 
+def test_a_cache_salt_keeps_prompts_apart(engines):
+    """Requests with different salts (the service's tenants) never reuse each other's cached blocks,
+    and the outputs do not depend on it."""
+    engine = engines["fp32"]
+    prompt = engine.encode("Far out in the uncharted backwaters of the unfashionable end " * 8)
+    blocks = len(prompt) // engine.config.block_size * engine.config.block_size
+
+    def hits(salt):
+        before = engine.scheduler.cached_tokens
+        out = engine.generate([prompt], SamplingParams(max_tokens=3, temperature=0, cache_salt=salt))[0]
+        return engine.scheduler.cached_tokens - before, out.choices[0].token_ids
+
+    first, tokens = hits("tenant-a")
+    again, same = hits("tenant-a")
+    other, theirs = hits("tenant-b")
+    assert first == 0 and again >= blocks > 0 and other == 0
+    assert tokens == same == theirs
+
+
 def test_shared_contexts_are_computed_once(engines):
     engine = engines["fp32"]
     ctx = engine.encode("The old house stood at the end of the lane, and every evening " * 6)
