@@ -144,3 +144,35 @@ def test_tenants_and_keys_from_the_command_line(tmp_path):
     assert key_id in issued and "active" in issued and key.split("-")[2] not in issued
     cli(config, "keys", "revoke", key_id)
     assert "revoked" in cli(config, "keys", "issued", "--tenant", "acme")
+
+
+@pytest.mark.slow
+def test_the_service_s_own_workers_stop_with_it(tmp_path):
+    import psutil
+
+    port = free_port()
+    config = tmp_path / "service.yaml"
+    config.write_text(yaml.safe_dump({"home": str(tmp_path / "home"), "port": port, "workers": 1,
+                                      "serving": {"precision": "fp32", "kv_cache_tokens": 4096}}))
+    service = subprocess.Popen(BUDWOOD + ["service", "--config", str(config)], stdout=subprocess.DEVNULL,
+                               stderr=open(tmp_path / "service.log", "w"))
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and service.poll() is None, (tmp_path / "service.log").read_text()
+            time.sleep(0.3)
+        workers = [p for p in psutil.Process(service.pid).children(recursive=True)
+                   if "spawn_main" in " ".join(p.cmdline())]
+        assert len(workers) == 1
+        service.send_signal(signal.SIGTERM)
+        service.wait(timeout=60)
+        gone, alive = psutil.wait_procs(workers, timeout=20)
+        assert not alive, "the worker outlived the service"
+    finally:
+        if service.poll() is None:
+            service.kill()

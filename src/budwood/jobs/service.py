@@ -171,10 +171,12 @@ def create_service_app(service: Service, engine=None):
                       title="budwood service", metrics_token=config.metrics_token or "", accept_private_terms=True)
 
 
-def _worker_main(config_json: str, index: int) -> None:
+def _worker_main(config_json: str, index: int, parent_pid: int) -> None:
     from budwood.jobs.worker import run_worker
 
-    run_worker(ServiceConfig.model_validate_json(config_json), f"{os.uname().nodename}:{os.getpid()}:w{index}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_worker(ServiceConfig.model_validate_json(config_json), f"{os.uname().nodename}:{os.getpid()}:w{index}",
+               parent_pid=parent_pid)
 
 
 def run_service(config: ServiceConfig) -> None:
@@ -184,13 +186,13 @@ def run_service(config: ServiceConfig) -> None:
     service = Service(config)
     service.ensure_key()
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no torch threads or locks inherited
-    workers = [context.Process(target=_worker_main, args=(config.model_dump_json(), i), daemon=True)
+    workers = [context.Process(target=_worker_main, args=(config.model_dump_json(), i, os.getpid()), daemon=True)
                for i in range(config.workers)]
     for w in workers:
         w.start()
     try:
         uvicorn.run(create_service_app(service), host=config.host, port=config.port, log_level="info")
-    finally:
+    finally:  # (uvicorn re-raises SIGTERM after its shutdown, so then the workers see this process gone)
         for w in workers:
             w.terminate()  # SIGTERM: each checkpoints its job and gives it back
         for w in workers:

@@ -429,9 +429,10 @@ def _error_code(e: Exception) -> str:
 
 
 def run_worker(config: ServiceConfig, worker_id: str | None = None, shutdown: threading.Event | None = None,
-               max_jobs: int | None = None) -> int:
+               max_jobs: int | None = None, parent_pid: int | None = None) -> int:
     """Run jobs until `shutdown` is set (SIGTERM or Ctrl-C sets it: the running job checkpoints and is
-    given back). Returns the number of jobs run."""
+    given back), or, for the workers `budwood service` starts, until that process is gone, however it
+    ended. Returns the number of jobs run."""
     import os
     import socket
 
@@ -440,6 +441,13 @@ def run_worker(config: ServiceConfig, worker_id: str | None = None, shutdown: th
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: shutdown.set())
+    if parent_pid is not None:
+        def orphaned() -> None:
+            while not shutdown.wait(1.0):
+                if os.getppid() != parent_pid:
+                    log.warning("worker %s: the service that started it is gone; stopping", worker_id)
+                    shutdown.set()
+        threading.Thread(target=orphaned, name="parent-watch", daemon=True).start()
     service = Service(config)
     service.ensure_key()
     ran = 0
