@@ -378,6 +378,8 @@ def serve_cmd(
     precision: str = typer.Option("auto", help="auto, fp32 or bf16"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
     max_loaded_adapters: int = typer.Option(8, help="adapters kept in memory (least recently used evicted)"),
+    max_lora_rank: int = typer.Option(16, help="largest adapter rank served (a cat merge's rank is the sum of its "
+                                                 "parents')"),
     max_num_seqs: int = typer.Option(64, help="sequences decoding at once"),
     kv_cache_tokens: int = typer.Option(65536, help="KV-cache capacity in tokens"),
     max_queue: int = typer.Option(256, help="requests in flight before the server answers 429"),
@@ -412,7 +414,8 @@ def serve_cmd(
 
     try:
         config = EngineConfig(base=base, adapters=str(adapters) if adapters else None, precision=precision,
-                              device=device, max_loaded_adapters=max_loaded_adapters, max_num_seqs=max_num_seqs,
+                              device=device, max_loaded_adapters=max_loaded_adapters, max_lora_rank=max_lora_rank,
+                              max_num_seqs=max_num_seqs,
                               kv_cache_tokens=kv_cache_tokens, max_queue=max_queue)
         if adapters is not None and not adapters.is_dir():
             raise BudwoodError(f"--adapters {adapters}: no such folder")
@@ -431,4 +434,4 @@ def main() -> None:
     app(prog_name="budwood")
 
 
-from budwood import cli_registry, cli_service  # noqa: E402,F401  (register card, keys, publish, service, …)
+from budwood import cli_merge, cli_registry, cli_service  # noqa: E402,F401  (register card, merge, service, …)

@@ -66,9 +66,14 @@ class LocalTarget:
         from budwood.engine import Engine, EngineConfig
 
         base, _, adapter_dir = spec.partition("+")
+        rank = 16
+        if adapter_dir:  # room for the adapter's rank (a cat merge's is the sum of its parents')
+            from budwood.artifacts import AdapterDir
+
+            rank = max(rank, int(AdapterDir.open(adapter_dir).config.get("r", rank)))
         # larger steps than serving's: evaluation wants throughput, not latency
         self.engine = Engine(EngineConfig(base=base, precision=precision, device=device, max_num_seqs=128,
-                                          max_batch_tokens=1024))
+                                          max_batch_tokens=1024, max_lora_rank=rank))
         self.adapter: str | None = None
         adapter_fp = None
         if adapter_dir:

@@ -1,0 +1,109 @@
+"""The maths of merging LoRA adapters: pure functions on tensors, which know nothing of models.
+
+An adapter changes one linear layer W by delta = s * B @ A (A: [r, in], B: [out, r], s its scaling:
+alpha / r, or alpha / sqrt(r) with rsLoRA). Merging adapters with weights w_i is about their deltas:
+
+  cat          sum_i w_i delta_i exactly, as concatenated factors: A = [w_i s_i A_i], B = [B_i]; rank sum r_i.
+  linear       the same sum, re-factored by SVD (orthogonal factors); exact at its default rank sum r_i.
+  svd          the same sum truncated to a chosen rank (default: the largest parent rank), with the
+               relative error ||delta - delta_r||_F / ||delta||_F, which SVD makes the least possible.
+  ties         TIES-merging (Yadav et al., 2023) of the deltas: keep each delta's largest `density`
+               share of entries, elect a sign per entry, average the agreeing ones; then SVD.
+  dare_linear  DARE (Yu et al., 2024): drop entries at random (keep `density`, rescale by 1/density),
+  dare_ties    then sum (linear) or TIES-merge (ties) the deltas; then SVD.
+
+The delta-space combinations are peft's own (peft.utils.merge_utils: task_arithmetic, ties,
+dare_linear, dare_ties), as its add_weighted_adapter uses them for `cat` and the `*_svd` methods.
+peft's `linear`, `ties`, `dare_*` and `magnitude_prune` without `_svd` instead combine the A and the B
+factors separately, and (sum w_i B_i)(sum w_i A_i) is not sum w_i B_i A_i (peft issue 3004):
+budwood never merges that way.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from peft.utils import merge_utils
+
+from budwood.errors import BudwoodError, did_you_mean
+
+
+@dataclass
+class Factors:
+    """One adapter's LoRA pair on one layer: delta = scale * B @ A."""
+    A: torch.Tensor  # [r, in]
+    B: torch.Tensor  # [out, r]
+    scale: float
+
+    def delta(self) -> torch.Tensor:
+        return self.scale * (self.B.double() @ self.A.double())
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    combine: Callable | None  # peft's delta-space combination; None: cat (factors concatenated)
+    density: bool  # takes a density
+    default_rank: str  # "sum" of the parents' ranks, or their "max"
+    exact: bool  # the merged delta is the weighted sum, at the default rank
+
+
+METHODS = {m.name: m for m in (
+    Method("cat", None, False, "sum", True),
+    Method("linear", lambda d, w, density: merge_utils.task_arithmetic(d, w), False, "sum", True),
+    Method("svd", lambda d, w, density: merge_utils.task_arithmetic(d, w), False, "max", False),
+    Method("ties", lambda d, w, density: merge_utils.ties(d, w, density), True, "sum", False),
+    Method("dare_linear", lambda d, w, density: merge_utils.dare_linear(d, w, density), True, "sum", False),
+    Method("dare_ties", lambda d, w, density: merge_utils.dare_ties(d, w, density), True, "sum", False),
+)}
+
+
+def method(name: str) -> Method:
+    if name not in METHODS:
+        raise BudwoodError(f"unknown merge method {name!r}{did_you_mean(name, METHODS)}; choose from "
+                           f"{', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def cat(parts: list[Factors | None], weights: list[float], ranks: list[int], shape: tuple[int, int]
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact weighted sum as concatenated factors (scale 1). A parent without this layer leaves its
+    rows zero, so every layer has the same rank, sum r_i."""
+    out_f, in_f = shape
+    A = torch.zeros(sum(ranks), in_f, dtype=torch.float64)
+    B = torch.zeros(out_f, sum(ranks), dtype=torch.float64)
+    at = 0
+    for part, w, r in zip(parts, weights, ranks, strict=True):
+        if part is not None:
+            A[at:at + r] = w * part.scale * part.A.double()
+            B[:, at:at + r] = part.B.double()
+        at += r
+    return A, B
+
+
+def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The best rank-`rank` factors of `delta` (Eckart-Young), B = U S, A = V^T, and the relative error
+    ||delta - B A||_F / ||delta||_F (0 for a zero delta). Ranks beyond the matrix's are zero-padded."""
+    U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    k = min(rank, S.numel())
+    A = torch.zeros(rank, delta.shape[1], dtype=torch.float64)
+    B = torch.zeros(delta.shape[0], rank, dtype=torch.float64)
+    A[:k], B[:, :k] = Vh[:k], U[:, :k] * S[:k]
+    total = float((S ** 2).sum())
+    error = float((S[k:] ** 2).sum() / total) ** 0.5 if total > 0 else 0.0
+    return A, B, error
+
+
+def merge_layer(parts: list[Factors | None], weights: list[float], ranks: list[int], shape: tuple[int, int],
+                how: Method, rank: int, density: float | None, generator_seed: int
+                ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One layer's merged factors (A [rank, in], B [out, rank], scale 1) and the relative error of the
+    merged delta against what the method combined (0 for cat)."""
+    if how.combine is None:
+        return (*cat(parts, weights, ranks, shape), 0.0)
+    deltas = [p.delta() if p is not None else torch.zeros(shape, dtype=torch.float64) for p in parts]
+    with torch.random.fork_rng(devices=[]):  # DARE's random drops: the same for the same seed, every time
+        torch.manual_seed(generator_seed)
+        combined = how.combine(deltas, torch.tensor(weights, dtype=torch.float64), density)
+    return low_rank(combined, rank)
