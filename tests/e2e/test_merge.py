@@ -146,3 +146,34 @@ def test_compose_finds_the_adapter_that_fits_the_examples(parents, tmp_path):
     with torch.no_grad():
         losses = torch.cat([token_losses(model.get_base_model(), b)[0] for b in batches])
     assert losses.mean().item() == pytest.approx(result.loss_final, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_a_cat_merge_of_two_domain_adapters_knows_both_domains(tmp_path):
+    """Two fictional companies, one adapter each: the merge (cat, weight 0.6 each) gives the reference
+    answers of both companies a higher likelihood than either parent does over the two; each parent
+    alone knows only its own company. (Greedy exact match does not improve on budwood-tiny: docs/merge.md.)"""
+    from budwood.config import load_config
+    from budwood.data.company import make_domain_dataset
+    from budwood.eval.run import EvalConfig, run_eval
+    from budwood.merge.merge import merge_adapters
+    from budwood.pipeline import DEMO_OVERRIDES
+    from budwood.train.recipe import train
+
+    data, adapters = {}, {}
+    for s in (0, 1):
+        data[s] = make_domain_dataset(tmp_path / f"company{s}", seed=s)
+        adapters[s] = train(load_config(None, DEMO_OVERRIDES + [
+            f"data.train={data[s]['train']}", f"data.validation={data[s]['validation']}", f"output_dir={tmp_path}/a{s}",
+            "training.epochs=15", "training.eval_every=1000", "training.save_every=1000", "training.compile=false"]))
+    merged = merge_adapters([str(adapters[0]), str(adapters[1])], tmp_path / "both", [0.6, 0.6], "cat").path
+
+    def loss(adapter, s) -> float:
+        config = {"target": f"budwood-tiny+{adapter}", "suites": ["domain"], "bootstrap": 0, "max_tokens": 4,
+                  "domain": {"data": str(data[s]["validation"])}}
+        return run_eval(EvalConfig.model_validate(config)).suites["domain"].metrics["loss"].value
+
+    table = {name: [loss(path, s) for s in (0, 1)] for name, path in
+             (("a0", adapters[0]), ("a1", adapters[1]), ("merged", merged))}
+    assert table["merged"][1] < table["a0"][1] / 2 and table["merged"][0] < table["a1"][0] / 2, table
+    assert sum(table["merged"]) < min(sum(table["a0"]), sum(table["a1"])) / 2, table
