@@ -1,6 +1,7 @@
 """The `budwood` command: a thin shell over the library; each command's docstring is its --help."""
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -89,7 +90,8 @@ def train_cmd(
         progress.stop()
         _fail(e)
     progress.stop()
-    out.print(f"adapter: {adapter_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+        out.print(f"adapter: {adapter_dir}")
 
 
 @app.command("generate")

@@ -75,6 +75,9 @@ class TrainingConfig(_Strict):
     save_every: int = Field(100, ge=1, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto, cpu, cuda, cuda:1, mps")
+    distributed: Literal["auto", "none", "ddp", "fsdp"] = Field(
+        "auto", description="under torchrun: ddp (the model on every rank) or fsdp (the base's weights sharded "
+        "across ranks, for bases too large for one device); auto: ddp")
 
 
 class LoggingConfig(_Strict):

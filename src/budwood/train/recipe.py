@@ -15,7 +15,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -26,12 +26,12 @@ import budwood
 from budwood.config import TrainConfig
 from budwood.data.formats import Conversation, Dataset, Issue, data_fingerprint, read_dataset
 from budwood.data.pack import collate, plan_epoch
-from budwood.data.template import Encoded, encode_conversations
+from budwood.data.template import IGNORE, Encoded, encode_conversations
 from budwood.errors import DataError, TrainingError
 from budwood.models.fingerprint import model_fingerprint
 from budwood.models.load import load_base, load_tokenizer, pick_device, pick_dtype
+from budwood.train import distributed
 from budwood.train.checkpoint import list_checkpoints, load_checkpoint, optimizer_from_files, save_checkpoint
-from budwood.train.loss import token_losses
 from budwood.train.metrics import MetricsLog
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,20 @@ def compile_layers(lm) -> None:
         layer.compile(dynamic=True)
 
 
+def _all_rng(states: list[dict]) -> dict:
+    """Every rank's RNG state in one checkpoint: rank 0's under its own keys, rank r's as `key.r`."""
+    return {**states[0], **{f"{k}.{r}": v for r, s in enumerate(states[1:], start=1) for k, v in s.items()}}
+
+
+def _rank_rng(states: dict, rank: int) -> dict:
+    """This rank's RNG state from a checkpoint; a rank the checkpoint has none for (it was written by
+    fewer processes) keeps its seeded stream."""
+    if rank == 0:
+        return {k: v for k, v in states.items() if "." not in k}
+    mine = {k.rsplit(".", 1)[0]: v for k, v in states.items() if k.endswith(f".{rank}")}
+    return mine or _rng_state(torch.device("cpu"))
+
+
 def _rng_state(device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -169,18 +183,25 @@ def _autocast(device: torch.device, dtype: torch.dtype):
 
 
 @torch.no_grad()
-def validation_loss(model, examples: list[Encoded], config: TrainConfig, pad_id: int,
-                    device: torch.device, dtype: torch.dtype) -> float:
+def validation_loss(model, run, examples: list[Encoded], config: TrainConfig, pad_id: int,
+                    device: torch.device, dtype: torch.dtype, d: distributed.Dist) -> float:
+    """Mean loss per trained token; `run` maps a batch to its token losses. Several ranks share the
+    examples out and sum their parts."""
     model.eval()
-    total, count = 0.0, 0
+    total, count = 0.0, 0.0
     t = config.training
-    for indices in plan_epoch([len(e) for e in examples], "padded", t.batch_size, t.tokens_per_batch, 0, 0):
+    if d.active:
+        batches = distributed.share(d, list(range(len(examples))), t.batch_size)
+    else:
+        batches = [(i, 1.0) for i in plan_epoch([len(e) for e in examples], "padded", t.batch_size,
+                                                t.tokens_per_batch, 0, 0)]
+    for indices, weight in batches:
         with _autocast(device, dtype):
-            losses, _ = token_losses(model.get_base_model(), collate(examples, indices, "padded", pad_id).to(device))
-        total += losses.sum().item()
-        count += losses.numel()
+            losses = run(collate(examples, indices, "padded", pad_id).to(device))
+        total += losses.sum().item() * weight
+        count += losses.numel() * weight
     model.train()
-    return total / max(count, 1)
+    return d.sum(total) / max(d.sum(count), 1)
 
 
 def hardware() -> dict:
@@ -210,12 +231,31 @@ def train(config: TrainConfig, resume: bool = False, progress: Progress | None =
     `stop` is asked after every optimizer step; a reason (a string) saves a checkpoint and raises
     TrainingInterrupted with it, as Ctrl-C does (the fine-tuning service's cancel, pause and lost
     leases). `on_checkpoint` gets each checkpoint folder once it is complete on disk."""
-    with locked_output_dir(Path(config.output_dir)):
-        return _train(config, resume, progress or _LogProgress(), stop, on_checkpoint)
+    d = distributed.setup(config.training.distributed, config.training.device)
+    try:
+        with locked_output_dir(Path(config.output_dir)) if d.main else nullcontext():
+            return _train(config, resume, (progress or _LogProgress()) if d.main else _Quiet(), stop,
+                          on_checkpoint, d)
+    finally:
+        distributed.teardown(d)
+
+
+class _Quiet:
+    """The progress of ranks other than 0: rank 0 reports for all."""
+
+    def start(self, total_steps: int, first_step: int) -> None: ...
+    def update(self, record: dict) -> None: ...
+    def note(self, message: str) -> None: ...
+    def stop(self) -> None: ...
+
+
+class _NoMetrics:
+    def write(self, record: dict) -> None: ...
+    def close(self) -> None: ...
 
 
 def _train(config: TrainConfig, resume: bool, progress: Progress, stop: Callable[[], str | None] | None,
-           on_checkpoint: Callable[[Path], None] | None) -> Path:
+           on_checkpoint: Callable[[Path], None] | None, d: distributed.Dist) -> Path:
     t = config.training
     out = Path(config.output_dir)
     ckpt_root = out / "checkpoints"
@@ -224,7 +264,7 @@ def _train(config: TrainConfig, resume: bool, progress: Progress, stop: Callable
     # --- setup: cheap checks first, weights last ---------------------------------------------
     torch.manual_seed(t.seed)
     random.seed(t.seed)
-    device = pick_device(t.device)
+    device = distributed.device_for(d, pick_device(t.device))
     dtype = pick_dtype(t.precision, device)
     checkpoints = list_checkpoints(ckpt_root)
     if resume and not checkpoints:
@@ -255,6 +295,16 @@ def _train(config: TrainConfig, resume: bool, progress: Progress, stop: Callable
         compile_layers(model.get_base_model())
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    # several ranks: the same LoRA init everywhere (the seed above), then each rank its own dropout stream
+    wrapped, grad_scale = distributed.wrap(d, model.get_base_model(), device, params)
+    loss_module = wrapped.module if hasattr(wrapped, "no_sync") else wrapped
+
+    def run(batch):
+        return loss_module(batch.input_ids, batch.labels, batch.position_ids, batch.example_index)
+
+    if d.rank > 0:
+        torch.manual_seed(t.seed + 1_000_003 * d.rank)
+    label_counts = [sum(1 for x in e.labels[1:] if x != IGNORE) for e in data.train]
     opt = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay,
                             fused=device.type in ("cuda", "cpu"))
     warmup = t.warmup_steps if t.warmup_steps is not None else round(t.warmup_ratio * total_steps)
@@ -273,24 +323,29 @@ def _train(config: TrainConfig, resume: bool, progress: Progress, stop: Callable
         set_peft_model_state_dict(model, adapter)
         optimizer_from_files(opt, opt_tensors, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(rng_tensors, device)
-        rng_after_step = rng_tensors
+        rng_after_step = _rank_rng(rng_tensors, d.rank)
+        _set_rng_state(rng_after_step, device)
         done.update({k: state[k] for k in ("step", "epoch", "cursor", "tokens_seen", "trained_tokens",
                                            "elapsed_s", "train_loss", "val_loss")})
         progress.note(f"resumed from {checkpoints[-1]} (step {done['step']})")
     metrics = MetricsLog(out / "metrics.jsonl", done["step"] if resume else None, config.logging.tensorboard,
-                         config.logging.wandb, config.logging.wandb_project, config.resolved())
+                         config.logging.wandb, config.logging.wandb_project, config.resolved()) \
+        if d.main else _NoMetrics()
 
     def checkpoint() -> Path:
+        """Every rank calls it (the RNG states are gathered); rank 0 writes."""
+        distributed.reshard(d, loss_module)
         state = dict(done, elapsed_s=done["elapsed_s"] + time.perf_counter() - loop_start)
-        path = save_checkpoint(ckpt_root, done["step"], model, opt, scheduler, rng_after_step, state,
-                               t.keep_checkpoints)
-        if on_checkpoint is not None:
-            on_checkpoint(path)
+        rng = _all_rng(d.gather(rng_after_step)) if d.active else rng_after_step
+        path = ckpt_root / f"step-{done['step']:08d}"
+        if d.main:
+            path = save_checkpoint(ckpt_root, done["step"], model, opt, scheduler, rng, state, t.keep_checkpoints)
+            if on_checkpoint is not None:
+                on_checkpoint(path)
+        d.barrier()
         return path
 
     # --- loop ----------------------------------------------------------------------------------
-    lm = model.get_base_model()
     step, epoch, cursor = done["step"], done["epoch"], done["cursor"]
     plan = plan_epoch(lengths, t.batching, t.batch_size, t.tokens_per_batch, t.seed, epoch)
     progress.start(total_steps, step)
@@ -304,17 +359,24 @@ def _train(config: TrainConfig, resume: bool, progress: Progress, stop: Callable
                 if cursor >= len(plan):
                     epoch, cursor = epoch + 1, 0
                     plan = plan_epoch(lengths, t.batching, t.batch_size, t.tokens_per_batch, t.seed, epoch)
-                window.append(collate(data.train, plan[cursor], t.batching, pad_id))
+                window.append(plan[cursor])
                 cursor += 1
-            n_labels = sum(b.n_label_tokens for b in window)
+            examples = [i for indices in window for i in indices]
+            n_labels = sum(label_counts[i] for i in examples)  # the whole step's, on every rank
+            # one process runs the step's micro-batches; several share its examples out (distributed.py)
+            micro = distributed.share(d, examples, t.batch_size) if d.active else [(i, 1.0) for i in window]
             loss_sum = 0.0
-            for batch in window:
-                with _autocast(device, dtype):
-                    losses, _ = token_losses(lm, batch.to(device))
-                    loss = losses.sum() / n_labels
-                loss.backward()
-                loss_sum += losses.sum().item()
-            train_loss = loss_sum / n_labels
+            for j, (indices, weight) in enumerate(micro):
+                batch = collate(data.train, indices, t.batching, pad_id).to(device)
+                with distributed.no_sync(wrapped, j == len(micro) - 1):
+                    with _autocast(device, dtype):
+                        losses = run(batch) if wrapped is loss_module else \
+                            wrapped(batch.input_ids, batch.labels, batch.position_ids, batch.example_index)
+                        loss = losses.sum() * (weight * grad_scale / n_labels)
+                    loss.backward()
+                loss_sum += losses.sum().item() * weight
+            distributed.all_reduce_grads(d, params)
+            train_loss = d.sum(loss_sum) / n_labels
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf")).item()
             if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
                 kept = list_checkpoints(ckpt_root)
@@ -328,7 +390,7 @@ def _train(config: TrainConfig, resume: bool, progress: Progress, stop: Callable
             opt.zero_grad(set_to_none=True)
             step += 1
             rng_after_step = _rng_state(device)
-            batch_tokens = sum(b.n_tokens for b in window)
+            batch_tokens = sum(lengths[i] for i in examples)
             window_tokens += batch_tokens
             done.update(step=step, epoch=epoch, cursor=cursor, train_loss=train_loss,
                         tokens_seen=done["tokens_seen"] + batch_tokens,
@@ -344,7 +406,8 @@ def _train(config: TrainConfig, resume: bool, progress: Progress, stop: Callable
                 metrics.write(record)
                 progress.update(dict(record, total_steps=total_steps))
             if data.validation and (step % t.eval_every == 0 or step == total_steps):
-                done["val_loss"] = validation_loss(model, data.validation, config, pad_id, device, dtype)
+                done["val_loss"] = validation_loss(model, run, data.validation, config, pad_id, device, dtype, d)
+                distributed.reshard(d, loss_module)
                 metrics.write({"step": step, "val_loss": round(done["val_loss"], 6)})
                 progress.update({"step": step, "val_loss": done["val_loss"], "total_steps": total_steps})
             if step % t.save_every == 0 and step < total_steps:
@@ -353,7 +416,8 @@ def _train(config: TrainConfig, resume: bool, progress: Progress, stop: Callable
             if reason:
                 raise _Stop(reason)
     except (KeyboardInterrupt, _Stop) as e:
-        path = checkpoint() if done["step"] > 0 else None
+        # several ranks are not at one point when a signal comes: they keep the last periodic checkpoint
+        path = checkpoint() if done["step"] > 0 and not d.active else None
         metrics.close()
         what = str(e) if isinstance(e, _Stop) else "interrupted"
         raise TrainingInterrupted(f"{what} at step {done['step']}; " + (
@@ -363,6 +427,8 @@ def _train(config: TrainConfig, resume: bool, progress: Progress, stop: Callable
     # --- save ----------------------------------------------------------------------------------
     train_time = elapsed_before + time.perf_counter() - loop_start
     checkpoint()
+    if not d.main:
+        return out
     model.save_pretrained(out)
     _portable_config(out / "adapter_config.json", config.base_model)
     metrics.close()
@@ -437,7 +503,7 @@ def _resume_hash(config: TrainConfig) -> str:
     import hashlib
 
     resolved = config.resolved()
-    for key in ("max_steps", "epochs", "save_every", "eval_every", "keep_checkpoints", "compile"):
+    for key in ("max_steps", "epochs", "save_every", "eval_every", "keep_checkpoints", "compile", "distributed"):
         resolved["training"].pop(key, None)
     for key in ("train", "validation"):
         resolved["data"].pop(key, None)
