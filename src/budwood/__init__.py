@@ -17,7 +17,8 @@ _VERBS = {"train": "budwood.train.recipe", "load_base": "budwood.models.load",
           "read_dataset": "budwood.data.formats", "TrainConfig": "budwood.config",
           "run_eval": "budwood.eval.run", "render_card": "budwood.card.render", "sign": "budwood.card.attest",
           "verify": "budwood.card.attest", "open_registry": "budwood.registry", "publish": "budwood.registry",
-          "create_app": "budwood.serve.app", "BudwoodError": "budwood.errors"}
+          "create_app": "budwood.serve.app", "merge_adapters": "budwood.merge.merge",
+          "compose": "budwood.merge.compose", "BudwoodError": "budwood.errors"}
 __all__ = list(_VERBS)
 
 
