@@ -189,11 +189,10 @@ def _parent_ref(path: Path) -> dict:
 
 
 def _versions() -> dict:
-    import peft
-    import safetensors
+    from importlib.metadata import version
 
-    return {"budwood": budwood.__version__, "torch": torch.__version__, "peft": peft.__version__,
-            "safetensors": safetensors.__version__}
+    return {"budwood": budwood.__version__, "torch": torch.__version__, "peft": version("peft"),
+            "safetensors": version("safetensors")}
 
 
 def merge_into_base(adapter_dir: str | Path, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:

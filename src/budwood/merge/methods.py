@@ -24,9 +24,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from peft.utils import merge_utils
 
 from budwood.errors import BudwoodError, did_you_mean
+
+
+def _peft(name: str) -> Callable:
+    """peft's delta-space combination `name`, imported when first used (peft pulls in transformers)."""
+    def combine(deltas, weights, density):
+        from peft.utils import merge_utils
+
+        fn = getattr(merge_utils, name)
+        return fn(deltas, weights) if name == "task_arithmetic" else fn(deltas, weights, density)
+    return combine
 
 
 @dataclass
@@ -51,11 +60,11 @@ class Method:
 
 METHODS = {m.name: m for m in (
     Method("cat", None, False, "sum", True),
-    Method("linear", lambda d, w, density: merge_utils.task_arithmetic(d, w), False, "sum", True),
-    Method("svd", lambda d, w, density: merge_utils.task_arithmetic(d, w), False, "max", False),
-    Method("ties", lambda d, w, density: merge_utils.ties(d, w, density), True, "sum", False),
-    Method("dare_linear", lambda d, w, density: merge_utils.dare_linear(d, w, density), True, "sum", False),
-    Method("dare_ties", lambda d, w, density: merge_utils.dare_ties(d, w, density), True, "sum", False),
+    Method("linear", _peft("task_arithmetic"), False, "sum", True),
+    Method("svd", _peft("task_arithmetic"), False, "max", False),
+    Method("ties", _peft("ties"), True, "sum", False),
+    Method("dare_linear", _peft("dare_linear"), True, "sum", False),
+    Method("dare_ties", _peft("dare_ties"), True, "sum", False),
 )}
 
 
