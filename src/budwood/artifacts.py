@@ -27,6 +27,7 @@ ARTIFACT_PATH = re.compile(r"^(adapter_config\.json|adapter_model\.safetensors|b
                            r"metrics\.jsonl|loss\.png|attestation\.json|eval/[A-Za-z0-9][A-Za-z0-9_.-]{0,99}\.json)$")
 # vLLM's LoRAConfig accepts max_lora_rank only from this list; an adapter needs one at least its rank
 VLLM_MAX_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+MAX_SERVED_RANK = VLLM_MAX_RANKS[-1]  # also budwood's engine's largest max_lora_rank
 VLLM_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj",
                 "gate_up_proj", "c_attn", "c_proj", "c_fc", "query_key_value", "dense", "dense_h_to_4h",
                 "dense_4h_to_h", "w1", "w2", "w3", "wq", "wk", "wv", "wo"}
@@ -115,7 +116,7 @@ class AdapterDir:
         if isinstance(targets, str):
             warnings.append(f"target_modules is a pattern ({targets!r}); vLLM matches module names, check it loads")
         else:
-            odd = sorted(set(targets) - VLLM_TARGETS)
+            odd = sorted({t.rsplit(".", 1)[-1] for t in targets} - VLLM_TARGETS)  # full paths too
             if odd:
                 warnings.append(f"target modules {odd} are not linear projections vLLM applies LoRA to")
         return warnings

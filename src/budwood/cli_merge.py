@@ -51,17 +51,21 @@ def merge_cmd(
     Example: budwood merge acme/support@1.0.0 acme/billing@1.2.0 --method svd --rank 16 --out runs/both
     """
     from budwood.errors import BudwoodError
-    from budwood.merge.merge import merge_adapters, merge_into_base
+    from budwood.merge.merge import check_new_folder, merge_adapters, merge_into_base
     from budwood.registry import open_registry
 
     try:
+        if into_base is not None:
+            check_new_folder(into_base, "--into-base folder")  # before anything is written
         reg = open_registry(registry) if registry else None
         result = merge_adapters(adapters, out_dir, _weights(weights, len(adapters)), method, rank, density, seed,
                                 reg, accept_license)
         out.print(_lineage(result))
-        exact = "exact" if result.max_error == 0 else \
+        exact = "exact" if result.exact else \
             f"relative error {result.mean_error:.4f} mean, {result.max_error:.4f} worst layer"
         out.print(f"merged ({result.method}, rank {result.rank}, {exact}): {result.path}")
+        for warning in result.warnings:
+            console.print(f"[yellow]warning:[/] {warning}")
         if into_base is not None:
             out.print(f"full model: {merge_into_base(result.path, into_base)}")
     except BudwoodError as e:

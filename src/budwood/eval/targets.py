@@ -68,9 +68,13 @@ class LocalTarget:
         base, _, adapter_dir = spec.partition("+")
         rank = 16
         if adapter_dir:  # room for the adapter's rank (a cat merge's is the sum of its parents')
-            from budwood.artifacts import AdapterDir
+            from budwood.artifacts import MAX_SERVED_RANK, AdapterDir
 
             rank = max(rank, int(AdapterDir.open(adapter_dir).config.get("r", rank)))
+            if rank > MAX_SERVED_RANK:
+                raise BudwoodError(f"{adapter_dir}: rank {rank} is above the engine's largest ({MAX_SERVED_RANK}); "
+                                   "evaluate a lower-rank merge (budwood merge --method svd --rank N) or the "
+                                   "model merged into its base (--into-base)")
         # larger steps than serving's: evaluation wants throughput, not latency
         self.engine = Engine(EngineConfig(base=base, precision=precision, device=device, max_num_seqs=128,
                                           max_batch_tokens=1024, max_lora_rank=rank))

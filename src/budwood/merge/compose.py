@@ -61,11 +61,15 @@ def compose(sources: list[str], examples: str | Path, out: str | Path, steps: in
 
     if steps < 1:
         raise BudwoodError(f"--steps must be at least 1, got {steps}")
+    if not bound > 0:
+        raise BudwoodError(f"--bound must be above 0, got {bound}")
     paths = [resolve(s, registry, accept_license) for s in sources]
     base_name, _ = check_same_base([read_parent(s, p) for s, p in zip(sources, paths, strict=True)])
     init = list(init) if init is not None else [1.0 / len(sources)] * len(sources)
     if len(init) != len(sources):
         raise BudwoodError(f"{len(init)} starting weight(s) for {len(sources)} adapter(s)")
+    if any(abs(w) > bound for w in init):
+        raise BudwoodError(f"starting weights {init} are outside [-{bound}, {bound}]")
 
     # -- the base once, with every adapter in it, all active: output = base + sum_i w_i s_i B_i A_i x
     base = load_base(base_name, dtype=torch.float32)
@@ -100,7 +104,7 @@ def compose(sources: list[str], examples: str | Path, out: str | Path, steps: in
     parametrization.random_state = np.random.RandomState(seed)
     optimizer = ng.optimizers.NGOpt(parametrization=parametrization, budget=steps)
     for i in range(min(len(names), steps)):
-        optimizer.suggest(np.eye(len(names))[i])
+        optimizer.suggest(np.eye(len(names))[i] * min(1.0, bound))
     history: list[tuple[list[float], float]] = []
     best = (objective(np.array(init)), list(init))
     history.append((list(init), best[0]))
