@@ -76,7 +76,8 @@ def test_tokens_per_batch_caps_the_micro_batches_of_several_ranks_too():
     assert all(max(lengths[i] for i in b) * len(b) <= tokens_per_batch for b in plan)  # one process: capped
     step = [i for b in plan[:accumulation] for i in b]
     for rank in range(2):
-        for indices, _ in distributed.share(distributed.Dist(2, rank, rank, "ddp"), step, batch_size):
+        shares = distributed.share(distributed.Dist(2, rank, rank, "ddp"), step, batch_size, lengths, tokens_per_batch)
+        for indices, _ in shares:
             padded = max(lengths[i] for i in indices) * len(indices)
             assert padded <= tokens_per_batch, f"rank {rank}: a micro-batch of {padded} tokens"
 

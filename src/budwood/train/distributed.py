@@ -75,15 +75,18 @@ def setup(strategy: str, device: str) -> Dist:
     gpu = torch.cuda.is_available() and device != "cpu"
     if gpu:
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if gpu else "gloo")
+    if not dist.is_initialized():  # on GPUs, nccl for CUDA tensors and gloo for the CPU scalars summed per step
+        dist.init_process_group("cpu:gloo,cuda:nccl" if gpu else "gloo")
     return Dist(world, rank, local_rank, "ddp" if strategy == "auto" else strategy)
 
 
-def teardown(d: Dist) -> None:
+def teardown(d: Dist, failed: bool = False) -> None:
+    """After a run every rank meets once more; after an error a rank leaves at once (waiting for the
+    others, which may be inside a collective, would hang them all), and torchrun stops the rest."""
     if d.active and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        if not failed:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
 
 def device_for(d: Dist, device: torch.device) -> torch.device:
@@ -163,17 +166,32 @@ def all_reduce_grads(d: Dist, params: list[torch.nn.Parameter]) -> None:
         at += n
 
 
-def share(d: Dist, example_indices: list[int], batch_size: int) -> list[tuple[list[int], float]]:
+def chunk(indices: list[int], batch_size: int, lengths: list[int] | None = None, tokens: int | None = None,
+          packed: bool = False) -> list[list[int]]:
+    """Consecutive micro-batches of at most `batch_size` examples and, with `tokens`, at most that many
+    tokens (padded rows: rows x longest; packed: the sum), as one process's plan caps them."""
+    out: list[list[int]] = []
+    for i in indices:
+        if out and len(out[-1]) < batch_size:
+            candidate = out[-1] + [i]
+            if tokens is None or lengths is None or (
+                    sum(lengths[j] for j in candidate) if packed
+                    else len(candidate) * max(lengths[j] for j in candidate)) <= tokens:
+                out[-1] = candidate
+                continue
+        out.append([i])
+    return out
+
+
+def share(d: Dist, example_indices: list[int], batch_size: int, lengths: list[int] | None = None,
+          tokens: int | None = None, packed: bool = False) -> list[tuple[list[int], float]]:
     """This rank's micro-batches of one step: its share of the step's examples (dealt out in turn), in
-    chunks of `batch_size`; every rank gets as many chunks, a chunk with no example of its own repeats
-    the step's first example with weight 0 (it must still run: collectives wait for every rank)."""
+    micro-batches capped as one process caps them (`chunk`); every rank runs as many, and a micro-batch
+    with no example of its own repeats the step's first example with weight 0 (it must still run:
+    collectives wait for every rank)."""
     if not d.active:
         raise AssertionError("share() is for several ranks")
-    shares = [example_indices[r::d.world] for r in range(d.world)]
-    chunks = max(1, max(-(-len(s) // batch_size) for s in shares))
+    shares = [chunk(example_indices[r::d.world], batch_size, lengths, tokens, packed) for r in range(d.world)]
     mine = shares[d.rank]
-    out = []
-    for c in range(chunks):
-        part = mine[c * batch_size:(c + 1) * batch_size]
-        out.append((part, 1.0) if part else ([example_indices[0]], 0.0))
-    return out
+    count = max(1, max(len(s) for s in shares))
+    return [(mine[c], 1.0) if c < len(mine) else ([example_indices[0]], 0.0) for c in range(count)]

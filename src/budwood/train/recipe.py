@@ -191,7 +191,8 @@ def validation_loss(model, run, examples: list[Encoded], config: TrainConfig, pa
     total, count = 0.0, 0.0
     t = config.training
     if d.active:
-        batches = distributed.share(d, list(range(len(examples))), t.batch_size)
+        batches = distributed.share(d, list(range(len(examples))), t.batch_size, [len(e) for e in examples],
+                                    t.tokens_per_batch)
     else:
         batches = [(i, 1.0) for i in plan_epoch([len(e) for e in examples], "padded", t.batch_size,
                                                 t.tokens_per_batch, 0, 0)]
@@ -234,10 +235,13 @@ def train(config: TrainConfig, resume: bool = False, progress: Progress | None =
     d = distributed.setup(config.training.distributed, config.training.device)
     try:
         with locked_output_dir(Path(config.output_dir)) if d.main else nullcontext():
-            return _train(config, resume, (progress or _LogProgress()) if d.main else _Quiet(), stop,
-                          on_checkpoint, d)
-    finally:
-        distributed.teardown(d)
+            out = _train(config, resume, (progress or _LogProgress()) if d.main else _Quiet(), stop,
+                         on_checkpoint, d)
+    except BaseException:
+        distributed.teardown(d, failed=True)
+        raise
+    distributed.teardown(d)
+    return out
 
 
 class _Quiet:
@@ -364,7 +368,8 @@ def _train(config: TrainConfig, resume: bool, progress: Progress, stop: Callable
             examples = [i for indices in window for i in indices]
             n_labels = sum(label_counts[i] for i in examples)  # the whole step's, on every rank
             # one process runs the step's micro-batches; several share its examples out (distributed.py)
-            micro = distributed.share(d, examples, t.batch_size) if d.active else [(i, 1.0) for i in window]
+            micro = distributed.share(d, examples, t.batch_size, lengths, t.tokens_per_batch,
+                                      t.batching == "packed") if d.active else [(i, 1.0) for i in window]
             loss_sum = 0.0
             for j, (indices, weight) in enumerate(micro):
                 batch = collate(data.train, indices, t.batching, pad_id).to(device)
@@ -413,6 +418,8 @@ def _train(config: TrainConfig, resume: bool, progress: Progress, stop: Callable
             if step % t.save_every == 0 and step < total_steps:
                 checkpoint()
             reason = stop() if stop is not None and step < total_steps else None
+            if d.active and stop is not None:  # rank 0 decides for all, or they would part ways
+                reason = d.gather(reason)[0]
             if reason:
                 raise _Stop(reason)
     except (KeyboardInterrupt, _Stop) as e:
@@ -439,7 +446,8 @@ def _train(config: TrainConfig, resume: bool, progress: Progress, stop: Callable
         "config": config.resolved(),
         "config_hash": config.config_hash(),
         "versions": versions(),
-        "hardware": dict(hardware(), device=str(device), dtype=str(dtype).replace("torch.", "")),
+        "hardware": dict(hardware(), device=str(device), dtype=str(dtype).replace("torch.", ""),
+                         processes=d.world, strategy=d.strategy),
         "steps": step, "epochs": round(epoch + cursor / max(len(plan), 1), 4),
         "tokens_seen": done["tokens_seen"], "trained_tokens": done["trained_tokens"],
         "wall_time_s": round(time.perf_counter() - started, 2),
