@@ -28,8 +28,6 @@ PEFT_METHOD = {"cat": "cat", "svd": "svd", "ties": "ties_svd"}
 
 
 def child(kind: str, spec: dict) -> None:
-    import resource
-
     import torch
 
     work, method = Path(spec["work"]), spec["method"]
@@ -55,8 +53,9 @@ def child(kind: str, spec: dict) -> None:
         extra = {"rank": 16} if method == "svd" else {"density": 0.5} if method == "ties" else {}
         merge_adapters([str(work / "merge_a"), str(work / "merge_b")], out, [0.7, 0.7], method, **extra)
     seconds = time.perf_counter() - t0
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "out": str(out)}), flush=True)
+    # VmHWM: this process's own peak (ru_maxrss would carry the parent's over fork and exec)
+    hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": hwm / 1024, "out": str(out)}), flush=True)
 
 
 def prepare(work: Path) -> None:

@@ -45,8 +45,8 @@ class Factors:
     B: torch.Tensor  # [out, r]
     scale: float
 
-    def delta(self) -> torch.Tensor:
-        return self.scale * (self.B.double() @ self.A.double())
+    def delta(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        return self.scale * (self.B.to(dtype) @ self.A.to(dtype))
 
 
 @dataclass(frozen=True)
@@ -91,17 +91,32 @@ def cat(parts: list[Factors | None], weights: list[float], ranks: list[int], sha
     return A, B
 
 
-def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The best rank-`rank` factors of `delta` (Eckart-Young), B = U S, A = V^T, and the relative error
-    ||delta - B A||_F / ||delta||_F (0 for a zero delta). Ranks beyond the matrix's are zero-padded."""
-    U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
+def _truncate(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int
+              ) -> tuple[torch.Tensor, torch.Tensor, float]:
     k = min(rank, S.numel())
-    A = torch.zeros(rank, delta.shape[1], dtype=torch.float64)
-    B = torch.zeros(delta.shape[0], rank, dtype=torch.float64)
-    A[:k], B[:, :k] = Vh[:k], U[:, :k] * S[:k]
+    A = torch.zeros(rank, Vh.shape[1], dtype=torch.float64)
+    B = torch.zeros(U.shape[0], rank, dtype=torch.float64)
+    A[:k], B[:, :k] = Vh[:k].double(), (U[:, :k] * S[:k]).double()
+    S = S.double()
     total = float((S ** 2).sum())
     error = float((S[k:] ** 2).sum() / total) ** 0.5 if total > 0 else 0.0
     return A, B, error
+
+
+def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The best rank-`rank` factors of `delta` (Eckart-Young), B = U S, A = V^T, and the relative error
+    ||delta - B A||_F / ||delta||_F (0 for a zero delta). Ranks beyond the matrix's are zero-padded."""
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    return _truncate(U, S, Vh, rank)
+
+
+def low_rank_of_product(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """low_rank(B @ A) without forming it: B A = Qb (Rb Ra^T) Qa^T, so its SVD is that of the small
+    R x R middle matrix; O((out + in) R^2) instead of a full out x in decomposition."""
+    Qb, Rb = torch.linalg.qr(B.double())
+    Qa, Ra = torch.linalg.qr(A.double().T)
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
+    return _truncate(Qb @ U, S, Vh @ Qa.T, rank)
 
 
 def merge_layer(parts: list[Factors | None], weights: list[float], ranks: list[int], shape: tuple[int, int],
@@ -111,8 +126,11 @@ def merge_layer(parts: list[Factors | None], weights: list[float], ranks: list[i
     merged delta against what the method combined (0 for cat)."""
     if how.combine is None:
         return (*cat(parts, weights, ranks, shape), 0.0)
-    deltas = [p.delta() if p is not None else torch.zeros(shape, dtype=torch.float64) for p in parts]
+    if not how.density:  # linear, svd: the weighted sum is the cat product, decomposed through its factors
+        return low_rank_of_product(*reversed(cat(parts, weights, ranks, shape)), rank)
+    # TIES and DARE: entry-wise on the full deltas, in float32 as peft computes them
+    deltas = [p.delta(torch.float32) if p is not None else torch.zeros(shape) for p in parts]
     with torch.random.fork_rng(devices=[]):  # DARE's random drops: the same for the same seed, every time
         torch.manual_seed(generator_seed)
-        combined = how.combine(deltas, torch.tensor(weights, dtype=torch.float64), density)
+        combined = how.combine(deltas, torch.tensor(weights, dtype=torch.float32), density)
     return low_rank(combined, rank)

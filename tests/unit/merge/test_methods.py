@@ -50,7 +50,7 @@ def test_ties_on_known_tensors():
     parts = [Factors(torch.eye(2, dtype=torch.float64), d, 1.0) for d in (d1, d2)]
     A, B, err = merge_layer(parts, [1.0, 0.5], [2, 2], (2, 2), method("ties"), 2, 0.5, 0)
     expected = torch.tensor([[(4.0 + 1.0) / 2, 0.0], [-2.5, -3.0]], dtype=torch.float64)
-    assert err == pytest.approx(0, abs=1e-12) and torch.allclose(B @ A, expected, atol=1e-12)
+    assert err == pytest.approx(0, abs=1e-6) and torch.allclose(B @ A, expected, atol=1e-5)  # float32, as peft
 
 
 def test_dare_is_linear_at_density_one_and_repeats_for_a_seed():
