@@ -170,6 +170,19 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
+def load_settings(model: type[BaseModel], path: str | Path | None, overrides: list[str] | None = None,
+                  what: str = "config"):
+    """Any settings model from a YAML file and/or `key=value` overrides, with errors that name the file
+    (or --set), the key and the problem."""
+    raw = apply_overrides(read_yaml_mapping(path) if path else {}, overrides or [])
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        where = str(path) if path else "--set"
+        raise ConfigError("\n".join(f"{where}: {'.'.join(map(str, x['loc'])) or what}: {x['msg']}"
+                                    for x in e.errors())) from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None,
                 base: dict[str, Any] | None = None) -> TrainConfig:
     """Read a YAML config; relative paths in it resolve against the working directory, as in Axolotl."""

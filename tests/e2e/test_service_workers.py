@@ -24,6 +24,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_health(base: str, process: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline and process.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.3)
+
+
 def cli(config: Path, *args: str) -> str:
     done = subprocess.run(BUDWOOD + list(args) + ["--config", str(config)], capture_output=True, text=True,
                           timeout=120)
@@ -47,16 +59,7 @@ def test_ten_jobs_three_workers_one_killed_all_succeed_once(tmp_path, company_da
             procs["service"] = subprocess.Popen(BUDWOOD + ["service", "--config", str(config)], env=env,
                                                 stdout=subprocess.DEVNULL, stderr=open(tmp_path / "service.log", "w"))
             base = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 90
-            while True:
-                try:
-                    if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline and procs["service"].poll() is None, \
-                    (tmp_path / "service.log").read_text()[-3000:]
-                time.sleep(0.3)
+            wait_for_health(base, procs["service"], tmp_path / "service.log")
             client = OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
             train = upload(client, company_data["train"])
             # the same data, seed and settings for all ten: exact resume means ten identical adapters
@@ -157,15 +160,7 @@ def test_the_service_s_own_workers_stop_with_it(tmp_path):
     service = subprocess.Popen(BUDWOOD + ["service", "--config", str(config)], stdout=subprocess.DEVNULL,
                                stderr=open(tmp_path / "service.log", "w"))
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline and service.poll() is None, (tmp_path / "service.log").read_text()
-            time.sleep(0.3)
+        wait_for_health(f"http://127.0.0.1:{port}", service, tmp_path / "service.log")
         workers = [p for p in psutil.Process(service.pid).children(recursive=True)
                    if "spawn_main" in " ".join(p.cmdline())]
         assert len(workers) == 1

@@ -18,7 +18,7 @@ from pathlib import Path
 import jinja2
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from budwood.card.facts import (
     BaseLicence,
@@ -31,8 +31,8 @@ from budwood.card.facts import (
     results_base_fingerprint,
     training_log,
 )
-from budwood.config import apply_overrides, read_yaml_mapping
-from budwood.errors import BudwoodError, ConfigError
+from budwood.config import load_settings
+from budwood.errors import BudwoodError
 from budwood.eval.results import Metric
 from budwood.models.fingerprint import adapter_fingerprint
 from budwood.models.names import TINY_NAME
@@ -83,13 +83,7 @@ class CardInfo(BaseModel):
 
 def load_card_info(path: str | Path | None = None, overrides: list[str] | None = None) -> CardInfo:
     """CardInfo from a YAML file and/or `key=value` overrides, as the CLI takes it."""
-    raw = apply_overrides(read_yaml_mapping(path) if path else {}, overrides or [])
-    try:
-        return CardInfo.model_validate(raw)
-    except ValidationError as e:
-        where = str(path) if path else "--set"
-        raise ConfigError("\n".join(f"{where}: {'.'.join(map(str, x['loc'])) or 'card info'}: {x['msg']}"
-                                    for x in e.errors())) from None
+    return load_settings(CardInfo, path, overrides, "card info")
 
 
 @dataclass

@@ -12,11 +12,10 @@ import multiprocessing
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from budwood.config import LoraConfig, apply_overrides, read_yaml_mapping
+from budwood.config import LoraConfig, load_settings
 from budwood.engine import EngineConfig
-from budwood.errors import ConfigError
 from budwood.registry.db import budwood_home
 
 log = logging.getLogger(__name__)
@@ -109,13 +108,7 @@ class ServiceConfig(_Strict):
 
 
 def load_service_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ServiceConfig:
-    raw = apply_overrides(read_yaml_mapping(path) if path else {}, overrides or [])
-    try:
-        return ServiceConfig.model_validate(raw)
-    except ValidationError as e:
-        where = str(path) if path else "--set"
-        raise ConfigError("\n".join(f"{where}: {'.'.join(map(str, x['loc'])) or 'config'}: {x['msg']}"
-                                    for x in e.errors())) from None
+    return load_settings(ServiceConfig, path, overrides)
 
 
 class Service:
