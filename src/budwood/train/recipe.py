@@ -301,9 +301,9 @@ def _train(config: TrainConfig, resume: bool, progress: Progress, stop: Callable
     params = [p for p in model.parameters() if p.requires_grad]
     # several ranks: the same LoRA init everywhere (the seed above), then each rank its own dropout stream
     wrapped, grad_scale = distributed.wrap(d, model.get_base_model(), device, params)
-    loss_module = wrapped.module if hasattr(wrapped, "no_sync") else wrapped
+    loss_module = wrapped.module if hasattr(wrapped, "no_sync") else wrapped  # DDP's inner module
 
-    def run(batch):
+    def run(batch):  # forward only (validation): never through DDP, which expects a backward
         return loss_module(batch.input_ids, batch.labels, batch.position_ids, batch.example_index)
 
     if d.rank > 0:
@@ -374,9 +374,8 @@ def _train(config: TrainConfig, resume: bool, progress: Progress, stop: Callable
             for j, (indices, weight) in enumerate(micro):
                 batch = collate(data.train, indices, t.batching, pad_id).to(device)
                 with distributed.no_sync(wrapped, j == len(micro) - 1):
-                    with _autocast(device, dtype):
-                        losses = run(batch) if wrapped is loss_module else \
-                            wrapped(batch.input_ids, batch.labels, batch.position_ids, batch.example_index)
+                    with _autocast(device, dtype):  # through the data-parallel wrapper, if any
+                        losses = wrapped(batch.input_ids, batch.labels, batch.position_ids, batch.example_index)
                         loss = losses.sum() * (weight * grad_scale / n_labels)
                     loss.backward()
                 loss_sum += losses.sum().item() * weight
@@ -423,8 +422,9 @@ def _train(config: TrainConfig, resume: bool, progress: Progress, stop: Callable
             if reason:
                 raise _Stop(reason)
     except (KeyboardInterrupt, _Stop) as e:
-        # several ranks are not at one point when a signal comes: they keep the last periodic checkpoint
-        path = checkpoint() if done["step"] > 0 and not d.active else None
+        # a signal finds several ranks at different points: they keep the last periodic checkpoint (a stop
+        # reason, decided by rank 0 for all, finds them together)
+        path = checkpoint() if done["step"] > 0 and (not d.active or isinstance(e, _Stop)) else None
         metrics.close()
         what = str(e) if isinstance(e, _Stop) else "interrupted"
         raise TrainingInterrupted(f"{what} at step {done['step']}; " + (
