@@ -79,7 +79,6 @@ def prepare(work: Path) -> None:
 
 
 def deltas(folder: Path) -> dict:
-    import torch
     from safetensors.torch import load_file
 
     cfg = json.loads((folder / "adapter_config.json").read_text())
