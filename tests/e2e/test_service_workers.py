@@ -142,9 +142,9 @@ def test_tenants_and_keys_from_the_command_line(tmp_path):
     listing = cli(config, "tenants", "list")
     assert "acme" in listing and "0 / 5,000" in listing
     key = cli(config, "keys", "issue", "acme", "--name", "ci").strip().splitlines()[-1]
-    key_id = key.split("-")[1]
+    key_id = key.split("-", 2)[1]
     issued = cli(config, "keys", "issued")
-    assert key_id in issued and "active" in issued and key.split("-")[2] not in issued
+    assert key_id in issued and "active" in issued and key.split("-", 2)[2] not in issued
     cli(config, "keys", "revoke", key_id)
     assert "revoked" in cli(config, "keys", "issued", "--tenant", "acme")
 
