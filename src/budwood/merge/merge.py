@@ -7,6 +7,7 @@ method, rank, the approximation error) -> optionally merge it into the base's we
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -150,8 +151,6 @@ def merge_adapters(sources: list[str], out: str | Path, weights: list[float] | N
                    ) -> MergeResult:
     """Merge adapters into a new adapter directory `out` (complete or absent, whatever interrupts it).
     `extra` goes into budwood.json's merge record (compose adds its search there)."""
-    import math
-
     how = method(method_name)
     if len(sources) < 1:
         raise MergeError("give at least one adapter to merge")

@@ -83,10 +83,9 @@ def setup(strategy: str, device: str) -> Dist:
 def teardown(d: Dist, failed: bool = False) -> None:
     """After a run every rank meets once more; after an error a rank leaves at once (waiting for the
     others, which may be inside a collective, would hang them all), and torchrun stops the rest."""
-    if d.active and torch.distributed.is_initialized():
-        if not failed:
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+    if d.active and not failed and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def device_for(d: Dist, device: torch.device) -> torch.device:
@@ -170,16 +169,18 @@ def chunk(indices: list[int], batch_size: int, lengths: list[int] | None = None,
           packed: bool = False) -> list[list[int]]:
     """Consecutive micro-batches of at most `batch_size` examples and, with `tokens`, at most that many
     tokens (padded rows: rows x longest; packed: the sum), as one process's plan caps them."""
+    def fits(batch: list[int]) -> bool:
+        if tokens is None or lengths is None:
+            return True
+        sizes = [lengths[j] for j in batch]
+        return (sum(sizes) if packed else len(sizes) * max(sizes)) <= tokens
+
     out: list[list[int]] = []
     for i in indices:
-        if out and len(out[-1]) < batch_size:
-            candidate = out[-1] + [i]
-            if tokens is None or lengths is None or (
-                    sum(lengths[j] for j in candidate) if packed
-                    else len(candidate) * max(lengths[j] for j in candidate)) <= tokens:
-                out[-1] = candidate
-                continue
-        out.append([i])
+        if out and len(out[-1]) < batch_size and fits(out[-1] + [i]):
+            out[-1].append(i)
+        else:
+            out.append([i])
     return out
 
 
