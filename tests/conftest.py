@@ -88,6 +88,72 @@ def pg_schema() -> Iterator[str]:
         admin.dispose()
 
 
+@contextmanager
+def queue_service(backend: str, home: Path, quotas: dict, files: dict[str, str]) -> Iterator:
+    """A jobs Service on SQLite or a fresh PostgreSQL schema, with each tenant of `files` (tenant -> file
+    id) created and holding that one uploaded training file."""
+    from contextlib import nullcontext
+
+    from budwood.jobs.service import Service, ServiceConfig
+
+    with nullcontext(None) if backend == "sqlite" else pg_schema() as url:
+        svc = Service(ServiceConfig.model_validate({"home": str(home), "database": url, "quotas": quotas}))
+        try:
+            for tenant, file_id in files.items():
+                svc.tenants.create(tenant)
+                svc.queue.add_file(tenant, file_id, "t.jsonl", "fine-tune", 10, "0" * 64, "openai", 10, lambda: None)
+            yield svc
+        finally:
+            svc.close()
+
+
+def torchrun_config(tmp: Path, data: dict, out: Path, **training) -> Path:
+    """A 12-step fp32 training config on budwood-tiny for `torchrun` tests (dropout 0: dropout draws
+    differ across ranks); `training` overrides its training section."""
+    import yaml
+
+    cfg = {"base_model": "budwood-tiny",
+           "data": {"train": str(data["train"]), "validation": str(data["validation"])},
+           "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+           "training": {"max_steps": 12, "batch_size": 8, "gradient_accumulation": 2, "learning_rate": 1e-3,
+                        "precision": "fp32", "compile": False, "save_every": 6, "eval_every": 6, "seed": 0,
+                        "max_seq_len": 256, **training},
+           "output_dir": str(out)}
+    path = tmp / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def torchrun(config: Path, *args: str, timeout: float = 600) -> tuple[int | None, str]:
+    """`torchrun --nproc_per_node 2 budwood train CONFIG ARGS` on a free port: (exit code, or None if it
+    was still running after `timeout` s and was killed; its output). torchrun starts each worker in a
+    session of its own, so on a timeout the workers are killed by pid."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import psutil
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(port), "-m", "budwood", "train", str(config), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, output
+    except subprocess.TimeoutExpired:
+        for worker in psutil.Process(proc.pid).children(recursive=True):
+            worker.kill()
+        proc.kill()
+        output, _ = proc.communicate()
+        return None, output
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def registry_location(request, tmp_path, budwood_home) -> Iterator[str]:
     """Where a registry lives: a folder (SQLite) or a PostgreSQL database (blobs under BUDWOOD_HOME)."""

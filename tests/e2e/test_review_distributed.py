@@ -1,54 +1,11 @@
 """Review of training under torchrun: each test states a documented promise that the code breaks."""
-import os
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
-import yaml
 
 from budwood.data.pack import plan_epoch
 from budwood.train import distributed
-
-
-def config_file(tmp: Path, data: dict, out: Path, **training) -> Path:
-    cfg = {"base_model": "budwood-tiny",
-           "data": {"train": str(data["train"]), "validation": str(data["validation"])},
-           "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-           "training": {"max_steps": 4, "batch_size": 8, "gradient_accumulation": 2, "learning_rate": 1e-3,
-                        "precision": "fp32", "compile": False, "save_every": 2, "eval_every": 2, "seed": 0,
-                        "max_seq_len": 256, **training},
-           "output_dir": str(out)}
-    path = tmp / f"{out.name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def torchrun(config: Path, *args: str, timeout: float) -> tuple[int | None, str]:
-    """(exit code, or None if it was still running after `timeout` s and was killed; its output).
-    torchrun starts each worker in a session of its own, so on a timeout the workers are killed by pid."""
-    import psutil
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(port), "-m", "budwood", "train", str(config), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-        return proc.returncode, output
-    except subprocess.TimeoutExpired:
-        workers = psutil.Process(proc.pid).children(recursive=True)
-        for w in workers:
-            w.kill()
-        proc.kill()
-        output, _ = proc.communicate()
-        return None, output
+from tests.conftest import torchrun, torchrun_config
 
 
 @pytest.mark.slow
@@ -60,7 +17,8 @@ def test_an_error_on_rank_0_alone_ends_every_rank(tmp_path, company_data):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     started = time.monotonic()
-    code, output = torchrun(config_file(tmp_path, company_data, out), timeout=60)
+    config = torchrun_config(tmp_path, company_data, out, max_steps=4, save_every=2, eval_every=2)
+    code, output = torchrun(config, timeout=60)
     assert code is not None, f"still running after {time.monotonic() - started:.0f} s: the ranks deadlocked"
     assert code != 0 and "not made by budwood" in output
 

@@ -6,30 +6,15 @@ import pytest
 from sqlalchemy import text
 
 from budwood.jobs.queue import Lease, LeaseLost, ServiceError
-from budwood.jobs.service import Service, ServiceConfig
 from budwood.jobs.tenants import TenantError
-from tests.conftest import pg_schema
+from tests.conftest import queue_service
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def service(request, tmp_path):
-    def make(url):
-        svc = Service(ServiceConfig.model_validate({"home": str(tmp_path / "home"), "database": url,
-                                                    "quotas": {"concurrent_jobs": 3, "storage_bytes": 1000}}))
-        for tenant, file_id in (("acme", TRAIN), ("other", OTHER_TRAIN)):
-            svc.tenants.create(tenant)
-            svc.queue.add_file(tenant, file_id, "t.jsonl", "fine-tune", 10, "0" * 64, "openai", 10, lambda: None)
-        return svc
-
-    if request.param == "sqlite":
-        svc = make(None)
+    with queue_service(request.param, tmp_path / "home", {"concurrent_jobs": 3, "storage_bytes": 1000},
+                       {"acme": TRAIN, "other": OTHER_TRAIN}) as svc:
         yield svc
-        svc.close()
-    else:
-        with pg_schema() as url:
-            svc = make(url)
-            yield svc
-            svc.close()
 
 
 TRAIN, OTHER_TRAIN = "file-" + "a" * 24, "file-" + "o" * 24

@@ -6,29 +6,14 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from budwood.jobs.queue import ServiceError
-from budwood.jobs.service import Service, ServiceConfig
-from tests.conftest import pg_schema
+from tests.conftest import queue_service
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def service(request, tmp_path):
-    def make(url):
-        svc = Service(ServiceConfig.model_validate({"home": str(tmp_path / "home"), "database": url,
-                                                    "quotas": {"concurrent_jobs": 2, "storage_bytes": 10_000}}))
-        svc.tenants.create("acme")
-        svc.queue.add_file("acme", "file-" + "a" * 24, "t.jsonl", "fine-tune", 10, "0" * 64, "openai", 10,
-                           lambda: None)
-        return svc
-
-    if request.param == "sqlite":
-        svc = make(None)
+    with queue_service(request.param, tmp_path / "home", {"concurrent_jobs": 2, "storage_bytes": 10_000},
+                       {"acme": "file-" + "a" * 24}) as svc:
         yield svc
-        svc.close()
-    else:
-        with pg_schema() as url:
-            svc = make(url)
-            yield svc
-            svc.close()
 
 
 def job_values(**extra) -> dict:
@@ -45,6 +30,14 @@ def create(svc, tenant="acme"):
 def expire(svc):
     with svc.engine.begin() as c:
         c.execute(text("UPDATE ft_jobs SET lease_expires = 0 WHERE lease_expires IS NOT NULL"))
+
+
+def start_running(q):
+    """The queued job claimed by worker w1, validated and started: its lease."""
+    _, lease = q.claim("w1", lease_s=60, max_attempts=3)
+    q.set_hyperparameters(lease, {"n_epochs": 1, "batch_size": 1, "learning_rate_multiplier": 1.0}, 10)
+    q.start(lease, None)
+    return lease
 
 
 def test_resume_does_not_bypass_the_concurrent_jobs_quota(service):
@@ -87,9 +80,7 @@ def test_pause_and_resume_do_not_count_as_lost_workers(service):
     worker_lost ("stopped responding 3 times") though only one worker died."""
     q = service.queue
     job = create(service)
-    _, lease = q.claim("w1", lease_s=60, max_attempts=3)
-    q.set_hyperparameters(lease, {"n_epochs": 1, "batch_size": 1, "learning_rate_multiplier": 1.0}, 10)
-    q.start(lease, None)
+    lease = start_running(q)
     for i in range(2):
         q.pause("acme", job.id)
         assert q.finish(lease, "paused", "paused")
@@ -106,9 +97,7 @@ def test_a_worker_shutdown_does_not_count_as_a_lost_worker(service):
     """Same with release() (SIGTERM, a deploy): three graceful restarts and the next crash fails the job."""
     q = service.queue
     job = create(service)
-    _, lease = q.claim("w1", lease_s=60, max_attempts=3)
-    q.set_hyperparameters(lease, {"n_epochs": 1, "batch_size": 1, "learning_rate_multiplier": 1.0}, 10)
-    q.start(lease, None)
+    lease = start_running(q)
     for i in range(2):
         q.release(lease, "shutting down")
         _, lease = q.claim(f"w{i + 2}", lease_s=60, max_attempts=3)
