@@ -89,14 +89,6 @@ class AdapterDir:
 
         return adapter_fingerprint(self.path)
 
-    def own_results(self) -> list:
-        """The eval results files measured on this adapter's exact weights (others are a baseline or stale)."""
-        from budwood.eval.results import load_results
-
-        mine = self.fingerprint
-        results = [load_results(self.path / f) for f in self.files() if f.startswith("eval/")]
-        return [r for r in results if r.target.adapter_fingerprint == mine]
-
     def vllm_warnings(self) -> list[str]:
         """Why vLLM (`--enable-lora`) would refuse this adapter or need settings; empty if it loads as is."""
         cfg, warnings = self.config, []

@@ -36,7 +36,7 @@ from budwood.registry import open_registry, publish
 from budwood.registry.local import LocalRegistry
 from budwood.registry.names import NotFound, RegistryError, VersionExists
 from budwood.registry.remote import RemoteRegistry
-from budwood.registry.store import sha256_file
+from budwood.hashing import sha256_file
 from budwood.serve.app import create_app
 
 KEY = "sk-registry-test"

@@ -66,7 +66,7 @@ class Verification:
 # -- keys ----------------------------------------------------------------------------------------------
 
 def keys_dir() -> Path:
-    from budwood.registry.db import budwood_home
+    from budwood.db import budwood_home
 
     return budwood_home() / "keys"
 
@@ -134,7 +134,7 @@ def list_keys() -> list[tuple[str, str]]:
 # -- sign and verify -------------------------------------------------------------------------------------
 
 def _sha256(path: Path) -> str:
-    from budwood.registry.store import sha256_file
+    from budwood.hashing import sha256_file
 
     return sha256_file(path)
 

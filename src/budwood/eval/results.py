@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError
 
+from budwood.artifacts import AdapterDir
 from budwood.errors import BudwoodError
 from budwood.eval.targets import TargetInfo
 
@@ -70,6 +71,13 @@ def load_results(path: str | Path) -> EvalResults:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise BudwoodError(f"{path}: not a budwood eval results file ({where}: {first['msg']})") from None
+
+
+def own_results(adapter: AdapterDir) -> list[EvalResults]:
+    """The eval results files measured on this adapter's exact weights (others are a baseline or stale)."""
+    mine = adapter.fingerprint
+    results = [load_results(adapter.path / f) for f in adapter.files() if f.startswith("eval/")]
+    return [r for r in results if r.target.adapter_fingerprint == mine]
 
 
 def write_results(results: EvalResults, path: str | Path) -> Path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from budwood.registry.models import Base
+from budwood.db import Base
 
 
 class Tenant(Base):

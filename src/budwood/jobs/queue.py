@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from budwood.errors import BudwoodError
 from budwood.jobs.models import Checkpoint, Job, JobEvent, StoredFile, Tenant
 from budwood.jobs.protocol import ACTIVE, TERMINAL
-from budwood.registry.db import writer
+from budwood.db import writer
 from budwood.serve.protocol import APIError
 
 _ALPHABET = string.ascii_letters + string.digits

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from budwood.config import LoraConfig, load_settings
 from budwood.engine import EngineConfig
-from budwood.registry.db import budwood_home
+from budwood.db import budwood_home
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from sqlalchemy.orm import sessionmaker
 
 from budwood.errors import BudwoodError
 from budwood.jobs.models import ApiKey, Tenant
-from budwood.registry.db import writer
+from budwood.db import writer
 from budwood.registry.names import RegistryError, check_part
 from budwood.serve.auth import Caller
 

@@ -22,9 +22,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from budwood.artifacts import ARTIFACT_PATH, ATTESTATION, AdapterDir, staged_dir
+from budwood.db import budwood_home, default_url, open_database, writer
 from budwood.errors import BudwoodError
+from budwood.eval.results import own_results
 from budwood.registry import models as m
-from budwood.registry.db import budwood_home, default_url, open_database, writer
 from budwood.registry.names import (
     AdapterRef,
     NotFound,
@@ -188,7 +189,7 @@ class LocalRegistry:
                                 f"{license!r}; re-render the card with the licence you publish under")
         config = adapter.config
         metrics = {}
-        for result in adapter.own_results():
+        for result in own_results(adapter):
             for suite, sr in result.suites.items():
                 for name, metric in sr.metrics.items():
                     if metric.value is not None and math.isfinite(metric.value):

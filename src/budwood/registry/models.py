@@ -1,4 +1,4 @@
-"""The registry's tables (SQLAlchemy 2). Changing them means a new Alembic migration in migrations/.
+"""The registry's tables (SQLAlchemy 2). Changing them means a new Alembic migration in budwood/db/migrations/.
 
 A version is immutable once committed: its files, licence and results are written in the one
 transaction that creates it; only `yanked` and `yank_reason` change later.
@@ -8,11 +8,9 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, String, Text, UniqueConstraint
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-
-class Base(DeclarativeBase):
-    pass
+from budwood.db import Base
 
 
 class Adapter(Base):

@@ -13,10 +13,10 @@ from urllib.parse import quote
 import httpx
 
 from budwood.artifacts import ATTESTATION, AdapterDir
+from budwood.hashing import CHUNK, sha256_file
 from budwood.registry.local import materialize
 from budwood.registry.names import NotFound, RegistryError, VersionExists, parse_ref
 from budwood.registry.schemas import AdapterInfo, FileEntry, PublishRequest, VersionInfo, YankRequest
-from budwood.registry.store import CHUNK, sha256_file
 
 
 class RemoteRegistry:

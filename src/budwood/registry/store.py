@@ -12,18 +12,10 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from budwood.hashing import CHUNK
 from budwood.registry.names import NotFound, RegistryError
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
-CHUNK = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_digest(digest: str) -> str:

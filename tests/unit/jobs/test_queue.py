@@ -233,7 +233,9 @@ def test_the_migrations_build_exactly_the_declared_tables(service):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    from budwood.registry.models import Base
+    import budwood.jobs.models  # noqa: F401  (both table sets share db.Base)
+    import budwood.registry.models  # noqa: F401
+    from budwood.db import Base
 
     with service.engine.connect() as c:
         diff = compare_metadata(MigrationContext.configure(c), Base.metadata)

@@ -1,4 +1,4 @@
-"""The one owner of the registry's database URL, engine and schema version.
+"""The database URL, engine and schema version, for the registry's and the service's tables alike.
 
 SQLite (a file under BUDWOOD_HOME) by default; PostgreSQL (or any SQLAlchemy URL) through
 BUDWOOD_DATABASE_URL or --database. The schema is brought to the newest Alembic revision on open,
@@ -6,21 +6,25 @@ under a lock, so that two processes opening a fresh database at once do not both
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.orm import DeclarativeBase
 
-from budwood.registry.names import RegistryError
+from budwood.errors import BudwoodError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _PG_LOCK = 0x6275_6477  # "budw": the advisory lock id held while migrating
 
 
-def budwood_home() -> Path:
-    return Path(os.environ.get("BUDWOOD_HOME", Path.home() / ".budwood")).expanduser()
+class DatabaseError(BudwoodError):
+    """The database URL is wrong or the database cannot be opened."""
+
+
+class Base(DeclarativeBase):
+    """The declarative base of every table (registry and service): one metadata, one migration chain."""
 
 
 def default_url(home: Path) -> str:
@@ -56,9 +60,9 @@ def open_database(url: str) -> Engine:
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise RegistryError(f"bad database URL {url!r}: expected sqlite:///PATH or postgresql://HOST/DB") from None
+        raise DatabaseError(f"bad database URL {url!r}: expected sqlite:///PATH or postgresql://HOST/DB") from None
     if parsed.get_backend_name() not in ("sqlite", "postgresql"):
-        raise RegistryError(f"database URL {url!r}: the registry runs on SQLite or PostgreSQL, not "
+        raise DatabaseError(f"database URL {url!r}: budwood runs on SQLite or PostgreSQL, not "
                             f"{parsed.get_backend_name()}")
     if parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
@@ -71,7 +75,7 @@ def open_database(url: str) -> Engine:
         migrate(engine)
     except OperationalError as e:
         engine.dispose()
-        raise RegistryError(f"cannot open the registry database {parsed.render_as_string(hide_password=True)}: "
+        raise DatabaseError(f"cannot open the database {parsed.render_as_string(hide_password=True)}: "
                             f"{e.orig}") from None
     return engine
 
