@@ -34,8 +34,8 @@ def imported_units(path: Path) -> set[str]:
             names = [node.module] if node.module != "budwood" else [f"budwood.{a.name}" for a in node.names]
         for name in names:
             parts = name.split(".")
-            if parts[0] == "budwood" and len(parts) > 1:
-                units.add(parts[1])
+            if parts[0] == "budwood" and len(parts) > 1 and not parts[1].startswith("__"):
+                units.add(parts[1])  # `from budwood import __version__` is the package's metadata, not a unit
     return units
 
 
@@ -95,6 +95,40 @@ def function_lengths() -> list[tuple[int, str]]:
     return sorted(out, reverse=True)
 
 
+# The allowed direction: a unit imports only units of lower layers (never its own layer, never upwards).
+# Stages sit below the surfaces that expose them (serve, jobs, web, cli); docs/architecture.md draws it.
+LAYERS: list[tuple[str, ...]] = [
+    ("errors", "hashing", "allocator"),
+    ("db", "models", "data"),
+    ("config", "artifacts"),
+    ("engine",),
+    ("eval",),
+    ("train",),
+    ("card",),
+    ("registry",),
+    ("merge",),
+    ("serve",),
+    ("pipeline",),
+    ("jobs",),
+    ("web",),
+    ("service_app",),
+    ("cli", "__init__"),
+    ("__main__",),
+]
+
+
+def layering_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Each import that goes sideways or upwards, and each unit no layer names."""
+    layer = {unit: i for i, units in enumerate(LAYERS) for unit in units}
+    problems = [f"{unit}: in no layer of LAYERS (scripts/architecture_report.py)" for unit in graph
+                if unit not in layer]
+    for src, dsts in sorted(graph.items()):
+        for dst in sorted(dsts):
+            if src in layer and dst in layer and layer[dst] >= layer[src]:
+                problems.append(f"{src} imports {dst} (layer {layer[src]} -> {layer[dst]}: only lower layers)")
+    return problems
+
+
 def main() -> int:
     lengths = function_lengths()
     print("longest functions:")
@@ -106,6 +140,10 @@ def main() -> int:
     print(f"package import cycles: {len(found)}")
     for comp in found:
         print("  " + " <-> ".join(comp))
+    violations = layering_violations(graph)
+    print(f"imports against the layering: {len(violations)}")
+    for v in violations:
+        print("  " + v)
     return 0
 
 

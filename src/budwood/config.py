@@ -8,12 +8,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from budwood.errors import ConfigError, did_you_mean
+
+SettingsT = TypeVar("SettingsT", bound=BaseModel)
 
 
 class _Strict(BaseModel):
@@ -119,20 +121,32 @@ def _field_names(model: type[BaseModel], path: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _explain(err: ValidationError, source: str, overridden: set[str]) -> ConfigError:
+def _explain(err: ValidationError, model: type[BaseModel], source: str, overridden: set[str]) -> ConfigError:
+    """One line per problem: where it came from (the file, or the --set that gave the key), the key, what is wrong."""
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
         key = ".".join(str(p) for p in loc) or "(top level)"
         where = f"--set {key}" if key in overridden else source
         if e["type"] == "extra_forbidden":
-            hint = did_you_mean(str(loc[-1]), _field_names(TrainConfig, loc))
+            hint = did_you_mean(str(loc[-1]), _field_names(model, loc))
             lines.append(f"{where}: unknown key '{key}'{hint}")
         elif e["type"] == "missing":
             lines.append(f"{where}: missing required key '{key}'")
         else:
-            lines.append(f"{where}: {key}: {e['msg']} (got {e.get('input')!r})")
+            got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+            lines.append(f"{where}: {key}: {e['msg']}{got}")
     return ConfigError("\n".join(lines))
+
+
+def _set_key(raw: dict[str, Any], key: str, value: Any, item: str) -> None:
+    node = raw
+    *parents, leaf = key.strip().split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item!r}: '{p}' is not a section")
+    node[leaf] = value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -141,16 +155,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. training.max_steps=20")
         key, value = item.split("=", 1)
-        node = raw
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: '{p}' is not a section")
         try:
-            node[parts[-1]] = yaml.safe_load(value)
+            parsed = yaml.safe_load(value)
         except yaml.YAMLError:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
+        _set_key(raw, key, parsed, item)
     return raw
 
 
@@ -170,30 +179,26 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
-def load_settings(model: type[BaseModel], path: str | Path | None, overrides: list[str] | None = None,
-                  what: str = "config"):
-    """Any settings model from a YAML file and/or `key=value` overrides, with errors that name the file
-    (or --set), the key and the problem."""
-    raw = apply_overrides(read_yaml_mapping(path) if path else {}, overrides or [])
+def load_settings(model: type[SettingsT], path: str | Path | None, overrides: list[str] | None = None, *,
+                  base: dict[str, Any] | None = None, values: dict[str, Any] | None = None) -> SettingsT:
+    """The one loader of every settings model (training, evaluation, card info, service): `base` defaults,
+    then a YAML file, then `values` (dotted keys to typed values, as CLI options give them), then
+    `key=value` overrides (--set, parsed as YAML). Errors name the file or the --set, the key and the problem,
+    with a did-you-mean for unknown keys."""
+    raw: dict[str, Any] = dict(base or {})
+    if path is not None:
+        raw.update(read_yaml_mapping(path))
+    for key, value in (values or {}).items():
+        _set_key(raw, key, value, key)
+    raw = apply_overrides(raw, overrides or [])
     try:
         return model.model_validate(raw)
     except ValidationError as e:
-        where = str(path) if path else "--set"
-        raise ConfigError("\n".join(f"{where}: {'.'.join(map(str, x['loc'])) or what}: {x['msg']}"
-                                    for x in e.errors())) from None
+        overridden = {o.split("=", 1)[0].strip() for o in overrides or []} | set(values or {})
+        raise _explain(e, model, str(path) if path is not None else "--set", overridden) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None,
                 base: dict[str, Any] | None = None) -> TrainConfig:
     """Read a YAML config; relative paths in it resolve against the working directory, as in Axolotl."""
-    raw: dict[str, Any] = dict(base or {})
-    source = "--set"
-    if path is not None:
-        source = str(path)
-        raw.update(read_yaml_mapping(path))
-    raw = apply_overrides(raw, overrides or [])
-    try:
-        return TrainConfig.model_validate(raw)
-    except ValidationError as e:
-        overridden = {o.split("=", 1)[0].strip() for o in overrides or []}
-        raise _explain(e, source, overridden) from None
+    return load_settings(TrainConfig, path, overrides, base=base)

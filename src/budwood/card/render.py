@@ -83,7 +83,7 @@ class CardInfo(BaseModel):
 
 def load_card_info(path: str | Path | None = None, overrides: list[str] | None = None) -> CardInfo:
     """CardInfo from a YAML file and/or `key=value` overrides, as the CLI takes it."""
-    return load_settings(CardInfo, path, overrides, "card info")
+    return load_settings(CardInfo, path, overrides)
 
 
 @dataclass

@@ -10,10 +10,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from budwood.config import read_yaml_mapping
-from budwood.errors import ConfigError, did_you_mean
+from budwood.config import load_settings
+from budwood.errors import did_you_mean
 from budwood.eval import bias, domain, grounding, reproducibility, truthfulqa
 from budwood.eval.bias import BiasConfig
 from budwood.eval.context import EvalContext, NoProgress, Progress
@@ -56,21 +56,9 @@ class EvalConfig(BaseModel):
                 raise ValueError(f"unknown suite {name!r}{did_you_mean(name, SUITES)}; choose from {', '.join(SUITES)}")
 
 
-def load_eval_config(path: Path | None, overrides: dict) -> EvalConfig:
-    raw: dict = read_yaml_mapping(path) if path is not None else {}
-    for key, value in overrides.items():
-        node = raw
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {p} is not a group of settings")
-        node[leaf] = value
-    try:
-        return EvalConfig.model_validate(raw)
-    except ValidationError as e:
-        lines = [f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in e.errors()]
-        raise ConfigError(f"{path or 'eval config'}: " + "; ".join(lines)) from None
+def load_eval_config(path: Path | None, values: dict, overrides: list[str] | None = None) -> EvalConfig:
+    """A YAML eval config, then `values` (dotted keys, typed: the CLI's options), then `--set key=value`."""
+    return load_settings(EvalConfig, path, overrides, values=values)
 
 
 def run_eval(config: EvalConfig, progress: Progress | None = None) -> EvalResults:

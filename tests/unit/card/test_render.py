@@ -341,7 +341,7 @@ def test_card_info_is_checked(tmp_path):
         CardInfo(licence="mit")
     path = tmp_path / "card.yaml"
     path.write_text("name: acme/bot\nlicence: mit\n")
-    with pytest.raises(ConfigError, match=r"card\.yaml: licence"):
+    with pytest.raises(ConfigError, match=r"card\.yaml: unknown key 'licence' \(did you mean 'license'\?\)"):
         load_card_info(path)
     assert load_card_info(None, ["name=acme/bot", "license=mit"]).name == "acme/bot"
 

@@ -1,5 +1,5 @@
 """`budwood service / worker / tenants / keys issue|revoke|issued`: the hosted fine-tuning service.
-Registered on the app in budwood.cli; each body calls one library function."""
+Each body calls one library function."""
 from __future__ import annotations
 
 import logging
@@ -8,11 +8,11 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from budwood.cli import _fail, app, console, out
-from budwood.cli_registry import keys_app
+from budwood.cli.console import console, out
+from budwood.cli.registry import keys_app
 
+app = typer.Typer()
 tenants_app = typer.Typer(no_args_is_help=True, help="Tenants of the fine-tuning service.")
-app.add_typer(tenants_app, name="tenants")
 
 ConfigOption = typer.Option(None, "--config", "-c", envvar="BUDWOOD_SERVICE_CONFIG",
                             help="service YAML (configs/service.yaml); default: built-in settings")
@@ -46,17 +46,11 @@ def service_cmd(
     then: budwood tenants create acme && budwood keys issue acme
     and: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY).fine_tuning.jobs.create(...)
     """
-    from budwood.errors import BudwoodError
     from budwood.jobs.service import run_service
 
     extra = [f"{k}={v}" for k, v in (("workers", workers), ("host", host), ("port", port)) if v is not None]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        run_service(_config(config, set_ + extra))
-    except BudwoodError as e:
-        _fail(e)
-
-
+    run_service(_config(config, set_ + extra))
 @app.command("worker")
 def worker_cmd(config: Path = ConfigOption, set_: list[str] = SetOption,
                worker_id: str = typer.Option(None, "--id", help="this worker's name in events (default host:pid)")
@@ -67,16 +61,10 @@ def worker_cmd(config: Path = ConfigOption, set_: list[str] = SetOption,
 
     Example: budwood worker --config configs/service.yaml --set database=postgresql://db-host/budwood
     """
-    from budwood.errors import BudwoodError
     from budwood.jobs.worker import run_worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        run_worker(_config(config, set_), worker_id)
-    except BudwoodError as e:
-        _fail(e)
-
-
+    run_worker(_config(config, set_), worker_id)
 @tenants_app.command("create")
 def tenants_create_cmd(
     name: str = typer.Argument(..., help="tenant name; also its registry namespace"),
@@ -88,27 +76,19 @@ def tenants_create_cmd(
 
     Example: budwood tenants create acme --max-concurrent-jobs 2
     """
-    from budwood.errors import BudwoodError
 
-    try:
-        service = _service(config, set_)
-        service.tenants.create(name, max_storage_bytes, max_concurrent_jobs)
-    except BudwoodError as e:
-        _fail(e)
+    service = _service(config, set_)
+    service.tenants.create(name, max_storage_bytes, max_concurrent_jobs)
     out.print(f"tenant: {name}  (next: budwood keys issue {name})")
 
 
 @tenants_app.command("list")
 def tenants_list_cmd(config: Path = ConfigOption, set_: list[str] = SetOption) -> None:
     """List tenants with their quotas and usage."""
-    from budwood.errors import BudwoodError
 
-    try:
-        service = _service(config, set_)
-        rows = service.tenants.list()
-        usage = service.queue.usage()
-    except BudwoodError as e:
-        _fail(e)
+    service = _service(config, set_)
+    rows = service.tenants.list()
+    usage = service.queue.usage()
     quotas = service.config.quotas
     table = Table("tenant", "files", "storage", "jobs active", "jobs", "keys")
     keys = {}
@@ -132,12 +112,8 @@ def keys_issue_cmd(tenant: str = typer.Argument(..., help="the tenant the key ac
 
     Example: budwood keys issue acme --name laptop
     """
-    from budwood.errors import BudwoodError
 
-    try:
-        issued = _service(config, set_).tenants.issue_key(tenant, name)
-    except BudwoodError as e:
-        _fail(e)
+    issued = _service(config, set_).tenants.issue_key(tenant, name)
     console.print(f"API key {issued.id} for tenant {tenant} (shown once; keep it secret):")
     out.print(issued.key, highlight=False)
 
@@ -146,12 +122,8 @@ def keys_issue_cmd(tenant: str = typer.Argument(..., help="the tenant the key ac
 def keys_revoke_cmd(key_id: str = typer.Argument(..., help="key id (as `budwood keys issued` lists it)"),
                     config: Path = ConfigOption, set_: list[str] = SetOption) -> None:
     """Revoke a tenant's API key; it stops working within seconds."""
-    from budwood.errors import BudwoodError
 
-    try:
-        row = _service(config, set_).tenants.revoke_key(key_id)
-    except BudwoodError as e:
-        _fail(e)
+    row = _service(config, set_).tenants.revoke_key(key_id)
     out.print(f"revoked: {row.id} (tenant {row.tenant})")
 
 
@@ -161,12 +133,8 @@ def keys_issued_cmd(tenant: str = typer.Option(None, help="only this tenant's"),
     """List the service's API keys (ids and state; the keys themselves are not kept)."""
     import time
 
-    from budwood.errors import BudwoodError
 
-    try:
-        rows = _service(config, set_).tenants.keys(tenant)
-    except BudwoodError as e:
-        _fail(e)
+    rows = _service(config, set_).tenants.keys(tenant)
     table = Table("id", "tenant", "name", "created", "state")
     for k in rows:
         table.add_row(k.id, k.tenant, k.name or "", time.strftime("%Y-%m-%d %H:%M", time.gmtime(k.created_at)),

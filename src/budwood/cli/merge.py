@@ -1,5 +1,4 @@
-"""`budwood merge / compose`: combining adapters. Registered on the app in budwood.cli; each body calls one
-library function."""
+"""`budwood merge / compose`: combining adapters. Each body calls one library function."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +6,11 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from budwood.cli import _fail, app, console, out
-from budwood.cli_registry import RegistryOption
+from budwood.cli.console import console, out
+from budwood.cli.registry import RegistryOption
+from budwood.errors import BudwoodError
+
+app = typer.Typer()
 
 
 def _weights(text: str | None, n: int) -> list[float] | None:
@@ -17,9 +19,9 @@ def _weights(text: str | None, n: int) -> list[float] | None:
     try:
         values = [float(x) for x in text.split(",")]
     except ValueError:
-        _fail(ValueError(f"--weights {text!r}: expected numbers separated by commas, e.g. 0.5,0.5"))
+        raise BudwoodError(f"--weights {text!r}: expected numbers separated by commas, e.g. 0.5,0.5") from None
     if len(values) != n:
-        _fail(ValueError(f"--weights gives {len(values)} number(s) for {n} adapter(s)"))
+        raise BudwoodError(f"--weights gives {len(values)} number(s) for {n} adapter(s)")
     return values
 
 
@@ -50,28 +52,22 @@ def merge_cmd(
     Example: budwood merge runs/a runs/b --method cat --weights 1,1 --out runs/ab
     Example: budwood merge acme/support@1.0.0 acme/billing@1.2.0 --method svd --rank 16 --out runs/both
     """
-    from budwood.errors import BudwoodError
     from budwood.merge.merge import check_new_folder, merge_adapters, merge_into_base
     from budwood.registry import open_registry
 
-    try:
-        if into_base is not None:
-            check_new_folder(into_base, "--into-base folder")  # before anything is written
-        reg = open_registry(registry) if registry else None
-        result = merge_adapters(adapters, out_dir, _weights(weights, len(adapters)), method, rank, density, seed,
-                                reg, accept_license)
-        out.print(_lineage(result))
-        exact = "exact" if result.exact else \
-            f"relative error {result.mean_error:.4f} mean, {result.max_error:.4f} worst layer"
-        out.print(f"merged ({result.method}, rank {result.rank}, {exact}): {result.path}")
-        for warning in result.warnings:
-            console.print(f"[yellow]warning:[/] {warning}")
-        if into_base is not None:
-            out.print(f"full model: {merge_into_base(result.path, into_base)}")
-    except BudwoodError as e:
-        _fail(e)
-
-
+    if into_base is not None:
+        check_new_folder(into_base, "--into-base folder")  # before anything is written
+    reg = open_registry(registry) if registry else None
+    result = merge_adapters(adapters, out_dir, _weights(weights, len(adapters)), method, rank, density, seed,
+                            reg, accept_license)
+    out.print(_lineage(result))
+    exact = "exact" if result.exact else \
+        f"relative error {result.mean_error:.4f} mean, {result.max_error:.4f} worst layer"
+    out.print(f"merged ({result.method}, rank {result.rank}, {exact}): {result.path}")
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    if into_base is not None:
+        out.print(f"full model: {merge_into_base(result.path, into_base)}")
 @app.command("compose")
 def compose_cmd(
     adapters: list[str] = typer.Argument(..., help="adapter folders or registry ids on one base"),
@@ -88,16 +84,12 @@ def compose_cmd(
 
     Example: budwood compose runs/a runs/b runs/c --examples few.jsonl --out runs/composed
     """
-    from budwood.errors import BudwoodError
     from budwood.merge.compose import compose
     from budwood.registry import open_registry
 
-    try:
-        with console.status(f"searching weights ({steps} evaluations of the few-shot loss)"):
-            result = compose(adapters, examples, out_dir, steps, l1, bound, seed=seed,
-                             registry=open_registry(registry) if registry else None, accept_license=accept_license)
-    except BudwoodError as e:
-        _fail(e)
+    with console.status(f"searching weights ({steps} evaluations of the few-shot loss)"):
+        result = compose(adapters, examples, out_dir, steps, l1, bound, seed=seed,
+                         registry=open_registry(registry) if registry else None, accept_license=accept_license)
     out.print(_lineage(result.merged))
     out.print(f"few-shot loss: base {result.loss_base:.4f}, starting weights {result.loss_initial:.4f}, "
               f"found {result.loss_final:.4f}")

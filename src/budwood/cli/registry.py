@@ -1,6 +1,5 @@
 """`budwood card / keys / sign / verify / publish / pull / list / search / show / yank / export`:
-documenting, proving and trading adapters. Registered on the app in budwood.cli; each body calls one
-library function."""
+documenting, proving and trading adapters. Each body calls one library function."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,11 +8,12 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from budwood.cli import _fail, app, console, out
+from budwood.cli.console import EvalProgress, console, out
+from budwood.errors import BudwoodError
 
+app = typer.Typer()
 keys_app = typer.Typer(no_args_is_help=True, help="Signing keys (ed25519) for attestations (create, list), and "
                                                    "the fine-tuning service's API keys (issue, revoke, issued).")
-app.add_typer(keys_app, name="keys")
 
 REGISTRY_HELP = "registry: a folder, a database URL (sqlite:///…, postgresql://…) or http(s)://server " \
                 "(default: BUDWOOD_REGISTRY, else the local one under BUDWOOD_HOME)"
@@ -51,7 +51,6 @@ def card_cmd(
     from pydantic import ValidationError
 
     from budwood.card.render import CardInfo, render_card
-    from budwood.errors import BudwoodError
 
     try:
         info = CardInfo(name=name, license=license, license_name=license_name, license_link=license_link,
@@ -59,12 +58,9 @@ def card_cmd(
                         out_of_scope=out_of_scope, languages=language, datasets=dataset, authors=author,
                         contact=contact)
     except ValidationError as e:
-        _fail(ValueError("; ".join((f"--{'-'.join(map(str, err['loc'])).replace('_', '-')}: " if err["loc"] else "")
-                                   + err["msg"].removeprefix("Value error, ") for err in e.errors())))
-    try:
-        path = render_card(adapter_dir, info)
-    except BudwoodError as e:
-        _fail(e)
+        raise BudwoodError("; ".join((f"--{'-'.join(map(str, err['loc'])).replace('_', '-')}: " if err["loc"] else "")
+                                   + err["msg"].removeprefix("Value error, ") for err in e.errors())) from None
+    path = render_card(adapter_dir, info)
     out.print(f"card: {path}")
 
 
@@ -78,12 +74,8 @@ def keys_create_cmd(
     Example: budwood keys create
     """
     from budwood.card.attest import create_key
-    from budwood.errors import BudwoodError
 
-    try:
-        key_id, path = create_key(name, force)
-    except BudwoodError as e:
-        _fail(e)
+    key_id, path = create_key(name, force)
     out.print(f"key {name}: {key_id}\nprivate: {path}\npublic:  {path.with_suffix('.pub')}", soft_wrap=True)
 
 
@@ -106,12 +98,8 @@ def sign_cmd(
     Example: budwood sign runs/demo/adapter
     """
     from budwood.card.attest import sign
-    from budwood.errors import BudwoodError
 
-    try:
-        path = sign(adapter_dir, key)
-    except BudwoodError as e:
-        _fail(e)
+    path = sign(adapter_dir, key)
     out.print(f"attestation: {path}")
 
 
@@ -130,13 +118,8 @@ def verify_cmd(
     """
     from budwood.card.attest import rerun as rerun_evals
     from budwood.card.attest import verify
-    from budwood.cli import EvalProgress
-    from budwood.errors import BudwoodError
 
-    try:
-        check = verify(adapter_dir, set(key) or None)
-    except BudwoodError as e:
-        _fail(e)
+    check = verify(adapter_dir, set(key) or None)
     for problem in check.problems:
         out.print(f"[red]✗[/] {escape(problem)}", soft_wrap=True)
     for name in check.unsigned:
@@ -148,13 +131,8 @@ def verify_cmd(
               soft_wrap=True)
     if not rerun:
         return
-    progress = EvalProgress()
-    try:
+    with EvalProgress() as progress:
         result = rerun_evals(adapter_dir, progress)
-    except BudwoodError as e:
-        progress.stop()
-        _fail(e)
-    progress.stop()
     for note in result.notes:
         out.print(f"[yellow]![/] {escape(note)}", soft_wrap=True)
     changed = [r for r in result.rows if not r.same]
@@ -186,14 +164,10 @@ def publish_cmd(
 
     Example: budwood publish runs/demo/adapter --name acme/support --license apache-2.0
     """
-    from budwood.errors import BudwoodError
     from budwood.registry import publish
 
     ref = name if version is None or "@" in name else f"{name}@{version}"
-    try:
-        info, warnings = publish(adapter_dir, ref, license, terms, private, _registry(registry, api_key))
-    except BudwoodError as e:
-        _fail(e)
+    info, warnings = publish(adapter_dir, ref, license, terms, private, _registry(registry, api_key))
     for w in warnings:
         console.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
     signed = f"signed by {info.signer}" if info.signer else "[yellow]unsigned[/] (budwood sign first)"
@@ -212,12 +186,8 @@ def pull_cmd(
 
     Example: budwood pull acme/support@1.0.0 --out adapters/support
     """
-    from budwood.errors import BudwoodError
 
-    try:
-        info, path = _registry(registry, api_key).pull(ref, out_dir, accept_license)
-    except BudwoodError as e:
-        _fail(e)
+    info, path = _registry(registry, api_key).pull(ref, out_dir, accept_license)
     if info.yanked:
         console.print(f"[yellow]warning:[/] {info.ref} is yanked" + (f": {escape(info.yank_reason)}"
                                                                      if info.yank_reason else ""))
@@ -241,12 +211,8 @@ def _versions_table(versions, title: str) -> Table:
 @app.command("list")
 def list_cmd(registry: str = RegistryOption, api_key: str = ApiKeyOption) -> None:
     """List the adapters in the registry (latest version of each)."""
-    from budwood.errors import BudwoodError
 
-    try:
-        found = _registry(registry, api_key).list()
-    except BudwoodError as e:
-        _fail(e)
+    found = _registry(registry, api_key).list()
     out.print(_versions_table(found, f"{len(found)} adapter(s)"))
 
 
@@ -265,12 +231,8 @@ def search_cmd(
 
     Example: budwood search support --base budwood-tiny --where 'hallucination_rate<0.6'
     """
-    from budwood.errors import BudwoodError
 
-    try:
-        found = _registry(registry, api_key).search(text, base, tag, license, where)
-    except BudwoodError as e:
-        _fail(e)
+    found = _registry(registry, api_key).search(text, base, tag, license, where)
     out.print(_versions_table(found, f"{len(found)} match(es)"))
 
 
@@ -281,12 +243,8 @@ def show_cmd(
     api_key: str = ApiKeyOption,
 ) -> None:
     """Card summary, versions, results and signature status of an adapter."""
-    from budwood.errors import BudwoodError
 
-    try:
-        info = _registry(registry, api_key).show(ref)
-    except BudwoodError as e:
-        _fail(e)
+    info = _registry(registry, api_key).show(ref)
     latest = info.latest
     head = latest or info.versions[-1]
     out.print(f"[bold]{info.id}[/]{' (private)' if info.private else ''}  base {head.base_model}  "
@@ -317,12 +275,8 @@ def yank_cmd(
 
     Example: budwood yank acme/support@1.0.0 --reason "answers with the old return policy"
     """
-    from budwood.errors import BudwoodError
 
-    try:
-        info = _registry(registry, api_key).yank(ref, reason, undo)
-    except BudwoodError as e:
-        _fail(e)
+    info = _registry(registry, api_key).yank(ref, reason, undo)
     out.print(f"{info.ref}: {'yanked' if info.yanked else 'not yanked'}")
 
 
@@ -335,11 +289,7 @@ def export_cmd(
 
     Example: budwood export runs/demo/adapter --hf out/support && huggingface-cli upload acme/support out/support
     """
-    from budwood.errors import BudwoodError
     from budwood.registry.export import export_hf
 
-    try:
-        path = export_hf(adapter_dir, hf)
-    except BudwoodError as e:
-        _fail(e)
+    path = export_hf(adapter_dir, hf)
     out.print(f"exported: {path}")

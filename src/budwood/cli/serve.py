@@ -1,0 +1,61 @@
+"""`budwood serve`: the base and every adapter behind an OpenAI-compatible API (or handed to vLLM)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from budwood.errors import BudwoodError
+
+app = typer.Typer()
+
+
+@app.command("serve")
+def serve_cmd(
+    base: str = typer.Option("budwood-tiny", help="base model: budwood-tiny, a local HF folder or a hub id"),
+    adapters: Path = typer.Option(None, help="folder of adapter directories; each subfolder is served by its name"),
+    host: str = typer.Option("127.0.0.1", help="interface to listen on (0.0.0.0 for all)"),
+    port: int = typer.Option(8000),
+    api_key: str = typer.Option(None, envvar="BUDWOOD_API_KEY", help="require 'Authorization: Bearer KEY' on /v1"),
+    precision: str = typer.Option("auto", help="auto, fp32 or bf16"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
+    max_loaded_adapters: int = typer.Option(8, help="adapters kept in memory (least recently used evicted)"),
+    max_lora_rank: int = typer.Option(16, help="largest adapter rank served (a cat merge's rank is the sum of its "
+                                                 "parents')"),
+    max_num_seqs: int = typer.Option(64, help="sequences decoding at once"),
+    kv_cache_tokens: int = typer.Option(65536, help="KV-cache capacity in tokens"),
+    max_queue: int = typer.Option(256, help="requests in flight before the server answers 429"),
+    engine: str = typer.Option("budwood", help="budwood, or vllm (GPU; hands the same adapter folders to vLLM)"),
+    registry: str = typer.Option(None, envvar="BUDWOOD_REGISTRY",
+                                 help="serve registry ids ORG/NAME@VERSION from this registry (a folder, database "
+                                      "URL or http(s)://server); a local one is also offered at /v1/registry"),
+    registry_key: str = typer.Option(None, envvar="BUDWOOD_REGISTRY_API_KEY", help="key of a remote --registry"),
+) -> None:
+    """Serve the base and every adapter behind an OpenAI-compatible API.
+
+    Example: budwood serve --base budwood-tiny --adapters runs/adapters --port 8000
+    Registry ids: budwood serve --registry ~/.budwood then model="acme/support@1.0.0"
+    then: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-").chat.completions.create(model="my-adapter", ...)
+    """
+    if engine == "vllm" and registry:
+        raise BudwoodError("--registry works with --engine budwood; for vLLM, budwood pull the adapters into the "
+                           "--adapters folder")
+    if engine == "vllm":
+        from budwood.serve.vllm import serve_vllm
+        serve_vllm(base, adapters, host, port, api_key, max_loaded_adapters)
+        return
+    if engine != "budwood":
+        raise BudwoodError(f"--engine {engine!r}: expected budwood or vllm")
+    from budwood.engine import EngineConfig
+
+    config = EngineConfig(base=base, adapters=str(adapters) if adapters else None, precision=precision,
+                          device=device, max_loaded_adapters=max_loaded_adapters, max_lora_rank=max_lora_rank,
+                          max_num_seqs=max_num_seqs,
+                          kv_cache_tokens=kv_cache_tokens, max_queue=max_queue)
+    if adapters is not None and not adapters.is_dir():
+        raise BudwoodError(f"--adapters {adapters}: no such folder")
+
+    from budwood.registry import open_registry
+    from budwood.serve import serve
+
+    serve(config, host, port, api_key, open_registry(registry, registry_key) if registry else None)

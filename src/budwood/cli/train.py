@@ -1,0 +1,159 @@
+"""`budwood train / generate / data check / demo`: growing an adapter, looking at it, checking data first."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from budwood.cli.console import EvalProgress, RichProgress, console, out, print_comparison, sigterm_as_interrupt
+
+app = typer.Typer()
+data_app = typer.Typer(no_args_is_help=True, help="Inspect training data.")
+
+DEMO_METRICS = {"exact_match", "token_f1", "rouge_l", "loss", "hallucination_rate", "answerable_correct",
+                "unanswerable_abstained", "determinism_greedy", "determinism_seeded", "format_agreement",
+                "format_spread", "option_order_agreement", "pararel_consistency"}
+
+
+@app.command("train")
+def train_cmd(
+    config: Path = typer.Argument(..., help="YAML config (see configs/)"),
+    set_: list[str] = typer.Option([], "--set", help="override a key, e.g. --set training.max_steps=20"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in output_dir"),
+) -> None:
+    """Train a LoRA adapter.
+
+    Example: budwood train configs/tiny_company.yaml --set training.max_steps=50
+    """
+    from budwood.config import load_config
+    from budwood.train.recipe import TrainingInterrupted, train
+
+    sigterm_as_interrupt()
+    cfg = load_config(config, set_)
+    with RichProgress() as progress:
+        try:
+            adapter_dir = train(cfg, resume=resume, progress=progress)
+        except TrainingInterrupted as e:
+            console.print(f"[yellow]{escape(str(e))}[/]")
+            raise typer.Exit(130) from None
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+        out.print(f"adapter: {adapter_dir}")
+
+
+@app.command("generate")
+def generate_cmd(
+    prompt: list[str] = typer.Argument(..., help="one or more user prompts"),
+    base: str = typer.Option("budwood-tiny", help="base model: budwood-tiny, a folder or a hub id"),
+    adapter: Path | None = typer.Option(None, help="adapter directory"),
+    max_new_tokens: int = typer.Option(64, min=1),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+    seed: int = typer.Option(0),
+    system: str | None = typer.Option(None, help="system message"),
+) -> None:
+    """Answer prompts with a base model, optionally with an adapter.
+
+    Example: budwood generate --adapter runs/demo/adapter "What is the return policy?"
+    """
+    from budwood.engine import Engine, EngineConfig, SamplingParams
+
+    engine = Engine(EngineConfig(base=base, precision="fp32", kv_cache_tokens=4096))
+    name = None
+    if adapter is not None:
+        name = "adapter"
+        engine.register_adapter(name, adapter)
+    prompts = [engine.chat_prompt(([{"role": "system", "content": system}] if system else []) +
+                                  [{"role": "user", "content": p}]) for p in prompt]
+    outs = engine.generate(prompts, SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed),
+                           [name] * len(prompts))
+    for o in outs:
+        out.print(o.choices[0].text.strip(), markup=False, highlight=False)
+
+
+@data_app.command("check")
+def data_check_cmd(
+    file: Path = typer.Argument(..., help="JSONL training data"),
+    format: str = typer.Option("auto", help="auto, openai, prompt_completion, alpaca, sharegpt"),
+    base: str = typer.Option("budwood-tiny", help="whose tokenizer counts the tokens"),
+    max_seq_len: int = typer.Option(1024, help="longer examples would be truncated"),
+    min_examples: int = typer.Option(10, help="fewer valid examples is an error (OpenAI asks for 10)"),
+) -> None:
+    """Validate a data file: every problem as file:line: code: message, then token statistics.
+
+    Exits 1 if there are errors. Example: budwood data check train.jsonl
+    """
+    from budwood.data.formats import read_dataset
+    from budwood.data.stats import token_stats
+    from budwood.models.load import load_tokenizer
+
+    ds = read_dataset(file, format, min_examples, raise_errors=False)
+    stats = token_stats(ds.conversations, load_tokenizer(base), max_seq_len, ds.issues) \
+        if ds.conversations else None
+    for issue in ds.issues:
+        color = "red" if issue.level == "error" else "yellow"
+        out.print(f"[{color}]{escape(str(issue))}[/]", highlight=False, soft_wrap=True)
+    errors, warnings = len(ds.errors), len(ds.issues) - len(ds.errors)
+    out.print(f"{file}: format {ds.format}, {len(ds.conversations)} valid examples, "
+              f"{errors} error(s), {warnings} warning(s)", highlight=False, soft_wrap=True)
+    if stats:
+        t = Table(title=f"tokens ({base} tokenizer)")
+        t.add_column("statistic")
+        t.add_column("value", justify="right")
+        for name, value in [("examples", stats.examples), ("tokens per epoch", stats.total_tokens),
+                            ("trained (assistant) tokens", stats.trained_tokens),
+                            ("length min / median / p95 / max",
+                             f"{stats.min_len} / {stats.median_len} / {stats.p95_len} / {stats.max_len}"),
+                            (f"truncated at {max_seq_len}", stats.truncated)]:
+            t.add_row(name, str(value))
+        out.print(t)
+        top = max(c for _, _, c in stats.histogram)
+        for lo, hi, c in stats.histogram:
+            out.print(f"{lo:>6}-{hi:<6} {'█' * max(1, round(30 * c / top))} {c}", highlight=False)
+    if errors:
+        raise typer.Exit(1)
+
+
+@app.command("demo")
+def demo_cmd(
+    workdir: Path = typer.Option(Path("runs/demo"), help="where data, adapter and plot go"),
+    set_: list[str] = typer.Option([], "--set", help="override a training key, e.g. training.epochs=5"),
+) -> None:
+    """The end-to-end demo, offline: data -> adapter -> evaluation -> card -> signed -> published -> served.
+
+    Example: budwood demo --workdir runs/demo
+    """
+    from budwood.pipeline import run_demo
+    from budwood.train.metrics import read_metrics, sparkline
+
+    sigterm_as_interrupt()
+    t0 = time.time()
+    with RichProgress() as progress, EvalProgress() as eval_progress:
+        result = run_demo(workdir, set_, progress, eval_progress=eval_progress)
+    table = Table(title="held-out questions: base budwood-tiny vs + adapter", show_lines=True)
+    for col in ("question", "reference", "base", "adapted"):
+        table.add_column(col, overflow="fold")
+    for r in result.rows:
+        table.add_row(r["question"], r["reference"] or "(not in the data: should abstain)", r["base"], r["adapted"])
+    out.print(table)
+    losses = [m["loss"] for m in read_metrics(result.adapter_dir / "metrics.jsonl") if "loss" in m]
+    p = result.provenance
+    val = p["final"]["val_loss"]
+    out.print(f"loss  {losses[0]:.2f} {sparkline(losses)} {losses[-1]:.2f}" +
+              (f"   (val {val:.2f})" if val is not None else ""), highlight=False, soft_wrap=True)
+    print_comparison([r for r in result.comparison if r["metric"] in DEMO_METRICS], "base budwood-tiny",
+                      "budwood-tiny + adapter")
+    out.print(f"evaluation: {result.results['base']}, {result.results['adapted']}  (all metrics; "
+              f"budwood eval compare them)  plot: {result.comparison_plot}", soft_wrap=True)
+    out.print(f"loss curve: {result.loss_plot}")
+    sh = result.shared
+    out.print(f"card:       {sh.card}\nsigned:     by {sh.signer} (budwood verify {result.adapter_dir})\n"
+              f"published:  {sh.ref} in {sh.registry} (budwood show {sh.ref.split('@')[0]} --registry {sh.registry})\n"
+              f"served:     {sh.ref} through the openai client\n  Q: {sh.question}\n  A: {sh.answer}\n"
+              f"  (reference: {sh.reference or 'none: the data does not say'})",
+              soft_wrap=True, highlight=False, markup=False)
+    out.print(f"adapter:    {result.adapter_dir}  ({p['steps']} steps, {p['tokens_seen']:,} tokens, "
+              f"{p['train_time_s']:.0f} s training, {time.time() - t0:.0f} s in all)", soft_wrap=True)
+
