@@ -1,8 +1,13 @@
-"""One inference engine for serving and evaluation: see engine.py for the contract."""
-from budwood.engine.adapters import AdapterCache, AdapterError, AdapterResolver, FolderResolver, UnknownAdapter
-from budwood.engine.engine import AsyncEngine, ContinuationScore, Engine, EngineConfig, QueueFull, RequestOutput
-from budwood.engine.sampling import ParamError, SamplingParams
+"""One inference engine for serving and evaluation: see engine.py for the contract.
 
-__all__ = ["AdapterCache", "AdapterError", "AdapterResolver", "AsyncEngine", "ContinuationScore", "Engine",
-           "EngineConfig", "FolderResolver", "ParamError", "QueueFull", "RequestOutput", "SamplingParams",
-           "UnknownAdapter"]
+Callers outside the engine import from here (and from `sampling`, `adapters` and `grammar` for their
+own names); the other modules are the engine's parts."""
+from budwood.engine.adapters import AdapterCache, AdapterError, AdapterResolver, FolderResolver, UnknownAdapter
+from budwood.engine.async_engine import AsyncEngine, EngineFailed, QueueFull
+from budwood.engine.engine import ContinuationScore, Engine, EngineConfig, RequestTooLong
+from budwood.engine.output import ChoiceDelta, FinishReason, RequestOutput, merge_outputs
+from budwood.engine.sampling import ParamError, SamplingParams, TokenLogprob
+
+__all__ = ["AdapterCache", "AdapterError", "AdapterResolver", "AsyncEngine", "ChoiceDelta", "ContinuationScore",
+           "Engine", "EngineConfig", "EngineFailed", "FinishReason", "FolderResolver", "ParamError", "QueueFull",
+           "RequestOutput", "RequestTooLong", "SamplingParams", "TokenLogprob", "UnknownAdapter", "merge_outputs"]

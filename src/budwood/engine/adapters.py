@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from budwood.errors import BudwoodError, did_you_mean
+from budwood.errors import BudwoodError, ErrorKind, NotFoundError, did_you_mean
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,127}$")
 # peft's key layout: base_model.model.<module path>.lora_A.weight
@@ -31,8 +31,10 @@ class AdapterError(BudwoodError):
     """An adapter that cannot be served: unknown name, bad config, wrong base, unsafe weights."""
 
 
-class UnknownAdapter(AdapterError):
-    pass
+class UnknownAdapter(AdapterError, NotFoundError):
+    """No resolver knows the name: NOT_FOUND, where other AdapterErrors are INVALID."""
+
+    kind = ErrorKind.NOT_FOUND
 
 
 class AdapterResolver(Protocol):
@@ -104,6 +106,16 @@ def load_adapter(name: str, path: Path, shapes: dict[str, tuple[int, int]], num_
         found = sorted(p.name for p in path.glob("adapter_model.*"))
         raise AdapterError(f"adapter {name!r}: {path} has no adapter_model.safetensors"
                            + (f" (found {', '.join(found)}; only safetensors weights are loaded)" if found else ""))
+    r, scale = _read_lora_config(name, cfg_path)
+    _check_base(name, path, base_fingerprint)
+    modules = _read_lora_weights(name, weights, r, scale, shapes, num_layers, device)
+    digest = hashlib.sha256(weights.read_bytes() + cfg_path.read_bytes()).hexdigest()[:16]
+    return LoadedAdapter(name, path, f"{name}:{digest}", r, modules, _chat_template(name, path), base_fingerprint,
+                         file_stamp(path))
+
+
+def _read_lora_config(name: str, cfg_path: Path) -> tuple[int, float]:
+    """(rank, scale) from adapter_config.json, refusing the peft options the engine does not compute."""
     try:
         cfg = json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -120,9 +132,12 @@ def load_adapter(name: str, path: Path, shapes: dict[str, tuple[int, int]], num_
         raise AdapterError(f"adapter {name!r}: {cfg_path}: field 'r' (an integer rank) is missing or invalid") from None
     if r < 1:
         raise AdapterError(f"adapter {name!r}: {cfg_path}: r must be >= 1, got {r}")
-    scale = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
-    _check_base(name, path, base_fingerprint)
+    return r, alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
 
+
+def _read_lora_weights(name: str, weights: Path, r: int, scale: float, shapes: dict[str, tuple[int, int]],
+                       num_layers: int, device: torch.device) -> dict[tuple[int, str], LoraModule]:
+    """Every A/B pair in the safetensors file, each checked for its target, shape and finiteness."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     try:
@@ -155,17 +170,19 @@ def load_adapter(name: str, path: Path, shapes: dict[str, tuple[int, int]], num_
         modules[(layer, module)] = LoraModule(a.float().to(device), b.float().to(device), scale)
     if not modules:
         raise AdapterError(f"adapter {name!r}: {weights} holds no LoRA weights")
-    digest = hashlib.sha256(weights.read_bytes() + cfg_path.read_bytes()).hexdigest()[:16]
-    template = None
-    for tpl in (path / "chat_template.jinja",):
-        if tpl.exists():
-            template = tpl.read_text()
-    if template is None and (path / "tokenizer_config.json").exists():
+    return modules
+
+
+def _chat_template(name: str, path: Path) -> str | None:
+    """The adapter's own chat template: chat_template.jinja, else tokenizer_config.json's, else None."""
+    if (path / "chat_template.jinja").exists():
+        return (path / "chat_template.jinja").read_text()
+    if (path / "tokenizer_config.json").exists():
         try:
-            template = json.loads((path / "tokenizer_config.json").read_text()).get("chat_template")
+            return json.loads((path / "tokenizer_config.json").read_text()).get("chat_template")
         except json.JSONDecodeError:
             raise AdapterError(f"adapter {name!r}: {path / 'tokenizer_config.json'}: not valid JSON") from None
-    return LoadedAdapter(name, path, f"{name}:{digest}", r, modules, template, base_fingerprint, file_stamp(path))
+    return None
 
 
 def file_stamp(path: Path) -> tuple:

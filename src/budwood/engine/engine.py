@@ -1,7 +1,10 @@
 """The engine: one base model, many adapters, continuous batching; `step()` = schedule → run → sample.
 
 The synchronous `Engine` is what evaluation uses (`generate`, `score_continuations`); the server
-wraps it in `AsyncEngine`, which runs steps on one thread and streams results to asyncio callers.
+wraps it in `AsyncEngine` (async_engine.py), which runs steps on one thread and streams results to
+asyncio callers. A step's parts live next door: the scheduler picks the tokens (scheduler.py), the
+runner computes their logits (runner.py), the sampler picks the next tokens (sampling.py), and the
+detokeniser turns them into text and streaming deltas (output.py).
 
 Reproducibility contract (see docs/serving.md): with `seed` set, a request's tokens depend only on
 (base weights, adapter weights, prompt tokens, sampling parameters, seed, choice index) — not on
@@ -10,12 +13,7 @@ hardware, dtype, torch and BLAS build.
 """
 from __future__ import annotations
 
-import asyncio
-import logging
-import threading
-import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,20 +30,21 @@ from budwood.engine.adapters import (
     load_adapter,
 )
 from budwood.engine.cache import BlockPool
+from budwood.engine.output import FinishReason, IncrementalDetokenizer, RequestOutput, merge_outputs
 from budwood.engine.runner import Runner, StepItem
-from budwood.engine.sampling import ParamError, SamplingParams, TokenLogprob, make_generator, sample_row, top_logprobs
+from budwood.engine.sampling import ParamError, SamplingParams, make_generator, sample_row, top_logprobs
 from budwood.engine.scheduler import Scheduler, Sequence
-from budwood.errors import BudwoodError
-
-log = logging.getLogger(__name__)
 
 
 class EngineConfig(BaseModel):
+    """How the engine is built and how much it takes on at once; part of `budwood serve`'s config."""
+
     model_config = ConfigDict(extra="forbid")
     base: str = Field("budwood-tiny", description="base model: budwood-tiny, a local HF folder or a hub id")
     adapters: str | None = Field(None, description="folder whose subfolders are adapter directories")
-    precision: str = Field("auto", pattern="^(auto|fp32|bf16)$")
-    device: str = "auto"
+    precision: str = Field("auto", pattern="^(auto|fp32|bf16)$",
+                           description="weights dtype; auto: bf16 where the device runs it fast, else fp32")
+    device: str = Field("auto", description="auto (cuda, then mps, then cpu), or a torch device such as cuda:1")
     max_loaded_adapters: int = Field(8, ge=1, description="adapters kept in memory (LRU)")
     max_num_seqs: int = Field(64, ge=1, description="sequences decoding at once")
     max_batch_tokens: int = Field(512, ge=16, description="tokens per step (decode + prompt chunks)")
@@ -58,45 +57,32 @@ class EngineConfig(BaseModel):
 
 
 class RequestTooLong(ParamError):
-    pass
-
-
-@dataclass
-class ChoiceDelta:
-    index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprob]
-    finish_reason: str | None
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt_ids: list[int]
-    choices: list[ChoiceDelta]
-    finished: bool
-    prompt_tokens: int
-    completion_tokens: int
-    prompt_logprobs: list[TokenLogprob | None] | None = None
+    """The prompt and max_tokens do not fit the context length or the KV cache."""
 
 
 @dataclass
 class Request:
+    """One request's choices: the scheduler's sequences and, index for index, their detokenisers."""
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
     seqs: list[Sequence] = field(default_factory=list)
+    detokenizers: list[IncrementalDetokenizer] = field(default_factory=list)
 
 
 @dataclass
 class ContinuationScore:
+    """log P(continuation | context), as evaluation's loglikelihood tasks want it."""
     logprob: float  # sum over the continuation's tokens
     is_greedy: bool  # every continuation token was the argmax
     token_logprobs: list[float]
 
 
 class Engine:
+    """The synchronous engine: add requests, call `step()` until none is unfinished.
+
+    Not thread-safe: one thread steps it (AsyncEngine's, or the caller's in `generate`)."""
+
     def __init__(self, config: EngineConfig | None = None, resolvers: list[AdapterResolver] | None = None,
                  **overrides):
         """`resolvers`: more ways to find adapters by name (the registry's), after the built-in ones."""
@@ -179,6 +165,28 @@ class Engine:
     def add_request(self, prompt_ids: list[int], params: SamplingParams, adapter: LoadedAdapter | None = None,
                     request_id: str | None = None, logprobs_from: int = 1,
                     after: Sequence | None = None) -> Request:
+        """Queue a request's `params.n` choices; choice i samples with seed + i.
+
+        `logprobs_from`: first prompt index whose log-probability is reported (prompt_logprobs);
+        `after`: a sequence whose prompt this one extends, admitted once that prompt is cached."""
+        max_new = self._check_request(prompt_ids, params)
+        request = Request(request_id or uuid.uuid4().hex, list(prompt_ids), params)
+        first = None
+        for i in range(params.n):
+            seed = None if params.seed is None else params.seed + i
+            seq = Sequence(request.request_id, i, list(prompt_ids), len(prompt_ids), max_new, params, adapter,
+                           make_generator(seed, self.device), logprobs_from=logprobs_from,
+                           after=after if i == 0 else first,
+                           matcher=params.grammar.matcher() if params.grammar is not None else None)
+            first = first or seq
+            request.seqs.append(seq)
+            request.detokenizers.append(IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop))
+            self.scheduler.add(seq)
+        self.requests[request.request_id] = request
+        return request
+
+    def _check_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """The request's max new tokens, or a ParamError naming the field that makes it impossible."""
         if not prompt_ids:
             raise ParamError("prompt", "the prompt is empty")
         vocab = self.runner.vocab_size
@@ -199,27 +207,14 @@ class Engine:
         if len(prompt_ids) + max_new > capacity:
             raise RequestTooLong("max_tokens", f"prompt + max_tokens = {len(prompt_ids) + max_new} tokens exceed "
                                                f"the KV cache ({capacity} tokens)")
-        request = Request(request_id or uuid.uuid4().hex, list(prompt_ids), params)
-        first = None
-        for i in range(params.n):
-            seed = None if params.seed is None else params.seed + i
-            seq = Sequence(request.request_id, i, list(prompt_ids), len(prompt_ids), max_new, params, adapter,
-                           make_generator(seed, self.device), logprobs_from=logprobs_from,
-                           after=after if i == 0 else first,
-                           matcher=params.grammar.matcher() if params.grammar is not None else None)
-            # decode the first tokens with a little prompt before them, or SentencePiece drops their space
-            seq.prefix_offset, seq.read_offset = max(len(prompt_ids) - 5, 0), len(prompt_ids)
-            first = first or seq
-            request.seqs.append(seq)
-            self.scheduler.add(seq)
-        self.requests[request.request_id] = request
-        return request
+        return max_new
 
     def abort(self, request_id: str) -> None:
+        """Drop a request (its caller went away); it produces no further output."""
         request = self.requests.pop(request_id, None)
         for seq in request.seqs if request else []:
             if not seq.finished:
-                self.scheduler.finish(seq, "abort")
+                self.scheduler.finish(seq, FinishReason.ABORT)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -239,11 +234,11 @@ class Engine:
             at += s.n - s.logits_from
             start = seq.computed
             self.scheduler.computed(seq, s.n)
+            request = touched[seq.request_id] = self.requests[seq.request_id]
             if seq.params.prompt_logprobs is not None and start < seq.prompt_len:
                 self._prompt_logprobs(seq, start + s.logits_from, rows)
             if seq.computed == len(seq.tokens) and len(rows):
-                self._sample(seq, rows[-1])
-            touched[seq.request_id] = self.requests[seq.request_id]
+                self._sample(seq, rows[-1], request.detokenizers[seq.index])
         return [self._output(r) for r in touched.values()]
 
     def _prompt_logprobs(self, seq: Sequence, first_pos: int, rows: torch.Tensor) -> None:
@@ -258,10 +253,12 @@ class Engine:
                                                      seq.params.prompt_logprobs)):
             seq.prompt_logprobs[pos] = v
 
-    def _sample(self, seq: Sequence, row: torch.Tensor) -> None:
+    def _sample(self, seq: Sequence, row: torch.Tensor, detok: IncrementalDetokenizer) -> None:
+        """Append the next token from the sequence's logits row, then end it at an end-of-turn or stop
+        token (once its grammar allows), a stop string, or max_tokens."""
         params = seq.params
         if seq.max_new == 0:
-            self.scheduler.finish(seq, "length")
+            self.scheduler.finish(seq, FinishReason.LENGTH)
             return
         allowed = seq.matcher.allowed().to(row.device) if seq.matcher is not None else None
         stop_ids = self.stop_ids + params.stop_token_ids
@@ -274,47 +271,17 @@ class Engine:
             seq.matcher.accept(token)
         grammar_done = seq.matcher is not None and seq.matcher.is_done()
         if token in stop_ids and (grammar_done or not (params.ignore_eos and token in self.stop_ids)):
-            self.scheduler.finish(seq, "stop")
-            seq.token_ends.append(len(seq.text))
-            return
-        before = len(seq.text)
-        self._detokenize(seq)
-        found = [(i, s) for s in params.stop if (i := seq.text.find(s, max(0, before - len(s) + 1))) >= 0]
-        if found:
-            seq.text = seq.text[:min(found)[0]]
-            self.scheduler.finish(seq, "stop")
-            return
-        if len(seq.output_ids) >= seq.max_new:
-            self.scheduler.finish(seq, "length")
-
-    def _detokenize(self, seq: Sequence) -> None:
-        """Incremental decoding that never emits half of a multi-byte character."""
-        ids = seq.tokens
-        prefix = self.tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=True)
-        new = self.tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=True)
-        if len(new) > len(prefix) and not new.endswith("\ufffd"):
-            seq.text += new[len(prefix):]
-            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
-        seq.token_ends.append(len(seq.text))
+            self.scheduler.finish(seq, FinishReason.STOP)
+            detok.add_stop_token()
+        elif detok.add_token(seq.tokens):
+            self.scheduler.finish(seq, FinishReason.STOP)
+        elif len(seq.output_ids) >= seq.max_new:
+            self.scheduler.finish(seq, FinishReason.LENGTH)
 
     def _output(self, request: Request) -> RequestOutput:
         """The new text, tokens and logprobs of each choice since the last output."""
-        choices = []
-        for seq in request.seqs:
-            if seq.finished:
-                upto_chars, upto_tokens = len(seq.text), len(seq.output_ids)
-            else:  # hold back text that may be the start of a stop string
-                hold = max((k for s in seq.params.stop for k in range(1, len(s))
-                            if seq.text.endswith(s[:k])), default=0)
-                upto_chars = len(seq.text) - hold
-                upto_tokens = sum(1 for e in seq.token_ends if e <= upto_chars)
-            if seq.finish_sent:
-                continue
-            if upto_chars > seq.sent_chars or upto_tokens > seq.sent_tokens or seq.finished:
-                choices.append(ChoiceDelta(seq.index, seq.text[seq.sent_chars:upto_chars],
-                                           seq.output_ids[seq.sent_tokens:upto_tokens],
-                                           seq.logprobs[seq.sent_tokens:upto_tokens], seq.finish_reason))
-                seq.sent_chars, seq.sent_tokens, seq.finish_sent = upto_chars, upto_tokens, seq.finished
+        choices = [delta for seq, detok in zip(request.seqs, request.detokenizers)
+                   if (delta := detok.delta(seq.index, seq.output_ids, seq.logprobs, seq.finish_reason))]
         finished = all(s.finished for s in request.seqs)
         if finished:
             self.requests.pop(request.request_id, None)
@@ -363,25 +330,6 @@ class Engine:
         return out
 
 
-def merge_outputs(acc: RequestOutput | None, new: RequestOutput) -> RequestOutput:
-    if acc is None:
-        acc = RequestOutput(new.request_id, new.prompt_ids, [], False, new.prompt_tokens, 0)
-    by_index = {c.index: c for c in acc.choices}
-    for c in new.choices:
-        old = by_index.get(c.index)
-        if old is None:
-            by_index[c.index] = ChoiceDelta(c.index, c.text, list(c.token_ids), list(c.logprobs), c.finish_reason)
-        else:
-            old.text += c.text
-            old.token_ids += c.token_ids
-            old.logprobs += c.logprobs
-            old.finish_reason = c.finish_reason or old.finish_reason
-    acc.choices = [by_index[i] for i in sorted(by_index)]
-    acc.finished, acc.completion_tokens = new.finished, new.completion_tokens
-    acc.prompt_logprobs = new.prompt_logprobs if new.prompt_logprobs is not None else acc.prompt_logprobs
-    return acc
-
-
 def _stop_ids(model, tokenizer) -> list[int]:
     """End-of-turn tokens: the generation config may list several (Llama 3 lists three)."""
     ids = model.generation_config.eos_token_id if model.generation_config is not None else None
@@ -389,120 +337,3 @@ def _stop_ids(model, tokenizer) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
-
-
-class QueueFull(BudwoodError):
-    pass
-
-
-class AsyncEngine:
-    """Runs the engine's steps on one thread; asyncio callers submit requests and stream outputs.
-
-    Only the engine thread touches the Engine's scheduler and model; callers talk to it through
-    a command list, and outputs come back through each request's asyncio queue.
-    """
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.commands: list[tuple] = []
-        self.lock = threading.Lock()
-        self.wake = threading.Event()
-        self.queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self.stopped = False
-        self.thread = threading.Thread(target=self._loop, name="budwood-engine", daemon=True)
-        self.on_step = None  # callback(plan_size, seconds) for metrics
-        self.thread.start()
-
-    @property
-    def in_flight(self) -> int:
-        return len(self.queues)
-
-    async def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: LoadedAdapter | None,
-                     logprobs_from: int = 1) -> AsyncIterator[RequestOutput]:
-        """Yields outputs until the request finishes; leaving early (a client that went away) aborts it."""
-        if len(self.queues) >= self.engine.config.max_queue:
-            raise QueueFull(f"the server is busy: {len(self.queues)} requests in flight (max_queue "
-                            f"{self.engine.config.max_queue}); retry later")
-        request_id = uuid.uuid4().hex
-        queue: asyncio.Queue = asyncio.Queue()
-        self.queues[request_id] = (asyncio.get_running_loop(), queue)
-        self._command(("add", request_id, prompt_ids, params, adapter, logprobs_from))
-        finished = False
-        try:
-            while True:
-                out = await queue.get()
-                if isinstance(out, Exception):
-                    raise out
-                yield out
-                if out.finished:
-                    finished = True
-                    return
-        finally:
-            self.queues.pop(request_id, None)
-            if not finished:
-                self._command(("abort", request_id))
-
-    def call(self, fn, *args):
-        """Run fn(engine, *args) on the engine thread (for adapter loads that must not race a step)."""
-        done = threading.Event()
-        box: list = []
-        self._command(("call", fn, args, box, done))
-        done.wait()
-        if isinstance(box[0], Exception):
-            raise box[0]
-        return box[0]
-
-    def _command(self, cmd: tuple) -> None:
-        with self.lock:
-            self.commands.append(cmd)
-        self.wake.set()
-
-    def _deliver(self, request_id: str, item) -> None:
-        target = self.queues.get(request_id)
-        if target is not None:
-            loop, queue = target
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-    def _loop(self) -> None:
-        engine = self.engine
-        while not self.stopped:
-            with self.lock:
-                commands, self.commands = self.commands, []
-            for cmd in commands:
-                if cmd[0] == "add":
-                    _, rid, prompt_ids, params, adapter, lf = cmd
-                    try:
-                        engine.add_request(prompt_ids, params, adapter, request_id=rid, logprobs_from=lf)
-                    except Exception as e:  # reported to the caller, never fatal to the loop
-                        self._deliver(rid, e)
-                elif cmd[0] == "abort":
-                    engine.abort(cmd[1])
-                elif cmd[0] == "call":
-                    _, fn, args, box, done = cmd
-                    try:
-                        box.append(fn(engine, *args))
-                    except Exception as e:
-                        box.append(e)
-                    done.set()
-            if not engine.has_unfinished():
-                self.wake.wait(0.5)
-                self.wake.clear()
-                continue
-            t = time.perf_counter()
-            try:
-                outputs = engine.step()
-            except Exception as e:  # a bug in a step must not leave callers hanging
-                log.exception("engine step failed")
-                for rid in list(engine.requests):
-                    self._deliver(rid, BudwoodError(f"internal engine error: {e}"))
-                    engine.abort(rid)
-                continue
-            if self.on_step is not None:
-                self.on_step(time.perf_counter() - t)
-            for out in outputs:
-                self._deliver(out.request_id, out)
-
-    def shutdown(self) -> None:
-        self.stopped = True
-        self.wake.set()
-        self.thread.join(timeout=5)

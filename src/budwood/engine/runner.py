@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -51,6 +51,40 @@ class LoraPlan:
     gather: torch.Tensor  # [n * rows] token indices; the last index is a zero row
     valid: torch.Tensor  # positions in n * rows that are real tokens, in `rows` order
     rows: torch.Tensor  # the step's token indices that use an adapter, adapter by adapter
+
+
+@dataclass
+class AttentionMeta:
+    """Where one attention group's queries and keys are, for every layer of one step.
+
+    A group is either all decoding sequences (one query each) or one prompt chunk. Shapes use R
+    sequences, Qp query rows per sequence (padded to a safe matmul row count), Qm real query rows
+    at most, and nb blocks of bs keys."""
+
+    table: torch.Tensor  # [R, nb] cache block ids per sequence; unused slots point at the null block
+    gather: torch.Tensor  # [R, Qp] index of each query row in the step's tokens; -1 for padding
+    valid: torch.Tensor  # [R, Qm] bool: a real query row, not padding
+    blocked: torch.Tensor  # [R, 1, Qm, nb*bs] bool: keys a query may not see (later, unused or padded)
+    q_pad: int  # Qp
+    q_max: int  # Qm
+    n_blocks: int  # nb
+    rows: torch.Tensor  # the step's token indices of this group's queries, in `valid` order
+    decode: bool  # a decoding group: its gathered keys are kept for the next step (DecodeKV)
+    reuse: bool  # decode only: last step's gathered keys hold these sequences; append instead of gathering
+    pos: torch.Tensor  # [R] position of each sequence's first query token (decode: its only one)
+
+
+@dataclass
+class DecodeKV:
+    """The decoding group's keys and values as gathered last step (fp32), per layer.
+
+    Valid for the same sequences (`uids`) one token further on, while they fit in `n_blocks`."""
+
+    uids: tuple[int, ...]
+    n_blocks: int  # gathered per sequence, a little more than needed so a regather is rare
+    starts: list[int] = field(default_factory=list)  # each sequence's position in the step that gathered
+    k: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [K, R, nb*bs, D]
+    v: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [K, R, nb, bs, D]
 
 
 @dataclass(frozen=True)
@@ -120,7 +154,7 @@ class Runner:
         self.max_model_len = int(getattr(cfg, "max_position_embeddings", 4096))
         self.block_size = block_size
         self.max_lora_rank = max_lora_rank
-        self._decode_kv: dict | None = None
+        self._decode_kv: DecodeKV | None = None
         self._stacks: OrderedDict[tuple, dict] = OrderedDict()
         self.act = first.mlp.act_fn
         self.shapes = {name: tuple(getattr(first.self_attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))
@@ -305,7 +339,7 @@ class Runner:
             self.v_cache[li].view(K, -1, D).index_copy_(1, slots, v.to(self.dtype).transpose(0, 1))
             o = q.new_empty(T, H * D, dtype=torch.float32)
             for meta in metas:
-                o[meta["rows"]] = self._attention(li, q, k, v, meta)
+                o[meta.rows] = self._attention(li, q, k, v, meta)
             x = x + self._project(li, "o", o.to(x.dtype), lora)
             h = layer.post_attention_layernorm(x)
             gu = self._project(li, "gate_up", h, lora)
@@ -318,7 +352,8 @@ class Runner:
         h = self.norm(x.index_select(0, keep))
         return self._mm(h, self.lm_head.weight, self.rows).float()
 
-    def _attention_meta(self, items: list[StepItem], offsets: list[int], decode: bool = False) -> dict:
+    def _attention_meta(self, items: list[StepItem], offsets: list[int], decode: bool = False) -> AttentionMeta:
+        """Block tables, query placement and the causal mask for one attention group of a step."""
         bs, dev = self.block_size, self.device
         n_q = max(len(it.tokens) for it in items)
         reuse = False
@@ -326,13 +361,13 @@ class Runner:
             uids = tuple(it.uid for it in items)
             dc = self._decode_kv
             starts = [it.start for it in items]
-            reuse = (dc is not None and dc["uids"] == uids and dc["starts"] == [s - 1 for s in starts]
-                     and max(starts) < dc["n_blocks"] * bs)
+            reuse = (dc is not None and dc.uids == uids and dc.starts == [s - 1 for s in starts]
+                     and max(starts) < dc.n_blocks * bs)
             if not reuse:
                 n_blocks = max(-(-(it.start + 1) // bs) for it in items) + 2  # room to grow before a regather
-                self._decode_kv = dc = {"uids": uids, "n_blocks": n_blocks, "k": {}, "v": {}}
-            dc["starts"] = starts
-            n_blocks = dc["n_blocks"]
+                self._decode_kv = dc = DecodeKV(uids, n_blocks)
+            dc.starts = starts
+            n_blocks = dc.n_blocks
         else:
             n_blocks = max(-(-(it.start + len(it.tokens)) // bs) for it in items)
         q_pad = n_q  # the fewest query rows whose grouped-head count is a safe matmul row count
@@ -351,31 +386,33 @@ class Runner:
         allowed = keys[None, None, :] <= qpos[:, :n_q, None]  # causal; also hides unused and padded keys
         blocked = ~allowed.view(len(items), 1, n_q, n_blocks * bs)
         rows = torch.tensor([off + i for off, it in zip(offsets, items) for i in range(len(it.tokens))], device=dev)
-        return {"table": table, "gather": gather, "valid": gather[:, :n_q] >= 0, "blocked": blocked,
-                "q_pad": q_pad, "q_max": n_q, "n_blocks": n_blocks, "rows": rows, "decode": decode,
-                "reuse": reuse, "pos": torch.tensor([it.start for it in items], device=dev)}
+        return AttentionMeta(table=table, gather=gather, valid=gather[:, :n_q] >= 0, blocked=blocked, q_pad=q_pad,
+                             q_max=n_q, n_blocks=n_blocks, rows=rows, decode=decode, reuse=reuse,
+                             pos=torch.tensor([it.start for it in items], device=dev))
 
-    def _gathered_kv(self, li: int, k: torch.Tensor, v: torch.Tensor, meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gathered_kv(self, li: int, k: torch.Tensor, v: torch.Tensor,
+                     meta: AttentionMeta) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys [K, R, nb*bs, D] and values [K, R, nb, bs, D] in fp32 for this group's sequences.
 
         Decoding keeps last step's gathered copy and appends the new token to it: the same numbers
         as a fresh gather from the pool (which holds the same tokens), without copying every key again."""
-        K, D, R, nb, bs = self.num_kv, self.head_dim, meta["table"].shape[0], meta["n_blocks"], self.block_size
-        dc = self._decode_kv if meta["decode"] else None
-        if dc is not None and meta["reuse"]:
-            kc, vc = dc["k"][li], dc["v"][li]
+        K, D, R, nb, bs = self.num_kv, self.head_dim, meta.table.shape[0], meta.n_blocks, self.block_size
+        dc = self._decode_kv if meta.decode else None
+        if dc is not None and meta.reuse:
+            kc, vc = dc.k[li], dc.v[li]
             r = torch.arange(R, device=self.device)
-            kc[:, r, meta["pos"]] = k[meta["rows"]].to(self.dtype).float().transpose(0, 1)
-            vc.view(K, R, nb * bs, D)[:, r, meta["pos"]] = v[meta["rows"]].to(self.dtype).float().transpose(0, 1)
+            kc[:, r, meta.pos] = k[meta.rows].to(self.dtype).float().transpose(0, 1)
+            vc.view(K, R, nb * bs, D)[:, r, meta.pos] = v[meta.rows].to(self.dtype).float().transpose(0, 1)
             return kc, vc
-        blocks = meta["table"].view(-1)  # index_select is many times faster than advanced indexing here
+        blocks = meta.table.view(-1)  # index_select is many times faster than advanced indexing here
         kc = self.k_cache[li].index_select(1, blocks).float().view(K, R, nb * bs, D)
         vc = self.v_cache[li].index_select(1, blocks).float().view(K, R, nb, bs, D)
         if dc is not None:
-            dc["k"][li], dc["v"][li] = kc, vc
+            dc.k[li], dc.v[li] = kc, vc
         return kc, vc
 
-    def _attention(self, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: dict) -> torch.Tensor:
+    def _attention(self, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   meta: AttentionMeta) -> torch.Tensor:
         """Softmax attention over each sequence's cached keys, summed over values in fixed blocks.
 
         Shapes: K kv heads, R sequences, G query heads per kv head, Q query rows per sequence (Qp
@@ -383,14 +420,14 @@ class Runner:
         products over the head dimension, so one matmul over all keys is batch-invariant; sums over
         keys (softmax denominator, values) run per block of bs and are then combined in block order,
         so the number of padded blocks never changes a sum."""
-        R, Qp, Qm, nb = meta["table"].shape[0], meta["q_pad"], meta["q_max"], meta["n_blocks"]
+        R, Qp, Qm, nb = meta.table.shape[0], meta.q_pad, meta.q_max, meta.n_blocks
         K, G, D, bs = self.num_kv, self.group, self.head_dim, self.block_size
         qf = torch.cat([q.float() * D ** -0.5, q.new_zeros(1, q.shape[1], D, dtype=torch.float32)])
-        qp = qf[meta["gather"]]  # [R, Qp, H, D]; -1 picks the zero row
+        qp = qf[meta.gather]  # [R, Qp, H, D]; -1 picks the zero row
         qp = qp.view(R, Qp, K, G, D).permute(2, 0, 3, 1, 4).reshape(K, R, G * Qp, D)
         kc, vc = self._gathered_kv(li, k, v, meta)
         s = (qp @ kc.transpose(-1, -2)).view(K, R, G, Qp, nb * bs)[:, :, :, :Qm]
-        s = s.masked_fill(meta["blocked"], float("-inf")).view(K, R, G * Qm, nb, bs)
+        s = s.masked_fill(meta.blocked, float("-inf")).view(K, R, G * Qm, nb, bs)
         m = s.amax(-1)  # per block: [K, R, GQm, nb]
         p = torch.exp(s - torch.where(torch.isinf(m), 0.0, m)[..., None])
         lsum = p.sum(-1)
@@ -403,7 +440,7 @@ class Runner:
         num = (w.transpose(2, 3)[..., None] * o).cumsum(2)[:, :, -1]  # in block order; padding adds exact 0
         den = (w * lsum).cumsum(-1)[..., -1].clamp_min(1e-30)
         out = (num / den[..., None]).view(K, R, G, Qm, D).permute(1, 3, 0, 2, 4).reshape(R, Qm, K * G * D)
-        return out[meta["valid"]]
+        return out[meta.valid]
 
 
 def _offsets(items: list[StepItem]) -> list[int]:

@@ -20,8 +20,7 @@ class ParamError(BudwoodError):
     """A sampling parameter out of range; `param` names it as the OpenAI API would."""
 
     def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param = param
+        super().__init__(message, param=param)
 
 
 @dataclass

@@ -16,12 +16,14 @@ import torch
 
 from budwood.engine.adapters import LoadedAdapter
 from budwood.engine.cache import BlockPool, block_hashes
+from budwood.engine.output import FinishReason
 from budwood.engine.sampling import SamplingParams, TokenLogprob
 
 
 @dataclass(eq=False)
 class Sequence:
-    """One choice of one request: its tokens, cache blocks and output so far."""
+    """One choice of one request: its tokens, cache blocks and output so far (its text is the
+    detokeniser's, output.py)."""
     request_id: str
     index: int
     tokens: list[int]
@@ -39,16 +41,8 @@ class Sequence:
     registered: int = 0
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None
-    # detokenisation state (see Engine._detokenize)
-    text: str = ""
-    prefix_offset: int = 0
-    read_offset: int = 0
-    token_ends: list[int] = field(default_factory=list)  # text length after each output token
-    sent_chars: int = 0
-    sent_tokens: int = 0
-    finish_sent: bool = False
-    uid: int = -1
+    finish_reason: FinishReason | None = None
+    uid: int = -1  # set by Scheduler.add: stable across steps, unlike the position in the batch
 
     @property
     def output_ids(self) -> list[int]:
@@ -94,7 +88,8 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def finish(self, seq: Sequence, reason: str) -> None:
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """End a sequence and give its cache blocks back (a full prompt block stays in the prefix cache)."""
         seq.finish_reason = reason
         if seq in self.running:
             self.running.remove(seq)

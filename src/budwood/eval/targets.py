@@ -102,8 +102,7 @@ class LocalTarget:
         return json.loads(prov.read_text()) if prov.exists() else None
 
     def chat(self, conversations: list[list[dict]], gen: Gen, schedule: Schedule = "together") -> list[str]:
-        from budwood.engine import SamplingParams
-        from budwood.engine.engine import merge_outputs
+        from budwood.engine import SamplingParams, merge_outputs
 
         eng, lora = self.engine, self.engine.adapter(self.adapter)
         prompts = [eng.chat_prompt(c, lora) for c in conversations]

@@ -216,7 +216,7 @@ def test_bad_adapters_are_refused(engines, tiny_adapters, tmp_path):
 
 
 def test_prompt_too_long_is_refused(engines):
-    from budwood.engine.engine import RequestTooLong
+    from budwood.engine import RequestTooLong
 
     engine = engines["fp32"]
     with pytest.raises(RequestTooLong, match="maximum context length is 2048"):
