@@ -11,6 +11,16 @@ import pytest
 from budwood.data.company import make_domain_dataset
 from budwood.serve.app import serving as running  # noqa: F401  (tests import it from here)
 
+E2E = Path(__file__).parent / "e2e"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test under tests/e2e/ (a trained model, a live server, subprocesses) is marked `e2e`, so that
+    `pytest -m "not e2e"` is the fast loop: the unit tests, mirroring src/budwood."""
+    for item in items:
+        if E2E in Path(item.path).parents:
+            item.add_marker(pytest.mark.e2e)
+
 
 @pytest.fixture(scope="session")
 def company_data(tmp_path_factory) -> dict[str, Path]:

@@ -1,4 +1,5 @@
-"""Review of budwood merge / compose: each test states a documented promise that the code breaks."""
+"""What budwood merge / compose must check: parents without fingerprints or ranks, unreadable weights, bad weights,
+seeds and bounds, outputs, and the peft layout of the merged adapter (each test a documented promise)."""
 import json
 import shutil
 import subprocess
