@@ -24,6 +24,7 @@ class ErrorKind(StrEnum):
     LIMIT = "limit"  # a quota or rate limit (429)
     UNAVAILABLE = "unavailable"  # try again later: a full queue, a server shutting down (503)
     CANCELLED = "cancelled"  # the caller went away (499)
+    INTERNAL = "internal"  # ours to fix, not the caller's: a crashed engine step (500)
 
 
 class BudwoodError(Exception):
@@ -33,12 +34,16 @@ class BudwoodError(Exception):
     config key concerned. Subclasses set `kind`; a raise site may override it for one error."""
 
     kind: ErrorKind = ErrorKind.INVALID
+    code: str | None = None
+    param: str | None = None
 
     def __init__(self, message: str = "", *, code: str | None = None, param: str | None = None,
                  kind: ErrorKind | None = None):
         super().__init__(message)
-        self.code = code
-        self.param = param
+        if code is not None:
+            self.code = code
+        if param is not None:
+            self.param = param
         if kind is not None:
             self.kind = kind
 

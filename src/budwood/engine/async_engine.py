@@ -21,7 +21,7 @@ from budwood.engine.adapters import LoadedAdapter
 from budwood.engine.engine import Engine
 from budwood.engine.output import RequestOutput
 from budwood.engine.sampling import SamplingParams
-from budwood.errors import Unavailable
+from budwood.errors import BudwoodError, ErrorKind, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,10 @@ class QueueFull(Unavailable):
     """More requests in flight than `EngineConfig.max_queue`: the caller should retry later."""
 
 
-class EngineFailed(Unavailable):
+class EngineFailed(BudwoodError):
     """A step raised (a bug): every request in the engine is failed with this and dropped."""
+
+    kind = ErrorKind.INTERNAL
 
 
 @dataclass(frozen=True)

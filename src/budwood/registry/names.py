@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import semver
 
-from budwood.errors import BudwoodError
+from budwood.errors import BudwoodError, ErrorKind
 
 # lower-case like npm and Docker image names: one spelling per adapter, safe as a folder name anywhere
 _PART = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
@@ -22,11 +22,15 @@ class RegistryError(BudwoodError):
 
 
 class NotFound(RegistryError):
-    pass
+    kind = ErrorKind.NOT_FOUND
+    code = "not_found"
 
 
 class VersionExists(RegistryError):
-    """Versions are immutable: the HTTP API answers 409."""
+    """Versions are immutable: the HTTP API answers 409 (remote.py turns it back into this class)."""
+
+    kind = ErrorKind.CONFLICT
+    code = "version_exists"
 
 
 @dataclass(frozen=True)

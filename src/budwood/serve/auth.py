@@ -4,17 +4,21 @@
 publish; without a key, everyone is anonymous and sees public adapters only. The fine-tuning service
 plugs in its own Authenticator (one key per tenant) and ModelAccess (a tenant's `ft:` models), and
 the same routes then scope every answer to the caller's tenant.
+
+Routes name their caller through FastAPI dependencies: `caller: CallerDep` (anyone who passed the key
+check) or `dependencies=[Depends(operator_only)]` (the server's operator, never a tenant).
 """
 from __future__ import annotations
 
 import asyncio
 import hmac
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Annotated, Protocol
 
-from fastapi import Request
+from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 
+from budwood.errors import ForbiddenError
 from budwood.serve.protocol import error_body
 
 
@@ -98,7 +102,21 @@ class AuthMiddleware:
 
 
 def caller_of(request: Request) -> Caller:
+    """The request's caller, as AuthMiddleware found it (anonymous outside its prefixes)."""
     return getattr(request.state, "caller", ANONYMOUS)
+
+
+CallerDep = Annotated[Caller, Depends(caller_of)]
+
+
+def operator_only(request: Request, caller: CallerDep) -> Caller:
+    """Dependency for routes that change the server itself (loading adapters): its operator only."""
+    if caller.tenant is not None:
+        raise ForbiddenError(f"only the server's operator may call {request.url.path}")
+    return caller
+
+
+OperatorDep = Annotated[Caller, Depends(operator_only)]
 
 
 class ModelAccess(Protocol):

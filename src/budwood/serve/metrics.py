@@ -1,9 +1,39 @@
-"""Prometheus metrics for the server: requests, tokens, latencies, queue depth, per model."""
+"""Prometheus metrics for the server: requests, tokens, latencies, queue depth, per model.
+
+Every route that generates records its request through `Metrics.track`, one context manager for its
+latency, outcome ("ok", or "error" when anything escapes it, a client going away included) and the
+tokens it used, all under the model label. Routes enter it only once the model name is known to the
+server, so callers cannot invent labels.
+"""
 from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+@dataclass
+class RequestTrack:
+    """What a route reports while its request runs; `Metrics.track` records the outcome."""
+
+    metrics: Metrics
+    model: str
+    started: float
+    first_token_seen: bool = field(default=False, init=False)
+
+    def first_token(self) -> None:
+        """A streamed token went out: the first call observes the time to first token."""
+        if not self.first_token_seen:
+            self.first_token_seen = True
+            self.metrics.first_token.observe(time.perf_counter() - self.started)
+
+    def tokens(self, prompt: int, generated: int) -> None:
+        self.metrics.tokens(self.model, prompt, generated)
 
 
 class Metrics:
@@ -33,6 +63,17 @@ class Metrics:
 
     def observe_step(self, seconds: float) -> None:
         self.step.observe(seconds)
+
+    @contextmanager
+    def track(self, model: str, route: str, started: float | None = None) -> Iterator[RequestTrack]:
+        """Time the block as one request of `route` on `model`, from `started` (perf_counter) if given."""
+        track = RequestTrack(self, model, time.perf_counter() if started is None else started)
+        status = "error"
+        try:
+            yield track
+            status = "ok"
+        finally:
+            self.request(model, route, status, time.perf_counter() - track.started)
 
     def request(self, model: str, route: str, status: str, seconds: float) -> None:
         self.requests.labels(model, route, status).inc()

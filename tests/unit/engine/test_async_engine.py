@@ -135,3 +135,4 @@ def test_error_kinds_callers_map_to_statuses():
     bad = ParamError("top_p", "top_p must be in (0, 1]")
     assert bad.kind == ErrorKind.INVALID and bad.param == "top_p" and str(bad) == "top_p must be in (0, 1]"
     assert QueueFull("busy").kind == ErrorKind.UNAVAILABLE
+    assert EngineFailed("boom").kind == ErrorKind.INTERNAL  # a bug of ours: 500, not "try again"

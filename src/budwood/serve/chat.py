@@ -1,0 +1,102 @@
+"""/v1/chat/completions: messages through the chat template, then one generation with n choices.
+
+Streamed, each chunk carries one choice's new text (its first one the assistant role); with
+`stream_options.include_usage` a last chunk with no choices carries the usage.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from fastapi import Request
+
+from budwood.engine import merge_outputs
+from budwood.errors import BudwoodError
+from budwood.serve.auth import Caller
+from budwood.serve.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Usage,
+    new_id,
+    now,
+)
+from budwood.serve.sse import stream_response
+
+if TYPE_CHECKING:
+    from budwood.engine import RequestOutput
+    from budwood.serve.serving import OpenAIServing
+
+
+def template_messages(body: ChatCompletionRequest) -> list[dict]:
+    """The messages as the chat template takes them: text only, `developer` read as `system`."""
+    messages = []
+    for i, m in enumerate(body.messages):
+        content = m.content
+        if isinstance(content, list):
+            if any(p.get("type") != "text" for p in content):
+                raise BudwoodError(f"messages.{i}.content: only text parts are supported",
+                                   param=f"messages.{i}.content")
+            content = "".join(str(p.get("text", "")) for p in content)
+        messages.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+    return messages
+
+
+async def create_chat_completion(serving: OpenAIServing, body: ChatCompletionRequest, caller: Caller,
+                                 request: Request):
+    started = time.perf_counter()
+    adapter = await serving.resolve(caller, body.model)
+    messages = template_messages(body)
+    try:
+        prompt_ids = serving.engine.chat_prompt(messages, adapter, body.add_generation_prompt)
+    except Exception as e:  # a template that rejects the conversation (jinja raise_exception)
+        raise BudwoodError(f"messages: the chat template rejected them: {e}", param="messages") from None
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    if body.top_logprobs and not body.logprobs:
+        raise BudwoodError("top_logprobs needs logprobs=true", param="top_logprobs")
+    params = serving.sampling_params(body, body.max_completion_tokens or body.max_tokens, top, None,
+                                     await serving.grammar(body.response_format), caller.tenant)
+    head = {"id": new_id("chatcmpl"), "created": now(), "model": body.model,
+            "system_fingerprint": serving.engine.system_fingerprint}
+    outputs = serving.generate(prompt_ids, params, adapter)
+    if body.stream:
+        return await stream_response(_chunks(serving, body, head, outputs, started))
+    with serving.metrics.track(body.model, "chat", started) as track:
+        final = None
+        for out in await serving.collect(request, outputs):
+            final = merge_outputs(final, out)
+        track.tokens(final.prompt_tokens, final.completion_tokens)
+    choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text),
+                          logprobs={"content": serving.chat_logprobs(c.logprobs)} if body.logprobs else None,
+                          finish_reason=c.finish_reason) for c in final.choices]
+    return ChatCompletionResponse(**head, choices=choices, usage=Usage.of(final.prompt_tokens, final.completion_tokens))
+
+
+async def _chunks(serving: OpenAIServing, body: ChatCompletionRequest, head: dict,
+                  outputs: AsyncIterator[RequestOutput], started: float) -> AsyncIterator[dict]:
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    chunk = {**head, "object": "chat.completion.chunk"}
+    usage_slot = {"usage": None} if include_usage else {}
+    begun: set[int] = set()
+    with serving.metrics.track(body.model, "chat", started) as track:
+        async for out in outputs:
+            for c in out.choices:
+                delta = {}
+                if c.index not in begun:
+                    begun.add(c.index)
+                    delta["role"] = "assistant"
+                if c.text or "role" in delta:
+                    delta["content"] = c.text
+                if c.text:
+                    track.first_token()
+                choice = {"index": c.index, "delta": delta,
+                          "logprobs": {"content": serving.chat_logprobs(c.logprobs)} if body.logprobs else None,
+                          "finish_reason": c.finish_reason}
+                yield {**chunk, "choices": [choice], **usage_slot}
+            if out.finished:
+                track.tokens(out.prompt_tokens, out.completion_tokens)
+                if include_usage:
+                    yield {**chunk, "choices": [],
+                           "usage": Usage.of(out.prompt_tokens, out.completion_tokens).model_dump()}

@@ -1,0 +1,127 @@
+"""/v1/completions: one or more prompts (text or token ids), each with n choices.
+
+Choice `i` of prompt `p` has index `p * n + i`, as OpenAI numbers them. With `echo`, a choice's text
+starts with its prompt, and its logprobs with the prompt's (the first token has none): what
+lm-evaluation-harness's `local-completions` reads to score continuations.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from fastapi import Request
+
+from budwood.engine import merge_outputs
+from budwood.errors import BudwoodError
+from budwood.serve.auth import Caller
+from budwood.serve.protocol import APIError, CompletionChoice, CompletionRequest, CompletionResponse, Usage, new_id, now
+from budwood.serve.sse import stream_response
+
+if TYPE_CHECKING:
+    from budwood.engine import RequestOutput, SamplingParams
+    from budwood.serve.serving import OpenAIServing
+
+
+def prompt_ids(serving: OpenAIServing, body: CompletionRequest) -> list[list[int]]:
+    """Each prompt as token ids; text prompts get the tokenizer's BOS, as HF and vLLM give them."""
+    p, encode = body.prompt, serving.engine.encode
+    if isinstance(p, str):
+        prompts = [encode(p, add_special_tokens=True)]
+    elif p and all(isinstance(x, str) for x in p):
+        prompts = [encode(x, add_special_tokens=True) for x in p]
+    elif p and all(isinstance(x, int) for x in p):
+        prompts = [list(p)]
+    elif p and all(isinstance(x, list) for x in p):
+        prompts = [list(x) for x in p]
+    else:
+        raise BudwoodError("prompt must be a string, a list of strings, a list of token ids or a list of "
+                           "lists of token ids, and not empty", param="prompt")
+    if any(not x for x in prompts):
+        raise BudwoodError("a prompt is empty", param="prompt")
+    return prompts
+
+
+async def create_completion(serving: OpenAIServing, body: CompletionRequest, caller: Caller, request: Request):
+    started = time.perf_counter()
+    adapter = await serving.resolve(caller, body.model)
+    prompts = prompt_ids(serving, body)
+    if body.max_tokens == 0 and not body.echo:
+        raise BudwoodError("max_tokens=0 only makes sense with echo=true", param="max_tokens")
+    if body.stream and body.echo and body.logprobs is not None:
+        raise BudwoodError("echo with logprobs is not supported when streaming", param="echo")
+    params = serving.sampling_params(body, body.max_tokens, body.logprobs,
+                                     body.logprobs if body.echo and body.logprobs is not None else None,
+                                     await serving.grammar(body.response_format), caller.tenant)
+    head = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": body.model,
+            "system_fingerprint": serving.engine.system_fingerprint}
+    if body.stream:
+        return await stream_response(_chunks(serving, body, head, prompts, params, adapter, started))
+    with serving.metrics.track(body.model, "completions", started) as track:
+        finals = await _generate_all(serving, request, prompts, params, adapter)
+        prompt_tokens, generated = sum(f.prompt_tokens for f in finals), sum(f.completion_tokens for f in finals)
+        track.tokens(prompt_tokens, generated)
+    choices = [choice for pi, (ids, final) in enumerate(zip(prompts, finals))
+               for choice in _choices(serving, body, pi, ids, final)]
+    return CompletionResponse(**head, choices=choices, usage=Usage.of(prompt_tokens, generated))
+
+
+async def _generate_all(serving: OpenAIServing, request: Request, prompts: list[list[int]], params: SamplingParams,
+                        adapter) -> list[RequestOutput]:
+    """Every prompt's merged output; one prompt failing cancels (aborts) the others."""
+    async def one(ids: list[int]) -> RequestOutput:
+        final = None
+        for out in await serving.collect(request, serving.generate(ids, params, adapter)):
+            final = merge_outputs(final, out)
+        return final
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(ids)) for ids in prompts]
+    except* (APIError, BudwoodError) as errors:
+        raise errors.exceptions[0] from None
+    return [t.result() for t in tasks]
+
+
+def _choices(serving: OpenAIServing, body: CompletionRequest, pi: int, ids: list[int], final: RequestOutput
+             ) -> list[CompletionChoice]:
+    """Prompt `pi`'s choices; with echo, its text and (when asked) its logprobs come first."""
+    prompt_text = serving.engine.tokenizer.decode(ids) if body.echo else ""
+    choices = []
+    for c in final.choices:
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = serving.completion_logprobs(c.logprobs, c.token_ids, len(prompt_text))
+            if body.echo:
+                echoed = serving.completion_logprobs(final.prompt_logprobs or [None] * len(ids), ids, 0)
+                logprobs = {k: echoed[k] + logprobs[k] for k in echoed}
+        choices.append(CompletionChoice(index=pi * body.n + c.index, text=prompt_text + c.text, logprobs=logprobs,
+                                        finish_reason=c.finish_reason))
+    return choices
+
+
+async def _chunks(serving: OpenAIServing, body: CompletionRequest, head: dict, prompts: list[list[int]],
+                  params: SamplingParams, adapter, started: float) -> AsyncIterator[dict]:
+    """The prompts one after another; with echo, each choice's prompt text is its first chunk."""
+    n, usage_slot = body.n, {"usage": None} if body.stream_options and body.stream_options.include_usage else {}
+    prompt_tokens = generated = 0
+    with serving.metrics.track(body.model, "completions", started) as track:
+        for pi, ids in enumerate(prompts):
+            if body.echo:
+                text = serving.engine.tokenizer.decode(ids)
+                for i in range(n):
+                    yield {**head, "choices": [{"index": pi * n + i, "text": text, "logprobs": None,
+                                                "finish_reason": None}], **usage_slot}
+            async for out in serving.generate(ids, params, adapter):
+                for c in out.choices:
+                    logprobs = (serving.completion_logprobs(c.logprobs, c.token_ids, 0)
+                                if body.logprobs is not None else None)
+                    yield {**head, "choices": [{"index": pi * n + c.index, "text": c.text, "logprobs": logprobs,
+                                                "finish_reason": c.finish_reason}], **usage_slot}
+                if out.finished:
+                    prompt_tokens += out.prompt_tokens
+                    generated += out.completion_tokens
+        track.tokens(prompt_tokens, generated)
+        if usage_slot:
+            yield {**head, "choices": [], "usage": Usage.of(prompt_tokens, generated).model_dump()}

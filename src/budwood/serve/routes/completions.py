@@ -1,0 +1,15 @@
+"""/v1/completions."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from budwood.serve.auth import CallerDep
+from budwood.serve.protocol import CompletionRequest
+from budwood.serve.serving import ServingDep
+
+router = APIRouter()
+
+
+@router.post("/v1/completions")
+async def create_completion(body: CompletionRequest, request: Request, serving: ServingDep, caller: CallerDep):
+    return await serving.create_completion(body, caller, request)
