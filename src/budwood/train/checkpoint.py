@@ -1,7 +1,8 @@
 """Checkpoints that survive SIGKILL: written to a temporary folder, then renamed into place.
 
 A checkpoint holds everything that makes resume exact: the adapter, the optimizer and scheduler
-states, the RNG states, and the data cursor. Tensors go to safetensors (no pickle); the rest to JSON.
+states, every rank's RNG state, and the data cursor (state.py's RunState). Tensors go to
+safetensors (no pickle); the rest to JSON.
 Only folders named step-NNNNNNNN are checkpoints; a half-written `.tmp-*` folder is never read.
 """
 from __future__ import annotations
@@ -76,6 +77,34 @@ def list_checkpoints(root: Path) -> list[Path]:
     for stale in root.glob(".tmp-step-*"):
         shutil.rmtree(stale, ignore_errors=True)
     return sorted(p for p in root.glob("step-*") if p.is_dir() and (p / "trainer_state.json").exists())
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's RNG state: what makes dropout after a resume draw what it would have drawn."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def all_ranks_rng(states: list[dict]) -> dict:
+    """Every rank's RNG state in one checkpoint: rank 0's under its own keys, rank r's as `key.r`."""
+    return {**states[0], **{f"{k}.{r}": v for r, s in enumerate(states[1:], start=1) for k, v in s.items()}}
+
+
+def rank_rng(states: dict, rank: int) -> dict:
+    """This rank's RNG state from a checkpoint; a rank the checkpoint has none for (it was written by
+    fewer processes) keeps its seeded stream."""
+    if rank == 0:
+        return {k: v for k, v in states.items() if "." not in k}
+    mine = {k.rsplit(".", 1)[0]: v for k, v in states.items() if k.endswith(f".{rank}")}
+    return mine or rng_state(torch.device("cpu"))
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict, dict]:

@@ -9,27 +9,38 @@ gradients are summed across ranks. The loss of a step is the sum over all its tr
 divided by their number, exactly as in one process, so the loss curve is the single-process one up
 to float rounding.
 
-  ddp   the whole model on every rank, DistributedDataParallel summing the LoRA gradients.
-  fsdp  the base's frozen weights sharded across ranks (FSDP2 fully_shard, per decoder layer), for
-        bases too large for one device; the LoRA weights, small, stay whole on every rank, their
-        gradients summed by one all-reduce per step. Checkpoints and exact resume work the same way
-        in both: every rank holds the same LoRA and optimizer state, and rank 0 writes it.
+The recipe sees all of this through a `Strategy`, called at a few fixed points (place and wrap the
+model, deal out a step, reduce, checkpoint on the main rank, teardown), and reads as if it ran in
+one process:
+
+  Single  one process: every call is the identity or does nothing.
+  DDP     the whole model on every rank, DistributedDataParallel summing the LoRA gradients.
+  FSDP    the base's frozen weights sharded across ranks (FSDP2 fully_shard, per decoder layer), for
+          bases too large for one device; the LoRA weights, small, stay whole on every rank, their
+          gradients summed by one all-reduce per step. Checkpoints and exact resume work the same way
+          in both: every rank holds the same LoRA and optimizer state, and rank 0 writes it.
 
 Only rank 0 writes outputs (checkpoints, metrics, the adapter); the others wait for it.
 """
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 from budwood.errors import TrainingError
+from budwood.train.loss import LossModule
+
+MicroBatch = tuple[list[int], float]  # example indices, and the weight of their losses (0: a filler)
 
 
 @dataclass
 class Dist:
+    """The process group torchrun started: this process's place in it and the strategy asked for."""
+
     world: int = 1
     rank: int = 0
     local_rank: int = 0
@@ -80,89 +91,228 @@ def setup(strategy: str, device: str) -> Dist:
     return Dist(world, rank, local_rank, "ddp" if strategy == "auto" else strategy)
 
 
-def teardown(d: Dist, failed: bool = False) -> None:
-    """After a run every rank meets once more; after an error a rank leaves at once (waiting for the
-    others, which may be inside a collective, would hang them all), and torchrun stops the rest."""
-    if d.active and not failed and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+@dataclass(frozen=True)
+class Chunking:
+    """How one process caps a micro-batch: at most `batch_size` examples and, with `tokens`, at most
+    that many tokens (padded rows: rows x longest; packed: the sum). `lengths` are the examples'."""
+
+    lengths: list[int]
+    batch_size: int
+    tokens: int | None = None
+    packed: bool = False
 
 
-def device_for(d: Dist, device: torch.device) -> torch.device:
-    """Each rank on its own GPU (LOCAL_RANK); CPU ranks share the CPU."""
-    if d.active and device.type == "cuda":
-        return torch.device("cuda", d.local_rank)
-    return device
+class Strategy(Protocol):
+    """Where a recipe meets the processes it runs in. One instance per run: `wrap` is called once,
+    and the calls after it act on what it wrapped."""
+
+    name: str  # none | ddp | fsdp, as provenance records it
+    rank: int
+    world: int
+    grad_scale: float  # what a step's loss is multiplied by before backward
+    saves_on_signal: bool  # whether Ctrl-C or SIGTERM may checkpoint (all ranks must be at the same point)
+
+    @property
+    def is_main(self) -> bool:
+        """The rank that writes outputs and reports progress."""
+        ...
+
+    def place(self, device: torch.device) -> torch.device:
+        """The device this rank trains on."""
+        ...
+
+    def wrap(self, module: LossModule, device: torch.device, trainable: list[torch.nn.Parameter]) -> torch.nn.Module:
+        """The module to run training batches through (validation runs `module` itself)."""
+        ...
+
+    def deal(self, planned: list[list[int]], examples: list[int], chunking: Chunking) -> list[MicroBatch]:
+        """This rank's micro-batches of one step: `planned` is how one process runs it, `examples` the
+        step's examples in the order several ranks deal them out."""
+        ...
+
+    def accumulate(self, last: bool) -> AbstractContextManager:
+        """Around a micro-batch's forward and backward; `last` is the step's last micro-batch."""
+        ...
+
+    def reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """After a step's backward passes: every rank's gradients become their sum."""
+        ...
+
+    def sum(self, value: float) -> float:
+        """`value` summed over ranks."""
+        ...
+
+    def gather(self, obj: Any) -> list:
+        """Every rank's `obj`, in rank order."""
+        ...
+
+    def from_main(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank: what one rank decides for all, or they would part ways."""
+        ...
+
+    def reshard(self) -> None:
+        """Back to the state every rank's next collective expects (after validation, before a checkpoint)."""
+        ...
+
+    def barrier(self) -> None: ...
+
+    def teardown(self, failed: bool = False) -> None:
+        """After a run every rank meets once more; after an error a rank leaves at once (waiting for the
+        others, which may be inside a collective, would hang them all), and torchrun stops the rest."""
+        ...
 
 
-class LossModule(torch.nn.Module):
-    """The causal LM as a module whose forward is the token losses, so that the data-parallel wrappers
-    see the whole computation go through their forward."""
+class Single:
+    """One process: the recipe as written."""
 
-    def __init__(self, lm: torch.nn.Module):
-        super().__init__()
-        self.lm = lm
+    name = "none"
+    rank, world, is_main = 0, 1, True
+    grad_scale = 1.0
+    saves_on_signal = True
 
-    def forward(self, input_ids, labels, position_ids, example_index):
-        from budwood.data.pack import Batch
-        from budwood.train.loss import token_losses
+    def place(self, device: torch.device) -> torch.device:
+        return device
 
-        return token_losses(self.lm, Batch(input_ids, labels, position_ids, example_index, 0))[0]
+    def wrap(self, module: LossModule, device: torch.device, trainable: list[torch.nn.Parameter]) -> torch.nn.Module:
+        return module
+
+    def deal(self, planned: list[list[int]], examples: list[int], chunking: Chunking) -> list[MicroBatch]:
+        return [(indices, 1.0) for indices in planned]
+
+    def accumulate(self, last: bool) -> AbstractContextManager:
+        return nullcontext()
+
+    def reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
+        pass
+
+    def sum(self, value: float) -> float:
+        return value
+
+    def gather(self, obj: Any) -> list:
+        return [obj]
+
+    def from_main(self, obj: Any) -> Any:
+        return obj
+
+    def reshard(self) -> None:
+        pass
+
+    def barrier(self) -> None:
+        pass
+
+    def teardown(self, failed: bool = False) -> None:
+        pass
 
 
-def wrap(d: Dist, lm: torch.nn.Module, device: torch.device, trainable: list[torch.nn.Parameter]):
-    """(the module to run batches through, the number its losses are multiplied by before backward)."""
-    module = LossModule(lm)
-    if d.strategy == "ddp":
+class _Ranks:
+    """What DDP and FSDP share: a process group, each rank on its own GPU, a step's examples dealt out.
+    A signal finds the ranks at different points: they keep the last periodic checkpoint."""
+
+    grad_scale, saves_on_signal = 1.0, False
+
+    def __init__(self, dist: Dist):
+        self.dist, self.rank, self.world = dist, dist.rank, dist.world
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def place(self, device: torch.device) -> torch.device:
+        """Each rank on its own GPU (LOCAL_RANK); CPU ranks share the CPU."""
+        return torch.device("cuda", self.dist.local_rank) if device.type == "cuda" else device
+
+    def deal(self, planned: list[list[int]], examples: list[int], chunking: Chunking) -> list[MicroBatch]:
+        return share(self.dist, examples, chunking.batch_size, chunking.lengths, chunking.tokens, chunking.packed)
+
+    def accumulate(self, last: bool) -> AbstractContextManager:
+        return nullcontext()
+
+    def reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
+        pass
+
+    def sum(self, value: float) -> float:
+        return self.dist.sum(value)
+
+    def gather(self, obj: Any) -> list:
+        return self.dist.gather(obj)
+
+    def from_main(self, obj: Any) -> Any:
+        return self.dist.gather(obj)[0]
+
+    def reshard(self) -> None:
+        pass
+
+    def barrier(self) -> None:
+        self.dist.barrier()
+
+    def teardown(self, failed: bool = False) -> None:
+        if not failed and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
+class DDP(_Ranks):
+    """The whole model on every rank; DistributedDataParallel sums the gradients in the last backward."""
+
+    name = "ddp"
+
+    def wrap(self, module: LossModule, device: torch.device, trainable: list[torch.nn.Parameter]) -> torch.nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
-        # DDP averages gradients over ranks: a loss scaled by the world size makes that the sum
-        return DistributedDataParallel(module, device_ids=ids), float(d.world)
-    if d.strategy == "fsdp":
+        self.grad_scale = float(self.world)  # DDP averages gradients over ranks: a loss scaled by the world sums
+        self.wrapped = DistributedDataParallel(module, device_ids=ids)
+        return self.wrapped
+
+    def accumulate(self, last: bool) -> AbstractContextManager:
+        """DDP's gradient sync only on a step's last micro-batch."""
+        return nullcontext() if last else self.wrapped.no_sync()
+
+
+class FSDP(_Ranks):
+    """The base's frozen weights sharded per decoder layer; the LoRA weights whole on every rank."""
+
+    name = "fsdp"
+
+    def wrap(self, module: LossModule, device: torch.device, trainable: list[torch.nn.Parameter]) -> torch.nn.Module:
         from torch.distributed.fsdp import fully_shard
 
-        ignored = set(trainable)  # LoRA weights stay whole on every rank (all_reduce_grads sums them)
-        for layer in getattr(lm.get_decoder(), "layers", []):
+        ignored = set(trainable)  # LoRA weights stay whole on every rank (reduce_grads sums them)
+        for layer in getattr(module.lm.get_decoder(), "layers", []):
             fully_shard(layer, ignored_params=ignored)
         # the root: embeddings, final norm and output head (often one tied weight), gathered for a forward
         fully_shard(module, ignored_params=ignored)
-        return module, 1.0
-    return module, 1.0
+        self.module = module
+        return module
+
+    def reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """Sum the LoRA gradients over ranks in one flat all-reduce (FSDP leaves them to us)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        at = 0
+        for p, g in zip(params, grads, strict=True):
+            n = g.numel()
+            p.grad = flat[at:at + n].view_as(g).clone()
+            at += n
+
+    def reshard(self) -> None:
+        """Every FSDP module back to its shards, on every rank. A forward without backward (validation)
+        leaves the root gathered, and reading a state dict on rank 0 alone (a checkpoint) would reshard it
+        there only: the ranks' next all-gathers would then differ."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in self.module.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
 
 
-def reshard(d: Dist, module: torch.nn.Module) -> None:
-    """Every FSDP module back to its shards, on every rank. A forward without backward (validation)
-    leaves the root gathered, and reading a state dict on rank 0 alone (a checkpoint) would reshard it
-    there only: the ranks' next all-gathers would then differ."""
-    if d.strategy != "fsdp":
-        return
-    from torch.distributed.fsdp import FSDPModule
-
-    for m in module.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
-
-
-def no_sync(wrapped, last: bool):
-    """DDP's gradient sync only on a step's last micro-batch."""
-    if not last and hasattr(wrapped, "no_sync"):
-        return wrapped.no_sync()
-    return nullcontext()
-
-
-def all_reduce_grads(d: Dist, params: list[torch.nn.Parameter]) -> None:
-    """Sum the LoRA gradients over ranks in one flat all-reduce (FSDP leaves them to us)."""
-    if d.strategy != "fsdp" or not d.active:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat)
-    at = 0
-    for p, g in zip(params, grads, strict=True):
-        n = g.numel()
-        p.grad = flat[at:at + n].view_as(g).clone()
-        at += n
+def strategy_for(requested: str, device: str) -> Strategy:
+    """The strategy for this process: Single unless torchrun started several (training.distributed)."""
+    dist = setup(requested, device)
+    if not dist.active:
+        return Single()
+    return FSDP(dist) if dist.strategy == "fsdp" else DDP(dist)
 
 
 def chunk(indices: list[int], batch_size: int, lengths: list[int] | None = None, tokens: int | None = None,
@@ -185,7 +335,7 @@ def chunk(indices: list[int], batch_size: int, lengths: list[int] | None = None,
 
 
 def share(d: Dist, example_indices: list[int], batch_size: int, lengths: list[int] | None = None,
-          tokens: int | None = None, packed: bool = False) -> list[tuple[list[int], float]]:
+          tokens: int | None = None, packed: bool = False) -> list[MicroBatch]:
     """This rank's micro-batches of one step: its share of the step's examples (dealt out in turn), in
     micro-batches capped as one process caps them (`chunk`); every rank runs as many, and a micro-batch
     with no example of its own repeats the step's first example with weight 0 (it must still run:

@@ -1,0 +1,95 @@
+"""The recipe's data: the files read, split and tokenised once, and the loop's place in the epochs.
+
+The plan of an epoch (which examples form each micro-batch, in which order) is a pure function of
+(seed, epoch), so a position in it is two integers and a resume lands on the same examples.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from budwood.config import TrainConfig
+from budwood.data.formats import Conversation, Dataset, Issue, data_fingerprint, read_dataset
+from budwood.data.template import Encoded, encode_conversations
+from budwood.errors import DataError, TrainingError
+
+
+@dataclass
+class PreparedData:
+    train: list[Encoded]
+    validation: list[Encoded]
+    fingerprints: dict
+    issues: list[Issue] = field(default_factory=list)
+
+
+def prepare_data(config: TrainConfig, tokenizer) -> PreparedData:
+    """Read, validate, split and tokenise; warnings are collected, errors raise DataError."""
+    dc = config.data
+    from budwood.eval.data import is_eval_only
+
+    for path in (dc.train, dc.validation):
+        if path is not None and is_eval_only(path):
+            raise DataError(f"{path}: this is one of budwood's evaluation sets; training on it would void its "
+                            "scores, and some are licensed for evaluation only")
+    train_ds = read_dataset(dc.train, dc.format, dc.min_examples)
+    issues = list(train_ds.issues)
+    convs = train_ds.conversations
+    val_convs: list[Conversation] = []
+    val_ds: Dataset | None = None
+    if dc.validation is not None:
+        val_ds = read_dataset(dc.validation, dc.format)
+        issues += val_ds.issues
+        val_convs = val_ds.conversations
+    elif dc.validation_split > 0:
+        order = list(range(len(convs)))
+        random.Random(config.training.seed).shuffle(order)
+        n_val = max(1, round(len(convs) * dc.validation_split))
+        held = set(order[:n_val])
+        val_convs = [c for i, c in enumerate(convs) if i in held]
+        convs = [c for i, c in enumerate(convs) if i not in held]
+    max_len = config.training.max_seq_len
+    train = encode_conversations(tokenizer, convs, max_len, issues)
+    validation = encode_conversations(tokenizer, val_convs, max_len, issues) if val_convs else []
+    errors = [i for i in issues if i.level == "error"]
+    if errors:
+        raise DataError(f"{len(errors)} example(s) cannot be tokenised:\n" + "\n".join(map(str, errors[:50])), errors)
+    if not train:
+        raise TrainingError(f"{dc.train}: no example has trainable assistant tokens")
+    fingerprints = {"train": {"path": str(dc.train), "format": train_ds.format, "examples": len(convs),
+                              "fingerprint": data_fingerprint(convs)}}
+    if val_convs:
+        fingerprints["validation"] = {"path": str(dc.validation or dc.train), "examples": len(val_convs),
+                                      "fingerprint": data_fingerprint(val_convs),
+                                      "split": dc.validation_split if val_ds is None else None}
+    return PreparedData(train, validation, fingerprints, issues)
+
+
+@dataclass
+class EpochCursor:
+    """The loop's place in the data: micro-batch `cursor` of epoch `epoch`'s plan. It runs ahead of
+    the run state while a step is in flight; the step's end commits it."""
+
+    plan_for: Callable[[int], list[list[int]]]  # epoch -> its micro-batches (lists of example indices)
+    epoch: int = 0
+    cursor: int = 0
+    plan: list[list[int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.plan = self.plan_for(self.epoch)
+
+    def take(self, n: int) -> list[list[int]]:
+        """The next `n` micro-batches; an accumulation window runs across an epoch's end."""
+        window = []
+        while len(window) < n:
+            if self.cursor >= len(self.plan):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self.plan = self.plan_for(self.epoch)
+            window.append(self.plan[self.cursor])
+            self.cursor += 1
+        return window
+
+    @property
+    def epochs(self) -> float:
+        """Epochs done, as a fraction (metrics lines and provenance)."""
+        return round(self.epoch + self.cursor / max(len(self.plan), 1), 4)
