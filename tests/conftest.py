@@ -252,8 +252,9 @@ class LiveService:
 def live_service(home: Path, database: str | None = None, workers: int = 1, **overrides) -> Iterator[LiveService]:
     import threading
 
-    from budwood.jobs.service import Service, create_service_app
+    from budwood.jobs.service import Service
     from budwood.jobs.worker import run_worker
+    from budwood.service_app import create_service_app
 
     config = service_config(home, database, **overrides)
     service = Service(config)

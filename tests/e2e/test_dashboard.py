@@ -74,8 +74,9 @@ def _publish_variant(service, ref: str, source: Path, work: Path, metrics: dict 
 
 @pytest.fixture(scope="module")
 def dash(tmp_path_factory, company_data) -> Iterator[Dash]:
-    from budwood.jobs.service import Service, create_service_app
+    from budwood.jobs.service import Service
     from budwood.jobs.worker import run_worker
+    from budwood.service_app import create_service_app
 
     home = tmp_path_factory.mktemp("dashboard-service")
     port = _free_port()
@@ -328,7 +329,7 @@ def test_leaderboard_rows_numbers_and_sorting(acme_tab, dash, tmp_path):
 
 
 def test_leaderboard_bias_sorts_by_distance_from_half_and_bbq_only_when_present():
-    from budwood.web.dashboard import leaderboard
+    from budwood.web.views import leaderboard
 
     @dataclass
     class V:
@@ -351,7 +352,7 @@ def test_leaderboard_bias_sorts_by_distance_from_half_and_bbq_only_when_present(
 def test_loss_series_keeps_the_latest_value_of_a_repeated_step():
     from types import SimpleNamespace
 
-    from budwood.web.dashboard import loss_series
+    from budwood.web.views import loss_series
 
     def metrics(step, **data):
         return SimpleNamespace(type="metrics", data={"step": step, "total_steps": 4, **data})

@@ -31,12 +31,12 @@ from budwood.artifacts import AdapterDir
 from budwood.card.attest import create_key, sign, verify
 from budwood.card.render import CardInfo, render_card
 from budwood.engine import Engine, EngineConfig
+from budwood.hashing import sha256_file
 from budwood.models.fingerprint import model_fingerprint
 from budwood.registry import open_registry, publish
 from budwood.registry.local import LocalRegistry
 from budwood.registry.names import NotFound, RegistryError, VersionExists
 from budwood.registry.remote import RemoteRegistry
-from budwood.hashing import sha256_file
 from budwood.serve.app import create_app
 
 KEY = "sk-registry-test"

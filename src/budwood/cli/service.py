@@ -46,7 +46,7 @@ def service_cmd(
     then: budwood tenants create acme && budwood keys issue acme
     and: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY).fine_tuning.jobs.create(...)
     """
-    from budwood.jobs.service import run_service
+    from budwood.service_app import run_service
 
     extra = [f"{k}={v}" for k, v in (("workers", workers), ("host", host), ("port", port)) if v is not None]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,23 +1,22 @@
 """The fine-tuning API's shapes, as OpenAI's API and its official clients have them.
 
 Requests are pydantic models that refuse unknown fields (OpenAI answers 400 to an unrecognised
-argument); responses are plain dicts built from the database rows, field for field as the `openai`
-package's `FileObject`, `FineTuningJob`, `FineTuningJobEvent` and `FineTuningJobCheckpoint`.
+argument); responses are pydantic models built from the database rows (`.of(row)`), field for field
+as the `openai` package's `FileObject`, `FineTuningJob`, `FineTuningJobEvent` and
+`FineTuningJobCheckpoint`, every field present (None where OpenAI has null).
 """
 from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from budwood.jobs.models import Checkpoint, Job, JobEvent, StoredFile
+from budwood.jobs.states import JobStatus
 
 SUFFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$")
-STATUSES = ("validating_files", "queued", "running", "pausing", "paused", "succeeded", "failed", "cancelled")
-ACTIVE = ("validating_files", "queued", "running", "pausing")  # count against a tenant's concurrent jobs
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 class Hyperparameters(BaseModel):
@@ -96,34 +95,136 @@ def _ts(value: float | None) -> int | None:
     return None if value is None else int(value)
 
 
-def file_object(f: StoredFile) -> dict:
-    return {"id": f.id, "object": "file", "bytes": f.bytes, "created_at": int(f.created_at), "filename": f.filename,
-            "purpose": f.purpose, "status": f.status, "status_details": f.status_details, "expires_at": None}
+# -- responses ------------------------------------------------------------------------------------------------
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: str
+    status_details: str | None = None
+    expires_at: int | None = None
+
+    @classmethod
+    def of(cls, f: StoredFile) -> FileObject:
+        return cls(id=f.id, bytes=f.bytes, created_at=int(f.created_at), filename=f.filename, purpose=f.purpose,
+                   status=f.status, status_details=f.status_details)
 
 
-def job_object(job: Job) -> dict:
-    hp = {k: job.hyperparameters.get(k, "auto") for k in ("batch_size", "learning_rate_multiplier", "n_epochs")}
-    return {"object": "fine_tuning.job", "id": job.id, "created_at": int(job.created_at), "error": job.error,
-            "fine_tuned_model": job.fine_tuned_model, "finished_at": _ts(job.finished_at), "hyperparameters": hp,
-            "model": job.model, "organization_id": job.tenant, "result_files": list(job.result_files or []),
-            "seed": job.seed, "status": job.status, "trained_tokens": job.trained_tokens,
-            "training_file": job.training_file, "validation_file": job.validation_file,
-            "estimated_finish": _ts(job.estimated_finish) if job.status == "running" else None,
-            "integrations": [], "metadata": job.meta, "user_provided_suffix": job.suffix,
-            "method": {"type": "supervised", "supervised": {"hyperparameters": hp}}}
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
 
 
-def event_object(e: JobEvent) -> dict:
-    return {"object": "fine_tuning.job.event", "id": e.id, "created_at": int(e.created_at), "level": e.level,
-            "message": e.message, "data": e.data, "type": e.type}
+class JobHyperparameters(BaseModel):
+    """As asked ("auto") until the files are validated, then the values training uses."""
+
+    batch_size: Literal["auto"] | int = "auto"
+    learning_rate_multiplier: Literal["auto"] | float = "auto"
+    n_epochs: Literal["auto"] | int = "auto"
 
 
-def checkpoint_object(c: Checkpoint, job: Job) -> dict:
-    return {"object": "fine_tuning.job.checkpoint", "id": c.id, "created_at": int(c.created_at),
-            "fine_tuned_model_checkpoint": checkpoint_model(job, c.step), "fine_tuning_job_id": job.id,
-            "metrics": {"step": c.step, **c.metrics}, "step_number": c.step}
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
 
 
+class JobSupervised(BaseModel):
+    hyperparameters: JobHyperparameters
+
+
+class JobMethod(BaseModel):
+    type: Literal["supervised"] = "supervised"
+    supervised: JobSupervised
+
+
+class FineTuningJob(BaseModel):
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    id: str
+    created_at: int
+    error: JobError | None
+    fine_tuned_model: str | None
+    finished_at: int | None
+    hyperparameters: JobHyperparameters
+    model: str
+    organization_id: str
+    result_files: list[str]
+    seed: int
+    status: JobStatus
+    trained_tokens: int | None
+    training_file: str
+    validation_file: str | None
+    estimated_finish: int | None
+    integrations: list[dict] = Field(default_factory=list)
+    metadata: dict[str, str] | None
+    user_provided_suffix: str | None
+    method: JobMethod
+
+    @classmethod
+    def of(cls, job: Job) -> FineTuningJob:
+        hp = JobHyperparameters(**{k: job.hyperparameters.get(k, "auto") for k in JobHyperparameters.model_fields})
+        return cls(id=job.id, created_at=int(job.created_at), error=job.error, fine_tuned_model=job.fine_tuned_model,
+                   finished_at=_ts(job.finished_at), hyperparameters=hp, model=job.model, organization_id=job.tenant,
+                   result_files=list(job.result_files or []), seed=job.seed, status=job.status,
+                   trained_tokens=job.trained_tokens, training_file=job.training_file,
+                   validation_file=job.validation_file,
+                   estimated_finish=_ts(job.estimated_finish) if job.status == JobStatus.RUNNING else None,
+                   metadata=job.meta, user_provided_suffix=job.suffix,
+                   method=JobMethod(supervised=JobSupervised(hyperparameters=hp)))
+
+
+class FineTuningJobEvent(BaseModel):
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    id: str
+    created_at: int
+    level: str
+    message: str
+    data: dict | None
+    type: str
+
+    @classmethod
+    def of(cls, e: JobEvent) -> FineTuningJobEvent:
+        return cls(id=e.id, created_at=int(e.created_at), level=e.level, message=e.message, data=e.data, type=e.type)
+
+
+class FineTuningJobCheckpoint(BaseModel):
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    id: str
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    metrics: dict  # step, train_loss, valid_loss, full_valid_loss
+    step_number: int
+
+    @classmethod
+    def of(cls, c: Checkpoint, job: Job) -> FineTuningJobCheckpoint:
+        return cls(id=c.id, created_at=int(c.created_at), fine_tuned_model_checkpoint=checkpoint_model(job, c.step),
+                   fine_tuning_job_id=job.id, metrics={"step": c.step, **c.metrics}, step_number=c.step)
+
+
+Item = TypeVar("Item", FileObject, FineTuningJob, FineTuningJobEvent, FineTuningJobCheckpoint)
+
+
+class Page(BaseModel, Generic[Item]):
+    """OpenAI's list object: one page, and whether there is another (ask again with after=last_id)."""
+
+    object: Literal["list"] = "list"
+    data: list[Item]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+    @classmethod
+    def of(cls, items: list[Item], has_more: bool) -> Page[Item]:
+        return cls(data=items, has_more=has_more, first_id=items[0].id if items else None,
+                   last_id=items[-1].id if items else None)
+
+
+# -- names ------------------------------------------------------------------------------------------------------
 def fine_tuned_model(job: Job) -> str:
     """`ft:<base>:<tenant>:<suffix>:<id>`, as OpenAI names them (an empty suffix leaves `::`)."""
     return f"ft:{job.model}:{job.tenant}:{job.suffix or ''}:{job.id.removeprefix('ftjob-')[:8].lower()}"
@@ -137,8 +238,3 @@ def registry_name(job: Job) -> str:
     """The job's adapter in the tenant's registry namespace: `<tenant>/<suffix>-<id>` (lower case)."""
     short = job.id.removeprefix("ftjob-")[:8].lower()
     return f"{job.tenant}/{(job.suffix.lower() + '-') if job.suffix else 'ft-'}{short}"
-
-
-def page(items: list[dict], has_more: bool) -> dict:
-    return {"object": "list", "data": items, "has_more": has_more,
-            "first_id": items[0]["id"] if items else None, "last_id": items[-1]["id"] if items else None}

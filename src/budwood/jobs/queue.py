@@ -7,6 +7,9 @@ raises the job's `attempt`, and every write a worker makes afterwards (heartbeat
 outcome) is conditioned on (owner, attempt): a worker whose lease expired and whose job another
 worker took can never write to it again. Times come from the database's clock, so workers on
 machines whose clocks disagree still agree on when a lease ran out.
+
+Refusals are budwood.errors types with OpenAI's `code` and `param`; the HTTP layer maps their kind
+to a status (serve/errors.py), so the queue is as usable from the CLI and the workers as from a route.
 """
 from __future__ import annotations
 
@@ -21,26 +24,27 @@ from sqlalchemy import Select, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from budwood.errors import BudwoodError
-from budwood.jobs.models import Checkpoint, Job, JobEvent, StoredFile, Tenant
-from budwood.jobs.protocol import ACTIVE, TERMINAL
 from budwood.db import writer
-from budwood.serve.protocol import APIError
+from budwood.errors import BudwoodError, ConflictError, ErrorKind, LimitExceeded, NotFoundError
+from budwood.jobs.models import Checkpoint, Job, JobEvent, StoredFile, Tenant
+from budwood.jobs.states import (
+    ACTIVE,
+    HELD,
+    TERMINAL,
+    UNFINISHED,
+    WAITING,
+    EventLevel,
+    EventType,
+    FilePurpose,
+    FileStatus,
+    JobStatus,
+)
 
 _ALPHABET = string.ascii_letters + string.digits
-HOLDING = ("validating_files", "queued", "running", "pausing")  # statuses in which a worker may hold the lease
 
 
 def new_id(prefix: str, n: int = 24) -> str:
     return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(n))
-
-
-class ServiceError(APIError, BudwoodError):
-    """A request the service refuses, answered with `status` and OpenAI's error fields."""
-
-    def __init__(self, message: str, status: int = 400, code: str | None = None, param: str | None = None,
-                 type_: str = "invalid_request_error"):
-        super().__init__(status, message, type_, param, code)
 
 
 class LeaseLost(Exception):
@@ -81,7 +85,8 @@ class JobQueue:
         """The tenant's row, locked on PostgreSQL so that quota checks of one tenant run one at a time."""
         row = s.scalars(self._lock(select(Tenant).where(Tenant.name == name))).one_or_none()
         if row is None:
-            raise ServiceError(f"tenant {name!r} does not exist", 401, "invalid_api_key")
+            raise BudwoodError(f"tenant {name!r} does not exist", code="invalid_api_key",
+                               kind=ErrorKind.UNAUTHENTICATED)
         return row
 
     # -- files ------------------------------------------------------------------------------------------
@@ -94,14 +99,14 @@ class JobQueue:
             t = self._tenant(s, tenant)
             limit = t.max_storage_bytes if t.max_storage_bytes is not None else self.default_storage_bytes
             used = s.scalar(select(func.coalesce(func.sum(StoredFile.bytes), 0)).where(
-                StoredFile.tenant == tenant, StoredFile.purpose != "fine-tune-results"))
+                StoredFile.tenant == tenant, StoredFile.purpose != FilePurpose.RESULTS))
             if quota and used + size > limit:
-                raise ServiceError(f"storage quota exceeded: tenant {tenant!r} stores {used:,} bytes of "
-                                   f"{limit:,}; this file has {size:,}. Delete files (DELETE /v1/files/ID) "
-                                   "or ask for a larger quota", 429, "storage_quota_exceeded",
-                                   type_="insufficient_quota")
+                raise LimitExceeded(f"storage quota exceeded: tenant {tenant!r} stores {used:,} bytes of "
+                                    f"{limit:,}; this file has {size:,}. Delete files (DELETE /v1/files/ID) "
+                                    "or ask for a larger quota", code="storage_quota_exceeded",
+                                    kind=ErrorKind.QUOTA)
             row = StoredFile(id=file_id, tenant=tenant, filename=filename, purpose=purpose, bytes=size,
-                             sha256=sha256, created_at=time.time(), status="processed", format=format,
+                             sha256=sha256, created_at=time.time(), status=FileStatus.PROCESSED, format=format,
                              examples=examples)
             s.add(row)
             s.flush()
@@ -112,7 +117,7 @@ class JobQueue:
         with self.sessions() as s:
             row = s.scalars(select(StoredFile).where(StoredFile.id == file_id, StoredFile.tenant == tenant)).first()
         if row is None:
-            raise ServiceError(f"No such File object: {file_id}", 404, "file_not_found", param)
+            raise NotFoundError(f"No such File object: {file_id}", code="file_not_found", param=param)
         return row
 
     def list_files(self, tenant: str, purpose: str | None, after: str | None, limit: int, order: str
@@ -124,7 +129,7 @@ class JobQueue:
             if after:
                 anchor = s.scalar(select(StoredFile.seq).where(StoredFile.id == after, StoredFile.tenant == tenant))
                 if anchor is None:
-                    raise ServiceError(f"after: no file {after!r}", 400, "invalid_value", "after")
+                    raise BudwoodError(f"after: no file {after!r}", code="invalid_value", param="after")
                 query = query.where(StoredFile.seq > anchor if order == "asc" else StoredFile.seq < anchor)
             query = query.order_by(StoredFile.seq.asc() if order == "asc" else StoredFile.seq.desc())
             rows = list(s.scalars(query.limit(limit + 1)))
@@ -135,13 +140,13 @@ class JobQueue:
             row = s.scalars(self._lock(select(StoredFile).where(StoredFile.id == file_id,
                                                                 StoredFile.tenant == tenant))).first()
             if row is None:
-                raise ServiceError(f"No such File object: {file_id}", 404, "file_not_found", "file_id")
-            users = s.scalars(select(Job.id).where(Job.tenant == tenant, Job.status.in_(ACTIVE + ("paused",)),
+                raise NotFoundError(f"No such File object: {file_id}", code="file_not_found", param="file_id")
+            users = s.scalars(select(Job.id).where(Job.tenant == tenant, Job.status.in_(UNFINISHED),
                                                    or_(Job.training_file == file_id,
                                                        Job.validation_file == file_id))).all()
             if users:
-                raise ServiceError(f"{file_id} is used by fine-tuning job {users[0]}, which has not finished; "
-                                   "cancel it first", 409, "file_in_use", "file_id")
+                raise ConflictError(f"{file_id} is used by fine-tuning job {users[0]}, which has not finished; "
+                                    "cancel it first", code="file_in_use", param="file_id")
             s.delete(row)
         remove()  # after the commit: a crash in between leaves bytes no row names, never a row without bytes
 
@@ -150,7 +155,7 @@ class JobQueue:
         out: dict[str, dict] = {}
         with self.sessions() as s:
             for tenant, n, size in s.execute(select(StoredFile.tenant, func.count(), func.sum(StoredFile.bytes))
-                                             .where(StoredFile.purpose != "fine-tune-results")
+                                             .where(StoredFile.purpose != FilePurpose.RESULTS)
                                              .group_by(StoredFile.tenant)):
                 out.setdefault(tenant, {}).update(files=n, bytes=int(size or 0))
             for tenant, status, n in s.execute(select(Job.tenant, Job.status, func.count())
@@ -175,13 +180,14 @@ class JobQueue:
                                                            Job.idempotency_key == idempotency_key)).first()
                         if seen is not None:
                             if seen.request_hash != body_hash:
-                                raise ServiceError("this Idempotency-Key was used with a different request; use a "
-                                                   "new key for a new job", 409, "idempotency_key_reused")
+                                raise ConflictError("this Idempotency-Key was used with a different request; use "
+                                                    "a new key for a new job", code="idempotency_key_reused")
                             return seen, False
                     self._check_concurrency(s, t)
                     for param in ("training_file", "validation_file"):
                         self._usable_file(s, tenant, values.get(param), param)
-                    job = Job(id=new_id("ftjob-"), tenant=tenant, status="validating_files", created_at=time.time(),
+                    job = Job(id=new_id("ftjob-"), tenant=tenant, status=JobStatus.VALIDATING_FILES,
+                              created_at=time.time(),
                               idempotency_key=idempotency_key, request_hash=body_hash, attempt=0, lost=0,
                               result_files=[], progress={}, **values)
                     s.add(job)
@@ -202,10 +208,10 @@ class JobQueue:
         row = s.scalars(self._lock(select(StoredFile).where(StoredFile.id == file_id,
                                                             StoredFile.tenant == tenant))).first()
         if row is None:
-            raise ServiceError(f"invalid {param}: {file_id} does not exist", 400, f"invalid_{param}", param)
-        if row.purpose != "fine-tune":
-            raise ServiceError(f"invalid {param}: {file_id} has purpose {row.purpose!r}; upload it with purpose "
-                               "'fine-tune'", 400, f"invalid_{param}", param)
+            raise BudwoodError(f"invalid {param}: {file_id} does not exist", code=f"invalid_{param}", param=param)
+        if row.purpose != FilePurpose.FINE_TUNE:
+            raise BudwoodError(f"invalid {param}: {file_id} has purpose {row.purpose!r}; upload it with purpose "
+                               f"'{FilePurpose.FINE_TUNE}'", code=f"invalid_{param}", param=param)
 
     def get_job(self, tenant: str | None, job_id: str) -> Job:
         query = select(Job).where(Job.id == job_id)
@@ -214,8 +220,8 @@ class JobQueue:
         with self.sessions() as s:
             row = s.scalars(query).first()
         if row is None:
-            raise ServiceError(f"No fine-tuning job found with id {job_id!r}", 404, "job_not_found",
-                               "fine_tuning_job_id")
+            raise NotFoundError(f"No fine-tuning job found with id {job_id!r}", code="job_not_found",
+                                param="fine_tuning_job_id")
         return row
 
     def list_jobs(self, tenant: str | None, after: str | None = None, limit: int = 20,
@@ -228,7 +234,7 @@ class JobQueue:
             if after:
                 anchor = s.scalar(select(Job.seq).where(Job.id == after, *([Job.tenant == tenant] if tenant else [])))
                 if anchor is None:
-                    raise ServiceError(f"after: no fine-tuning job {after!r}", 400, "invalid_value", "after")
+                    raise BudwoodError(f"after: no fine-tuning job {after!r}", code="invalid_value", param="after")
                 query = query.where(Job.seq < anchor)
             query = query.order_by(Job.seq.desc())
             rows = list(s.scalars(query if metadata else query.limit(limit + 1)))
@@ -240,9 +246,9 @@ class JobQueue:
         with self.writes.begin() as s:
             job = self._own_job(s, tenant, job_id)
             if job.status in TERMINAL:
-                raise ServiceError(f"Job {job_id} has already {job.status}; it cannot be cancelled", 400,
-                                   "job_not_cancellable", "fine_tuning_job_id")
-            job.status, job.finished_at, job.estimated_finish = "cancelled", time.time(), None
+                raise BudwoodError(f"Job {job_id} has already {job.status}; it cannot be cancelled",
+                                   code="job_not_cancellable", param="fine_tuning_job_id")
+            job.status, job.finished_at, job.estimated_finish = JobStatus.CANCELLED, time.time(), None
             self._event(s, job_id, "Job cancelled by user request", attempt=job.attempt)
         return job
 
@@ -250,16 +256,16 @@ class JobQueue:
         """A running job checkpoints and stops (pausing -> paused); a waiting one is paused at once."""
         with self.writes.begin() as s:
             job = self._own_job(s, tenant, job_id)
-            if job.status == "running":
-                job.status = "pausing"
+            if job.status == JobStatus.RUNNING:
+                job.status = JobStatus.PAUSING
                 self._event(s, job_id, "Pausing: the job stops at its next step and saves a checkpoint",
                             attempt=job.attempt)
-            elif job.status in ("validating_files", "queued"):
-                job.status, job.lease_owner, job.lease_expires = "paused", None, None
+            elif job.status in WAITING:
+                job.status, job.lease_owner, job.lease_expires = JobStatus.PAUSED, None, None
                 self._event(s, job_id, "Job paused", attempt=job.attempt)
             else:
-                raise ServiceError(f"Job {job_id} is {job.status}; only a running or waiting job can be paused", 400,
-                                   "job_not_pausable", "fine_tuning_job_id")
+                raise BudwoodError(f"Job {job_id} is {job.status}; only a running or waiting job can be paused",
+                                   code="job_not_pausable", param="fine_tuning_job_id")
         return job
 
     def resume(self, tenant: str, job_id: str) -> Job:
@@ -268,11 +274,11 @@ class JobQueue:
         with self.writes.begin() as s:
             t = self._tenant(s, tenant)
             job = self._own_job(s, tenant, job_id)
-            if job.status != "paused":
-                raise ServiceError(f"Job {job_id} is {job.status}; only a paused job can be resumed", 400,
-                                   "job_not_resumable", "fine_tuning_job_id")
+            if job.status != JobStatus.PAUSED:
+                raise BudwoodError(f"Job {job_id} is {job.status}; only a paused job can be resumed",
+                                   code="job_not_resumable", param="fine_tuning_job_id")
             self._check_concurrency(s, t)
-            job.status = "queued" if job.train_examples is not None else "validating_files"
+            job.status = JobStatus.QUEUED if job.train_examples is not None else JobStatus.VALIDATING_FILES
             self._event(s, job_id, "Job resumed; it continues from its last checkpoint", attempt=job.attempt)
         return job
 
@@ -280,15 +286,15 @@ class JobQueue:
         limit = t.max_concurrent_jobs if t.max_concurrent_jobs is not None else self.default_concurrent_jobs
         active = s.scalar(select(func.count()).select_from(Job).where(Job.tenant == t.name, Job.status.in_(ACTIVE)))
         if active >= limit:
-            raise ServiceError(f"tenant {t.name!r} has {active} fine-tuning jobs waiting or running; its limit is "
-                               f"{limit} at a time. Wait for one to finish, or cancel or pause one", 429,
-                               "concurrent_jobs_limit", type_="rate_limit_exceeded")
+            raise LimitExceeded(f"tenant {t.name!r} has {active} fine-tuning jobs waiting or running; its limit is "
+                                f"{limit} at a time. Wait for one to finish, or cancel or pause one",
+                                code="concurrent_jobs_limit")
 
     def _own_job(self, s: Session, tenant: str, job_id: str) -> Job:
         job = s.scalars(self._lock(select(Job).where(Job.id == job_id, Job.tenant == tenant))).first()
         if job is None:
-            raise ServiceError(f"No fine-tuning job found with id {job_id!r}", 404, "job_not_found",
-                               "fine_tuning_job_id")
+            raise NotFoundError(f"No fine-tuning job found with id {job_id!r}", code="job_not_found",
+                                param="fine_tuning_job_id")
         return job
 
     def events(self, tenant: str | None, job_id: str, after: str | None = None, limit: int = 20,
@@ -303,7 +309,7 @@ class JobQueue:
             if after:
                 anchor = s.scalar(select(JobEvent.seq).where(JobEvent.id == after, JobEvent.job_id == job_id))
                 if anchor is None:
-                    raise ServiceError(f"after: no event {after!r} in this job", 400, "invalid_value", "after")
+                    raise BudwoodError(f"after: no event {after!r} in this job", code="invalid_value", param="after")
                 query = query.where(JobEvent.seq < anchor)
             rows = list(s.scalars(query.order_by(JobEvent.seq.desc()).limit(limit + 1)))
         return rows[:limit], len(rows) > limit
@@ -316,7 +322,8 @@ class JobQueue:
             if after:
                 anchor = s.scalar(select(Checkpoint.seq).where(Checkpoint.id == after, Checkpoint.job_id == job_id))
                 if anchor is None:
-                    raise ServiceError(f"after: no checkpoint {after!r} in this job", 400, "invalid_value", "after")
+                    raise BudwoodError(f"after: no checkpoint {after!r} in this job", code="invalid_value",
+                                       param="after")
                 query = query.where(Checkpoint.seq < anchor)
             rows = list(s.scalars(query.order_by(Checkpoint.step.desc()).limit(limit + 1)))
         return rows[:limit], len(rows) > limit
@@ -325,11 +332,12 @@ class JobQueue:
         """The succeeded job whose model has this name (whoever owns it: callers check the tenant)."""
         with self.sessions() as s:
             return s.scalars(select(Job).where(Job.fine_tuned_model == fine_tuned_model,
-                                               Job.status == "succeeded")).first()
+                                               Job.status == JobStatus.SUCCEEDED)).first()
 
     def models(self, tenant: str) -> list[str]:
         with self.sessions() as s:
-            return list(s.scalars(select(Job.fine_tuned_model).where(Job.tenant == tenant, Job.status == "succeeded")
+            return list(s.scalars(select(Job.fine_tuned_model).where(Job.tenant == tenant,
+                                                                       Job.status == JobStatus.SUCCEEDED)
                                   .order_by(Job.seq)))
 
     # -- jobs: the workers' side --------------------------------------------------------------------------
@@ -341,8 +349,9 @@ class JobQueue:
             with self.writes.begin() as s:
                 now = db_now(s)
                 expired = (Job.lease_expires.is_(None)) | (Job.lease_expires < now)
-                query = select(Job).where(or_(Job.status.in_(("validating_files", "queued")) & expired,
-                                              Job.status.in_(("running", "pausing")) & (Job.lease_expires < now)))
+                query = select(Job).where(or_(Job.status.in_(WAITING) & expired,
+                                              Job.status.in_((JobStatus.RUNNING, JobStatus.PAUSING))
+                                              & (Job.lease_expires < now)))
                 job = s.scalars(self._lock(query.order_by(Job.seq).limit(1), skip_locked=True)).first()
                 if job is None:
                     return None
@@ -350,22 +359,22 @@ class JobQueue:
                 died = job.lease_expires is not None  # held by a worker that stopped renewing it
                 if died:
                     job.lost += 1
-                if job.status == "pausing":  # its worker died while pausing: paused at its last checkpoint
-                    job.status, job.lease_expires = "paused", None
+                if job.status == JobStatus.PAUSING:  # its worker died while pausing: paused at its last checkpoint
+                    job.status, job.lease_expires = JobStatus.PAUSED, None
                     self._event(s, job.id, f"Worker {previous} stopped responding while pausing; the job is "
-                                           "paused at its last checkpoint", "warn", attempt=job.attempt)
+                                           "paused at its last checkpoint", EventLevel.WARN, attempt=job.attempt)
                     continue
                 if died and job.lost >= max_attempts:
-                    job.status, job.finished_at, job.lease_expires = "failed", time.time(), None
+                    job.status, job.finished_at, job.lease_expires = JobStatus.FAILED, time.time(), None
                     job.error = {"code": "worker_lost", "param": None,
                                  "message": f"the job's worker stopped responding {job.lost} times (last: "
                                             f"{previous}); the job may be too large for the workers' memory"}
-                    self._event(s, job.id, job.error["message"], "error", attempt=job.attempt)
+                    self._event(s, job.id, job.error["message"], EventLevel.ERROR, attempt=job.attempt)
                     continue
                 if died:
                     self._event(s, job.id, f"Worker {previous} stopped responding; {owner} takes the job over"
-                                + (" from its last checkpoint" if job.status == "running" else ""), "warn",
-                                attempt=job.attempt + 1)
+                                + (" from its last checkpoint" if job.status == JobStatus.RUNNING else ""),
+                                EventLevel.WARN, attempt=job.attempt + 1)
                 job.attempt += 1
                 job.lease_owner, job.lease_expires = owner, now + lease_s
                 return job, Lease(job.id, owner, job.attempt)
@@ -381,7 +390,7 @@ class JobQueue:
                 values["progress"] = progress
                 values["estimated_finish"] = estimated_finish
             done = s.execute(update(Job).where(Job.id == lease.job_id, Job.lease_owner == lease.owner,
-                                               Job.attempt == lease.attempt, Job.status.in_(HOLDING))
+                                               Job.attempt == lease.attempt, Job.status.in_(HELD))
                              .values(**values)).rowcount
             if done:
                 return s.scalar(select(Job.status).where(Job.id == lease.job_id))
@@ -405,7 +414,8 @@ class JobQueue:
             for level, type_, message, data in events:
                 self._event(s, lease.job_id, message, level, type_, data, lease.attempt)
 
-    def _event(self, s: Session, job_id: str, message: str, level: str = "info", type_: str = "message",
+    def _event(self, s: Session, job_id: str, message: str, level: str = EventLevel.INFO,
+               type_: str = EventType.MESSAGE,
                data: dict | None = None, attempt: int = 0) -> None:
         s.add(JobEvent(id=new_id("ftevent-"), job_id=job_id, created_at=time.time(), level=level, type=type_,
                        message=message, data=data, attempt=attempt))
@@ -414,20 +424,20 @@ class JobQueue:
         """Validation done: the "auto" values resolved; the job moves to queued and on to running."""
         with self.writes.begin() as s:
             job = self._fenced(s, lease)
-            if job.status != "validating_files":
+            if job.status != JobStatus.VALIDATING_FILES:
                 raise LeaseLost(lease.job_id)
-            job.hyperparameters, job.status, job.train_examples = hyperparameters, "queued", examples
+            job.hyperparameters, job.status, job.train_examples = hyperparameters, JobStatus.QUEUED, examples
             self._event(s, job.id, "Files validated, moving job to queued state", attempt=lease.attempt)
 
     def start(self, lease: Lease, resumed_from: int | None) -> Job:
         with self.writes.begin() as s:
             job = self._fenced(s, lease)
-            if job.status == "pausing":  # paused while a takeover restored its checkpoint: paused now
-                job.status, job.lease_expires = "paused", None
+            if job.status == JobStatus.PAUSING:  # paused while a takeover restored its checkpoint: paused now
+                job.status, job.lease_expires = JobStatus.PAUSED, None
                 self._event(s, job.id, "Job paused", attempt=lease.attempt)
-            if job.status not in ("queued", "running"):  # running: taken over from a worker that died
+            if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):  # running: taken over from a dead worker
                 raise LeaseLost(lease.job_id)
-            job.status = "running"
+            job.status = JobStatus.RUNNING
             job.started_at = job.started_at or time.time()
             self._event(s, job.id, "Fine-tuning job started" if resumed_from is None else
                         f"Fine-tuning job resumed from its checkpoint at step {resumed_from}", attempt=lease.attempt)
@@ -451,12 +461,13 @@ class JobQueue:
             return s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc())
                              ).first()
 
-    def finish(self, lease: Lease, status: str, message: str, level: str = "info", **values) -> bool:
+    def finish(self, lease: Lease, status: JobStatus, message: str, level: EventLevel = EventLevel.INFO,
+               **values) -> bool:
         """The job's outcome, written once: only by the worker holding it, only while it is in progress.
         Returns False if the job had already ended (cancelled meanwhile) or was taken over."""
         with self.writes.begin() as s:
             job = self._fenced(s, lease)
-            if job.status not in HOLDING:
+            if job.status not in HELD:
                 return False
             job.status, job.lease_expires = status, None  # the owner stays on record: who ended it
             if status in TERMINAL:
@@ -470,8 +481,8 @@ class JobQueue:
         """Give a job back (worker shutting down): waiting again, to resume from its last checkpoint."""
         with self.writes.begin() as s:
             job = self._fenced(s, lease)
-            if job.status in HOLDING:
-                job.status = "paused" if job.status == "pausing" else \
-                    "validating_files" if job.status == "validating_files" else "queued"
+            if job.status in HELD:
+                job.status = JobStatus.PAUSED if job.status == JobStatus.PAUSING else \
+                    JobStatus.VALIDATING_FILES if job.status == JobStatus.VALIDATING_FILES else JobStatus.QUEUED
                 job.lease_owner, job.lease_expires = None, None
-                self._event(s, job.id, message, "warn", attempt=lease.attempt)
+                self._event(s, job.id, message, EventLevel.WARN, attempt=lease.attempt)

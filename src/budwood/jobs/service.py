@@ -1,24 +1,19 @@
-"""`budwood service`: the whole server app (inference, registry, fine-tuning, dashboard) and its workers.
+"""The fine-tuning service's config and `Service`, what both its server and its workers open.
 
-Read top to bottom: the config (YAML, every field documented) -> `Service`, what both the app and
-the workers open: the database (the registry's, with the service's tables), the registry, the queue,
-the tenants and the storage folder -> `create_service_app` -> `run_service`, which also starts the
-configured number of worker processes on this machine.
+Read top to bottom: the config (YAML, every field documented) -> `Service`: the database (the
+registry's, with the service's tables), the registry, the queue, the tenants and the storage folder.
+The server app that serves it all (inference, registry, fine-tuning, dashboard) is assembled in
+budwood.service_app; the workers are jobs/worker.py.
 """
 from __future__ import annotations
 
-import logging
-import multiprocessing
-import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from budwood.config import LoraConfig, load_settings
-from budwood.engine import EngineConfig
 from budwood.db import budwood_home
-
-log = logging.getLogger(__name__)
+from budwood.engine import EngineConfig
 
 
 class _Strict(BaseModel):
@@ -144,50 +139,3 @@ class Service:
     def close(self) -> None:
         self.registry.close()
 
-
-def create_service_app(service: Service, engine=None):
-    """The server app with every route: inference (the base, registry ids, tenants' ft: models),
-    /v1/registry, /v1/files, /v1/fine_tuning and the dashboard, every one scoped to the caller's tenant."""
-    from budwood.jobs.api import files_router, jobs_router
-    from budwood.jobs.serving import FineTunedResolver, ServiceAccess
-    from budwood.jobs.tenants import TenantAuth
-    from budwood.serve.app import create_app
-    from budwood.web.dashboard import dashboard_router
-
-    config = service.config
-    pull_dir = config.home.expanduser() / "served"
-    access = ServiceAccess(service.queue, service.registry)
-    return create_app(config.serving, engine=engine, registry=service.registry, pull_dir=pull_dir,
-                      auth=TenantAuth(service.tenants, config.key_cache_s), access=access,
-                      resolvers=[FineTunedResolver(service.queue, service.storage, service.registry, pull_dir)],
-                      routers=[files_router(service), jobs_router(service), dashboard_router(service)],
-                      title="budwood service", metrics_token=config.metrics_token or "", accept_private_terms=True)
-
-
-def _worker_main(config_json: str, index: int, parent_pid: int) -> None:
-    from budwood.jobs.worker import run_worker
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_worker(ServiceConfig.model_validate_json(config_json), f"{os.uname().nodename}:{os.getpid()}:w{index}",
-               parent_pid=parent_pid)
-
-
-def run_service(config: ServiceConfig) -> None:
-    """Serve on config.host:config.port, with config.workers worker processes beside the server."""
-    import uvicorn
-
-    service = Service(config)
-    service.ensure_key()
-    context = multiprocessing.get_context("spawn")  # fresh interpreters: no torch threads or locks inherited
-    workers = [context.Process(target=_worker_main, args=(config.model_dump_json(), i, os.getpid()), daemon=True)
-               for i in range(config.workers)]
-    for w in workers:
-        w.start()
-    try:
-        uvicorn.run(create_service_app(service), host=config.host, port=config.port, log_level="info")
-    finally:  # (uvicorn re-raises SIGTERM after its shutdown, so then the workers see this process gone)
-        for w in workers:
-            w.terminate()  # SIGTERM: each checkpoints its job and gives it back
-        for w in workers:
-            w.join(timeout=60)
-        service.close()

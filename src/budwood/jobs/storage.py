@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from budwood.artifacts import staged_dir
+from budwood.errors import BudwoodError
 
 FILE_ID = re.compile(r"^file-[A-Za-z0-9]{24}$")
 JOB_ID = re.compile(r"^ftjob-[A-Za-z0-9]{24}$")
@@ -24,7 +25,7 @@ TENANT = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
 
 def _checked(pattern: re.Pattern, value: str, what: str) -> str:
     if not isinstance(value, str) or not pattern.match(value) or ".." in value:
-        raise ValueError(f"bad {what} {value!r}")
+        raise BudwoodError(f"bad {what} {value!r}", code="invalid_value")
     return value
 
 

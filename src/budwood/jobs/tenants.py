@@ -19,9 +19,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
-from budwood.errors import BudwoodError
-from budwood.jobs.models import ApiKey, Tenant
 from budwood.db import writer
+from budwood.errors import BudwoodError, ErrorKind
+from budwood.jobs.models import ApiKey, Tenant
 from budwood.registry.names import RegistryError, check_part
 from budwood.serve.auth import Caller
 
@@ -29,7 +29,7 @@ _KEY = re.compile(r"^bw-([0-9a-f]{16})-([A-Za-z0-9_-]{43})$")
 
 
 class TenantError(BudwoodError):
-    pass
+    """A tenant or key the operator named is wrong (bad name, unknown, already there)."""
 
 
 @dataclass
@@ -70,7 +70,7 @@ class Tenants:
                              max_concurrent_jobs=max_concurrent_jobs)
                 s.add(row)
         except IntegrityError:
-            raise TenantError(f"tenant {name!r} already exists") from None
+            raise TenantError(f"tenant {name!r} already exists", kind=ErrorKind.CONFLICT) from None
         return row
 
     def update(self, name: str, max_storage_bytes: int | None = None, max_concurrent_jobs: int | None = None
@@ -78,7 +78,7 @@ class Tenants:
         with self.writes.begin() as s:
             row = s.get(Tenant, name)
             if row is None:
-                raise TenantError(f"no tenant {name!r}")
+                raise TenantError(f"no tenant {name!r}", kind=ErrorKind.NOT_FOUND)
             if max_storage_bytes is not None:
                 row.max_storage_bytes = max_storage_bytes
             if max_concurrent_jobs is not None:
@@ -93,7 +93,7 @@ class Tenants:
         with self.sessions() as s:
             row = s.get(Tenant, name)
         if row is None:
-            raise TenantError(f"no tenant {name!r} (budwood tenants list shows them)")
+            raise TenantError(f"no tenant {name!r} (budwood tenants list shows them)", kind=ErrorKind.NOT_FOUND)
         return row
 
     def issue_key(self, tenant: str, name: str | None = None) -> IssuedKey:
@@ -109,7 +109,7 @@ class Tenants:
         with self.writes.begin() as s:
             row = s.get(ApiKey, key_id)
             if row is None:
-                raise TenantError(f"no API key {key_id!r} (budwood keys list shows them)")
+                raise TenantError(f"no API key {key_id!r} (budwood keys list shows them)", kind=ErrorKind.NOT_FOUND)
             if row.revoked_at is None:
                 row.revoked_at = time.time()
         return row

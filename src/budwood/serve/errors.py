@@ -23,13 +23,13 @@ log = logging.getLogger(__name__)
 
 STATUS: dict[ErrorKind, int] = {
     ErrorKind.INVALID: 400, ErrorKind.UNAUTHENTICATED: 401, ErrorKind.FORBIDDEN: 403, ErrorKind.NOT_FOUND: 404,
-    ErrorKind.CONFLICT: 409, ErrorKind.TOO_LARGE: 413, ErrorKind.LIMIT: 429, ErrorKind.UNAVAILABLE: 503,
-    ErrorKind.CANCELLED: 499, ErrorKind.INTERNAL: 500,
+    ErrorKind.CONFLICT: 409, ErrorKind.TOO_LARGE: 413, ErrorKind.LIMIT: 429, ErrorKind.QUOTA: 429,
+    ErrorKind.UNAVAILABLE: 503, ErrorKind.CANCELLED: 499, ErrorKind.INTERNAL: 500,
 }
 # OpenAI's error `type`; every kind not named here is an "invalid_request_error"
 ERROR_TYPE: dict[ErrorKind, str] = {
     ErrorKind.FORBIDDEN: "permission_error", ErrorKind.LIMIT: "rate_limit_exceeded",
-    ErrorKind.UNAVAILABLE: "server_error", ErrorKind.INTERNAL: "server_error",
+    ErrorKind.QUOTA: "insufficient_quota", ErrorKind.UNAVAILABLE: "server_error", ErrorKind.INTERNAL: "server_error",
 }
 # how pydantic names the member of a union in an error's location: literal['auto'], constrained-int, int
 _UNION_MEMBER = re.compile(r"^([a-z_-]+\[.*\]|constrained-[a-z]+|function-[a-z-]+|int|float|str|bool|dict|list|none)$")

@@ -297,7 +297,9 @@ def test_a_prompt_longer_than_a_step_alone_and_as_a_context(engines):
     assert engine.score_continuations([(long, engine.encode(" and"))])[0].logprob < 0
 
 
-def test_review_edge_cases(engines, tiny_adapters):
+def test_a_grammar_ends_generation_even_with_ignore_eos_and_limits_come_from_the_cache(engines, tiny_adapters):
+    """A finished JSON grammar stops sampling, many stop strings still finish, no max_tokens is bounded by the KV
+    cache, and adapters registered by hand cannot be renamed or unloaded the load_lora_adapter way."""
     from budwood.engine.grammar import GrammarCompiler
 
     engine = engines["fp32"]

@@ -5,7 +5,8 @@ import time
 import pytest
 from sqlalchemy import text
 
-from budwood.jobs.queue import Lease, LeaseLost, ServiceError
+from budwood.errors import BudwoodError, ConflictError, LimitExceeded, NotFoundError
+from budwood.jobs.queue import Lease, LeaseLost
 from budwood.jobs.tenants import TenantError
 from tests.conftest import queue_service
 
@@ -111,7 +112,7 @@ def test_cancel_pause_and_resume_follow_the_job_states(service):
     waiting = create(service)
     assert q.pause("acme", waiting.id).status == "paused"
     assert q.claim("w1", lease_s=60, max_attempts=3) is None  # paused jobs wait
-    with pytest.raises(ServiceError, match="only a paused job can be resumed"):
+    with pytest.raises(BudwoodError, match="only a paused job can be resumed"):
         q.resume("acme", create(service).id)
     assert q.resume("acme", waiting.id).status == "validating_files"  # paused before its files were checked
     _, lease = q.claim("w1", lease_s=60, max_attempts=3)
@@ -121,11 +122,11 @@ def test_cancel_pause_and_resume_follow_the_job_states(service):
     assert q.heartbeat(lease, 60) == "pausing"  # the worker reads it at its next heartbeat
     assert q.finish(lease, "paused", "paused at step 3")
     assert q.cancel("acme", waiting.id).status == "cancelled"
-    with pytest.raises(ServiceError, match="already cancelled"):
+    with pytest.raises(BudwoodError, match="already cancelled"):
         q.cancel("acme", waiting.id)
-    with pytest.raises(ServiceError) as e:
+    with pytest.raises(NotFoundError) as e:
         q.cancel("other", waiting.id)  # another tenant's job does not exist for it
-    assert e.value.status == 404
+    assert e.value.code == "job_not_found"
 
 
 def test_a_running_job_cancelled_tells_its_worker_and_cannot_succeed(service):
@@ -145,9 +146,9 @@ def test_idempotency_keys_return_the_first_job(service):
     first = create(service, key="k1", body="h1")
     again, created = q.create_job("acme", job_values(), "k1", "h1")
     assert again.id == first.id and not created
-    with pytest.raises(ServiceError, match="different request") as e:
+    with pytest.raises(ConflictError, match="different request") as e:
         q.create_job("acme", job_values(), "k1", "h2")
-    assert e.value.status == 409
+    assert e.value.code == "idempotency_key_reused"
     other, created = q.create_job("other", job_values(training_file=OTHER_TRAIN), "k1", "h1")  # keys are per tenant
     assert created and other.id != first.id
 
@@ -169,9 +170,9 @@ def test_concurrent_creates_with_one_idempotency_key_make_one_job(service):
 def test_concurrent_job_quota(service):
     for _ in range(3):
         create(service)
-    with pytest.raises(ServiceError, match="limit is 3") as e:
+    with pytest.raises(LimitExceeded, match="limit is 3") as e:
         create(service)
-    assert e.value.status == 429
+    assert e.value.code == "concurrent_jobs_limit"
     create(service, tenant="other")  # quotas are per tenant
 
 
@@ -183,8 +184,8 @@ def test_storage_quota_counts_uploads_and_holds_under_races(service, tmp_path):
             service.queue.add_file("acme", f"file-{i:024d}", "x.jsonl", "fine-tune", 300, "0" * 64, "openai", 1,
                                    lambda: None)
             stored.append(i)
-        except ServiceError as e:
-            assert e.status == 429 and "storage quota" in str(e)
+        except LimitExceeded as e:
+            assert e.code == "storage_quota_exceeded" and "storage quota" in str(e)
 
     threads = [threading.Thread(target=add, args=(i,)) for i in range(6)]
     for t in threads:

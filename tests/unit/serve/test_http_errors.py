@@ -49,8 +49,10 @@ def error_of(r) -> dict:
     (ErrorKind.CONFLICT, 409, "invalid_request_error"),
     (ErrorKind.TOO_LARGE, 413, "invalid_request_error"),
     (ErrorKind.LIMIT, 429, "rate_limit_exceeded"),
+    (ErrorKind.QUOTA, 429, "insufficient_quota"),
     (ErrorKind.UNAVAILABLE, 503, "server_error"),
     (ErrorKind.CANCELLED, 499, "invalid_request_error"),
+    (ErrorKind.INTERNAL, 500, "server_error"),
 ])
 def test_a_budwood_error_is_answered_by_its_kind_with_its_code_and_param(kind, status, type_):
     r = app_raising(BudwoodError("the thing is wrong", code="some_code", param="thing", kind=kind)).get("/boom")

@@ -1,4 +1,5 @@
-"""Review of training under torchrun: each test states a documented promise that the code breaks."""
+"""Training under torchrun when things go wrong: an error on one rank ends all ranks, token caps per rank, and the
+process group on GPUs."""
 import time
 
 import pytest

@@ -1,4 +1,5 @@
-"""Review: service bugs seen through the HTTP API (one live service, no worker: every test is quick)."""
+"""What one tenant of a live service can learn of another or of the server (one live service, no worker: every
+test is quick): no server paths, no other tenant's model names or private adapters, quotas that pause cannot dodge."""
 import httpx
 import openai
 import pytest

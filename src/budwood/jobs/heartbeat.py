@@ -1,0 +1,129 @@
+"""A running job's line to the queue: its lease renewed, its progress and events written, and the
+user's cancel or pause brought back to the training loop as a `StopReason` (budwood.train.state).
+
+The heartbeat runs on its own thread every `heartbeat_s`, so a long step never lets the lease run out;
+events are buffered and written in order (one flush at a time), and a checkpoint or an outcome flushes
+first, so that the job's story is complete before it moves on. A database that is away for a moment is
+tried again until the lease must be gone; then the job is given up as lost (another worker has it).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from budwood.jobs.queue import Lease, LeaseLost
+from budwood.jobs.service import Service
+from budwood.jobs.states import EventLevel, EventType, JobStatus
+from budwood.train.state import StopReason
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    """Renews the lease every heartbeat_s on its own thread, carrying progress and buffered events; its
+    `reason` is set when training must stop."""
+
+    def __init__(self, service: Service, lease: Lease, shutdown: threading.Event):
+        self.service, self.lease, self.shutdown = service, lease, shutdown
+        self.config = service.config
+        self.reason: StopReason | None = None
+        self.progress: dict | None = None
+        self.estimated_finish: float | None = None
+        self.events: list[tuple] = []
+        self.lock = threading.Lock()
+        self.flushing = threading.Lock()  # one flush at a time, so events keep their order
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"heartbeat-{lease.job_id}", daemon=True)
+        self.last_ok = time.monotonic()
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(timeout=self.config.lease_s)
+
+    def emit(self, message: str, level: EventLevel = EventLevel.INFO, type_: EventType = EventType.MESSAGE,
+             data: dict | None = None) -> None:
+        with self.lock:
+            self.events.append((level, type_, message, data))
+
+    def flush(self) -> None:
+        """Events and progress to the database now (checkpoints and outcomes call this first)."""
+        with self.flushing:
+            self._flush()
+
+    def _flush(self) -> None:
+        with self.lock:
+            events, self.events = self.events, []
+            progress, eta = self.progress, self.estimated_finish
+        try:
+            self.service.queue.emit(self.lease, events)
+        except Exception:
+            with self.lock:
+                self.events[:0] = events  # kept for the next try
+            raise
+        status = self.service.queue.heartbeat(self.lease, self.config.lease_s, progress, eta)
+        self.last_ok = time.monotonic()
+        if status == JobStatus.CANCELLED and not self.reason:
+            self.reason = StopReason.CANCELLED
+        elif status == JobStatus.PAUSING and not self.reason:
+            self.reason = StopReason.PAUSED
+
+    def _run(self) -> None:
+        while not self.done.wait(self.config.heartbeat_s):
+            if self.shutdown.is_set() and not self.reason:
+                self.reason = StopReason.SHUTDOWN
+            try:
+                self.flush()
+            except LeaseLost:
+                self.reason = StopReason.LEASE_LOST
+                return
+            except Exception as e:  # the database away for a moment: try again, until the lease must be gone
+                log.warning("heartbeat of %s failed: %s", self.lease.job_id, e)
+                if time.monotonic() - self.last_ok > self.config.lease_s:
+                    self.reason = StopReason.LEASE_LOST
+                    return
+
+
+class JobProgress:
+    """budwood.train.recipe.Progress for a job: per-step metrics events and the estimated finish."""
+
+    def __init__(self, beat: Heartbeat):
+        self.beat = beat
+        self.started = time.time()
+        self.first_step = 0
+        self.total = 0
+        self.valid_loss: float | None = None
+
+    def start(self, total_steps: int, first_step: int) -> None:
+        self.total, self.first_step, self.started = total_steps, first_step, time.time()
+
+    def update(self, record: dict) -> None:
+        step = record["step"]
+        if "val_loss" in record:
+            self.valid_loss = record["val_loss"]
+            self.beat.emit(f"Step {step}/{self.total}: validation loss={record['val_loss']:.4f}",
+                           type_=EventType.METRICS,
+                           data={"step": step, "valid_loss": record["val_loss"], "total_steps": self.total})
+            with self.beat.lock:
+                if self.beat.progress is not None:
+                    self.beat.progress = dict(self.beat.progress, valid_loss=self.valid_loss)
+            return
+        data = {"step": step, "train_loss": record["loss"], "total_steps": self.total,
+                "tokens_per_s": record.get("tokens_per_s"), "learning_rate": record.get("lr")}
+        self.beat.emit(f"Step {step}/{self.total}: training loss={record['loss']:.4f}", type_=EventType.METRICS,
+                       data=data)
+        done = step - self.first_step
+        rate = (time.time() - self.started) / done if done > 0 else None
+        with self.beat.lock:
+            self.beat.progress = {"step": step, "total_steps": self.total, "train_loss": record["loss"],
+                                  "valid_loss": self.valid_loss, "tokens_per_s": record.get("tokens_per_s")}
+            self.beat.estimated_finish = time.time() + rate * (self.total - step) if rate else None
+
+    def note(self, message: str) -> None:
+        self.beat.emit(message, EventLevel.WARN if message.startswith("warning") else EventLevel.INFO)
+
+    def stop(self) -> None:
+        pass

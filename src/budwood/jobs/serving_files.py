@@ -1,0 +1,115 @@
+"""What /v1/files does, without HTTP: a tenant's uploads checked, stored and listed.
+
+Uploads are read as JSONL text and checked by the same validator as `budwood data check` before
+they are accepted (errors name the line and the problem, and the client's file name, never the
+scratch copy's path); nothing uploaded is ever executed or unpickled. The bytes are counted while
+they arrive and written beside the store, then moved into place inside the transaction that checks
+the tenant's storage quota (queue.add_file).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import shutil
+from pathlib import Path
+from typing import Protocol
+
+from budwood.errors import BudwoodError, DataError, ErrorKind
+from budwood.jobs.protocol import FileDeleted, FileObject, Page
+from budwood.jobs.queue import new_id
+from budwood.jobs.service import Service
+from budwood.jobs.states import FilePurpose
+
+PURPOSES = (FilePurpose.FINE_TUNE,)  # what a tenant may upload (results files are the service's own)
+_UNSAFE = re.compile(r"[^A-Za-z0-9._ -]")
+
+
+class Upload(Protocol):
+    """A file part of a multipart body (starlette's UploadFile has this shape)."""
+
+    filename: str | None
+
+    async def read(self, size: int) -> bytes: ...
+
+
+def safe_filename(name: str | None) -> str:
+    """The client's file name, for display only: no folders, no control or odd characters."""
+    base = (name or "upload.jsonl").replace("\\", "/").rsplit("/", 1)[-1]
+    base = _UNSAFE.sub("_", base).strip(" .") or "upload.jsonl"
+    return base[:200]
+
+
+def too_large(limit: int, size: int | None = None) -> BudwoodError:
+    message = f"the file has {size:,} bytes; this service's limit is {limit:,}" if size is not None else \
+        f"the upload is larger than this service's limit of {limit:,} bytes per file"
+    return BudwoodError(message, code="file_too_large", param="file", kind=ErrorKind.TOO_LARGE)
+
+
+def validate_upload(path: Path) -> tuple[str, int]:
+    """(format, examples) of a training file; its problems, every one, as a refusal naming lines."""
+    from budwood.data.formats import read_dataset
+
+    try:
+        dataset = read_dataset(path, "auto", min_examples=1)
+    except DataError as e:  # told by the client's file name, never the scratch copy's path
+        issues = e.issues or []
+        shown = "\n".join(str(i) for i in issues[:20]) if issues else str(e)
+        shown = shown.replace(str(path), path.name).replace(str(path.parent) + "/", "")
+        more = f"\n... and {len(issues) - 20} more" if len(issues) > 20 else ""
+        head = f"{path.name}: {len([i for i in issues if i.level == 'error'])} error(s); nothing was stored:\n" \
+            if issues else ""
+        raise BudwoodError(head + shown + more, code="invalid_file", param="file") from None
+    return dataset.format, len(dataset.conversations)
+
+
+class ServingFiles:
+    """The files surface (held on `app.state.serving_files`); every method is scoped to one tenant."""
+
+    def __init__(self, service: Service):
+        self.queue, self.storage = service.queue, service.storage
+        self.limit = service.config.quotas.file_bytes
+
+    async def upload(self, tenant: str, purpose: object, upload: Upload | str | None) -> FileObject:
+        if not isinstance(purpose, str) or purpose not in PURPOSES:
+            raise BudwoodError(f"purpose {purpose!r} is not supported here; this service accepts "
+                               f"{', '.join(PURPOSES)}", code="invalid_value", param="purpose")
+        if upload is None or isinstance(upload, str):
+            raise BudwoodError("the field 'file' must be a file", code="invalid_value", param="file")
+        tmp = self.storage.tmp_dir()
+        try:
+            path = tmp / safe_filename(upload.filename)
+            digest, size = hashlib.sha256(), 0
+            with open(path, "wb") as out:
+                while chunk := await upload.read(1 << 20):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    out.write(chunk)
+            if size > self.limit:
+                raise too_large(self.limit, size)
+            format_, examples = await asyncio.to_thread(validate_upload, path)
+            file_id = new_id("file-")
+            row = await asyncio.to_thread(self.queue.add_file, tenant, file_id, path.name, purpose, size,
+                                          digest.hexdigest(), format_, examples,
+                                          lambda: self.storage.put_file(tenant, file_id, path))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return FileObject.of(row)
+
+    async def list(self, tenant: str, purpose: str | None, after: str | None, limit: int, order: str
+                   ) -> Page[FileObject]:
+        rows, more = await asyncio.to_thread(self.queue.list_files, tenant, purpose, after, limit, order)
+        return Page[FileObject].of([FileObject.of(r) for r in rows], more)
+
+    async def retrieve(self, tenant: str, file_id: str) -> FileObject:
+        return FileObject.of(await asyncio.to_thread(self.queue.get_file, tenant, file_id))
+
+    async def delete(self, tenant: str, file_id: str) -> FileDeleted:
+        await asyncio.to_thread(self.queue.delete_file, tenant, file_id,
+                                lambda: self.storage.delete_file(tenant, file_id))
+        return FileDeleted(id=file_id)
+
+    async def content(self, tenant: str, file_id: str) -> tuple[Path, str]:
+        """The stored bytes' path and the name the tenant gave the file."""
+        row = await asyncio.to_thread(self.queue.get_file, tenant, file_id)
+        return self.storage.file_path(tenant, row.id), row.filename
