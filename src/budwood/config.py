@@ -121,13 +121,14 @@ def _field_names(model: type[BaseModel], path: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _explain(err: ValidationError, model: type[BaseModel], source: str, overridden: set[str]) -> ConfigError:
-    """One line per problem: where it came from (the file, or the --set that gave the key), the key, what is wrong."""
+def _explain(err: ValidationError, model: type[BaseModel], source: str, blame: dict[str, str]) -> ConfigError:
+    """One line per problem: where it came from (the file, or the --set or option that gave the key), the key,
+    what is wrong."""
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
         key = ".".join(str(p) for p in loc) or "(top level)"
-        where = f"--set {key}" if key in overridden else source
+        where = blame.get(key, source)
         if e["type"] == "extra_forbidden":
             hint = did_you_mean(str(loc[-1]), _field_names(model, loc))
             lines.append(f"{where}: unknown key '{key}'{hint}")
@@ -135,7 +136,7 @@ def _explain(err: ValidationError, model: type[BaseModel], source: str, overridd
             lines.append(f"{where}: missing required key '{key}'")
         else:
             got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
-            lines.append(f"{where}: {key}: {e['msg']}{got}")
+            lines.append(f"{where}: {key}: {e['msg'].removeprefix('Value error, ')}{got}")
     return ConfigError("\n".join(lines))
 
 
@@ -180,11 +181,12 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
 
 
 def load_settings(model: type[SettingsT], path: str | Path | None, overrides: list[str] | None = None, *,
-                  base: dict[str, Any] | None = None, values: dict[str, Any] | None = None) -> SettingsT:
+                  base: dict[str, Any] | None = None, values: dict[str, Any] | None = None,
+                  labels: dict[str, str] | None = None) -> SettingsT:
     """The one loader of every settings model (training, evaluation, card info, service): `base` defaults,
-    then a YAML file, then `values` (dotted keys to typed values, as CLI options give them), then
-    `key=value` overrides (--set, parsed as YAML). Errors name the file or the --set, the key and the problem,
-    with a did-you-mean for unknown keys."""
+    then a YAML file, then `values` (dotted keys to typed values, as CLI options give them; `labels` names
+    the option each came from), then `key=value` overrides (--set, parsed as YAML). Errors name the file,
+    option or --set, the key and the problem, with a did-you-mean for unknown keys."""
     raw: dict[str, Any] = dict(base or {})
     if path is not None:
         raw.update(read_yaml_mapping(path))
@@ -194,8 +196,10 @@ def load_settings(model: type[SettingsT], path: str | Path | None, overrides: li
     try:
         return model.model_validate(raw)
     except ValidationError as e:
-        overridden = {o.split("=", 1)[0].strip() for o in overrides or []} | set(values or {})
-        raise _explain(e, model, str(path) if path is not None else "--set", overridden) from None
+        blame = {key: (labels or {}).get(key, key) for key in values or {}}
+        blame |= {key: f"--set {key}" for key in (o.split("=", 1)[0].strip() for o in overrides or [])}
+        source = str(path) if path is not None else "--set" if overrides and not values else "settings"
+        raise _explain(e, model, source, blame) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None,

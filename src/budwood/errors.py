@@ -3,7 +3,7 @@
 Domain code raises these and knows nothing of HTTP. Each error has a `kind` (what went wrong, in
 words a caller can act on) and may carry a machine-readable `code` and the `param` it is about; each
 surface says it its own way in one place: the HTTP apps map `kind` to a status and OpenAI's error
-object (serve/errors.py), the CLI prints the message and exits 1 (cli/ boundary).
+object (serve/errors.py), the CLI prints the message and exits 2 (cli/boundary.py).
 """
 from __future__ import annotations
 

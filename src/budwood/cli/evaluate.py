@@ -39,14 +39,15 @@ def eval_cmd(
     from budwood.eval.run import load_eval_config, run_eval
 
     given = {"target": target, "limit": limit, "precision": precision, "device": device, "api_key_env": api_key_env}
-    overrides = {k: v for k, v in given.items() if v is not None}
+    options = {k: v for k, v in given.items() if v is not None}
     if suite:
-        overrides["suites"] = [s.strip() for s in suite.split(",") if s.strip()]
+        options["suites"] = [s.strip() for s in suite.split(",") if s.strip()]
     if records:
-        overrides["records"] = True
+        options["records"] = True
     if config is None and target is None:
         raise BudwoodError("--target is required (or a --config that names one)")
-    cfg = load_eval_config(config, overrides, set_)
+    labels = {key: "--suite" if key == "suites" else "--" + key.replace("_", "-") for key in options}
+    cfg = load_eval_config(config, options, set_, labels)
     with EvalProgress() as progress:
         results = run_eval(cfg, progress)
     path = write_results(results, out_path or Path("eval-results.json"))

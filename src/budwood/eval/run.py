@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from budwood.config import load_settings
 from budwood.errors import did_you_mean
@@ -50,15 +50,20 @@ class EvalConfig(BaseModel):
     reproducibility: ReproducibilityConfig = Field(default_factory=ReproducibilityConfig)
     bias: BiasConfig = Field(default_factory=BiasConfig)
 
-    def model_post_init(self, _context) -> None:
-        for name in self.suites:
+    @field_validator("suites")
+    @classmethod
+    def _known_suites(cls, suites: list[str]) -> list[str]:
+        for name in suites:
             if name not in SUITES:
                 raise ValueError(f"unknown suite {name!r}{did_you_mean(name, SUITES)}; choose from {', '.join(SUITES)}")
+        return suites
 
 
-def load_eval_config(path: Path | None, values: dict, overrides: list[str] | None = None) -> EvalConfig:
-    """A YAML eval config, then `values` (dotted keys, typed: the CLI's options), then `--set key=value`."""
-    return load_settings(EvalConfig, path, overrides, values=values)
+def load_eval_config(path: Path | None, values: dict, overrides: list[str] | None = None,
+                     labels: dict[str, str] | None = None) -> EvalConfig:
+    """A YAML eval config, then `values` (dotted keys, typed: the CLI's options, named in errors by `labels`),
+    then `--set key=value`."""
+    return load_settings(EvalConfig, path, overrides, values=values, labels=labels)
 
 
 def run_eval(config: EvalConfig, progress: Progress | None = None) -> EvalResults:

@@ -118,7 +118,13 @@ class LocalRegistry:
         if len({f.path for f in request.files}) != len(request.files):
             raise RegistryError(f"{ref}: a file is named twice in the manifest")
         with tempfile.TemporaryDirectory(dir=self.store.root / "tmp") as tmp:
-            facts = self._inspect(Path(tmp), request, license)
+            try:
+                facts = self._inspect(Path(tmp), request, license)
+            except RegistryError:
+                raise
+            except BudwoodError as e:  # about the staged copy: name the version, never the server's folder
+                raise RegistryError(str(e).replace(str(Path(tmp).resolve()), str(ref)).replace(tmp, str(ref)),
+                                    code=e.code, param=e.param) from None
         explicit = ref.version or request.version
         wanted = parse_version(explicit) if explicit else None
         for attempt in range(3):  # an automatic version taken by a concurrent publish: take the next one

@@ -109,14 +109,11 @@ def caller_of(request: Request) -> Caller:
 CallerDep = Annotated[Caller, Depends(caller_of)]
 
 
-def operator_only(request: Request, caller: CallerDep) -> Caller:
-    """Dependency for routes that change the server itself (loading adapters): its operator only."""
+def operator_only(caller: CallerDep) -> None:
+    """Dependency of the routes that change the server itself (loading and unloading adapters): its operator
+    only. It runs before the body is read, so a tenant learns nothing from validation errors either."""
     if caller.tenant is not None:
-        raise ForbiddenError(f"only the server's operator may call {request.url.path}")
-    return caller
-
-
-OperatorDep = Annotated[Caller, Depends(operator_only)]
+        raise ForbiddenError("only the server's operator may load or unload adapters")
 
 
 class ModelAccess(Protocol):

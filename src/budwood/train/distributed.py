@@ -47,10 +47,6 @@ class Dist:
     strategy: str = "none"  # none | ddp | fsdp
 
     @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
     def active(self) -> bool:
         return self.world > 1
 

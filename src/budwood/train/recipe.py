@@ -54,6 +54,14 @@ class TrainingInterrupted(TrainingError):
         self.step, self.checkpoint, self.reason = step, checkpoint, reason
 
 
+@dataclass(frozen=True)
+class Stopped:
+    """Why a run ended before its budget: a signal (Ctrl-C, SIGTERM) or whatever `stop` returned."""
+
+    reason: StopReason | str
+    signal: bool
+
+
 class Progress(Protocol):
     def start(self, total_steps: int, first_step: int) -> None: ...
     def update(self, record: dict) -> None: ...
@@ -131,9 +139,9 @@ def train(config: TrainConfig, resume: bool = False, progress: Progress | None =
         with locked_output_dir(Path(config.output_dir)) if strategy.is_main else nullcontext():
             run = TrainingRun(config, strategy, progress or _LogProgress(), stop, on_checkpoint)
             run.setup(resume)
-            reason = run.train()
-            if reason is not StopReason.FINISHED:
-                run.interrupt(reason)
+            stopped = run.train()
+            if stopped is not None:
+                run.interrupt(stopped)
             out = run.finish()
     except BaseException:
         strategy.teardown(failed=True)
@@ -298,8 +306,8 @@ class TrainingRun:
         self.progress.note(f"resumed from {path} (step {self.state.step})")
 
     # --- train ---------------------------------------------------------------------------------
-    def train(self) -> StopReason | str:
-        """Steps until the budget is spent (FINISHED), Ctrl-C (INTERRUPTED) or `stop` gives a reason."""
+    def train(self) -> Stopped | None:
+        """Steps until the budget is spent (None), a signal, or `stop` gives a reason (whatever it is)."""
         self.position = EpochCursor(self._plan, self.state.epoch, self.state.cursor)
         self.progress.start(self.total_steps, self.state.step)
         self.clock.start_loop(self.state.elapsed_s)
@@ -315,10 +323,10 @@ class TrainingRun:
                     self.checkpoint()
                 reason = self._stop_requested()
                 if reason:
-                    return reason
+                    return Stopped(reason, signal=False)
         except KeyboardInterrupt:
-            return StopReason.INTERRUPTED
-        return StopReason.FINISHED
+            return Stopped(StopReason.INTERRUPTED, signal=True)
+        return None
 
     def step(self) -> StepResult:
         """One optimizer step over the next gradient_accumulation micro-batches of the plan. The loss is
@@ -428,11 +436,11 @@ class TrainingRun:
         return path
 
     # --- finish --------------------------------------------------------------------------------
-    def interrupt(self, reason: StopReason | str) -> NoReturn:
+    def interrupt(self, stopped: Stopped) -> NoReturn:
         """Checkpoint and raise TrainingInterrupted. A signal finds several ranks at different points:
         they keep the last periodic checkpoint (a `stop` reason, decided by rank 0, finds them together)."""
-        signalled = reason is StopReason.INTERRUPTED
-        save = self.state.step > 0 and (self.strategy.saves_on_signal or not signalled)
+        reason = stopped.reason
+        save = self.state.step > 0 and (self.strategy.saves_on_signal or not stopped.signal)
         path = self.checkpoint() if save else None
         self.metrics.close()
         raise TrainingInterrupted(f"{reason} at step {self.state.step}; " + (

@@ -18,11 +18,10 @@ if TYPE_CHECKING:
 
 
 class StopReason(StrEnum):
-    """Why a run ended, short of an error (a nan loss is a TrainingError). `train()`'s `stop` callback
-    returns one of the requested ones (any other string is reported as given); each value is the word
-    TrainingInterrupted's message starts with."""
+    """Why a run stopped short of its step budget (a nan loss is a TrainingError, not a stop). `train()`'s
+    `stop` callback returns one of the requested ones (any other string is reported as given); each value
+    is the word TrainingInterrupted's message starts with."""
 
-    FINISHED = "finished"  # the step budget is spent
     INTERRUPTED = "interrupted"  # Ctrl-C, or SIGTERM (the CLI turns it into Ctrl-C)
     # asked for by `stop` (the fine-tuning service's worker):
     CANCELLED = "cancelled"

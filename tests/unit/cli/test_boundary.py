@@ -53,3 +53,12 @@ def test_every_command_family_is_registered():
     names = set(typer.main.get_command(app).commands)
     assert {"train", "data", "demo", "eval", "card", "sign", "verify", "publish", "pull", "keys", "merge", "compose",
             "serve", "service", "worker", "tenants"} <= names
+
+
+def test_an_option_error_is_blamed_on_the_option_not_on_a_set_never_given():
+    done = CliRunner().invoke(app, ["eval", "--target", "budwood-tiny", "--precision", "xx"])
+    assert done.exit_code == 2 and "error: --precision: precision: Input should be" in done.stderr, done.stderr
+    done = CliRunner().invoke(app, ["eval", "--target", "budwood-tiny", "--suite", "groundin"])
+    assert "error: --suite: suites: unknown suite 'groundin' (did you mean 'grounding'?)" in done.stderr
+    done = CliRunner().invoke(app, ["eval", "--target", "budwood-tiny", "--set", "limt=3"])
+    assert "error: --set limt: unknown key 'limt' (did you mean 'limit'?)" in done.stderr

@@ -88,8 +88,12 @@ def test_an_unknown_model_is_404_model_not_found(served):
 def test_a_tenant_may_not_load_or_unload_adapters(served, route):
     client, stand_in = served
     r = client.post(f"/v1/{route}", json={"lora_name": "x", "lora_path": "y"}, headers=bearer(TENANT_KEY))
-    assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+    assert r.status_code == 403 and r.json()["error"] == {
+        "message": "only the server's operator may load or unload adapters", "type": "permission_error",
+        "param": None, "code": None}
     assert stand_in.calls == []
+    bad_body = client.post(f"/v1/{route}", json={"nonsense": 1}, headers=bearer(TENANT_KEY))
+    assert bad_body.status_code == 403  # refused before validation: a tenant learns nothing from it
 
 
 def test_the_operator_loads_and_unloads_adapters_with_vllms_answers(served):
@@ -150,3 +154,24 @@ def test_a_tenant_may_not_publish_in_another_namespace():
     r = registry_client(Caller("acme", frozenset({"acme"}), frozenset({"acme"}))).post(
         "/v1/registry/adapters/other/x/versions", json={"id": "other/x", "license": "MIT", "files": []})
     assert r.status_code == 403 and "acme" in r.json()["error"]["message"]
+
+
+def test_a_publish_that_is_not_an_adapter_does_not_reveal_the_servers_folders(tmp_path, monkeypatch):
+    """A manifest whose files are not an adapter is refused (400) naming the version, never the server's
+    temporary folder where its blobs were staged."""
+    import hashlib
+
+    from budwood.registry.local import LocalRegistry
+
+    monkeypatch.setenv("BUDWOOD_HOME", str(tmp_path / "home"))
+    registry = LocalRegistry(f"sqlite:///{tmp_path / 'r.db'}", tmp_path / "blobs")
+    client = TestClient(create_app(api_key="k", registry=registry))
+    readme = b"# not an adapter\n"
+    digest = hashlib.sha256(readme).hexdigest()
+    assert client.put(f"/v1/registry/blobs/{digest}", content=readme, headers=bearer("k")).status_code == 201
+    r = client.post("/v1/registry/adapters/acme/x/versions", headers=bearer("k"),
+                    json={"id": "acme/x", "version": "1.0.0", "license": "apache-2.0",
+                          "files": [{"path": "README.md", "sha256": digest, "size": len(readme)}]})
+    assert r.status_code == 400 and "acme/x" in r.json()["error"]["message"], r.text
+    assert str(tmp_path) not in r.text, r.text
+    registry.close()

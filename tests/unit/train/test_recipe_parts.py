@@ -10,7 +10,7 @@ from budwood.data.template import IGNORE, Encoded
 from budwood.train.data import EpochCursor, PreparedData
 from budwood.train.distributed import Single
 from budwood.train.loss import SFT, LossModule
-from budwood.train.recipe import StepResult, StopReason, TrainingInterrupted, TrainingRun
+from budwood.train.recipe import StepResult, Stopped, StopReason, TrainingInterrupted, TrainingRun
 
 
 def test_the_cursor_runs_an_accumulation_window_across_an_epochs_end():
@@ -79,29 +79,39 @@ class _Silent:
 
 def test_the_loop_runs_to_the_budget_checkpointing_on_schedule_but_not_at_the_end(tmp_path):
     run = _Run(tmp_path, total=5)
-    assert run.train() is StopReason.FINISHED
+    assert run.train() is None  # the budget spent: nothing stopped it
     assert run.state.step == 5 and run.saved_at == [2, 4]  # finish() writes the last one
 
 
 def test_a_stop_reason_ends_the_loop_after_the_step_and_checkpoints_it(tmp_path):
     run = _Run(tmp_path, total=10, stop=lambda: StopReason.PAUSED if run.state.step == 3 else None)
-    reason = run.train()
-    assert reason is StopReason.PAUSED and run.state.step == 3
+    stopped = run.train()
+    assert stopped == Stopped(StopReason.PAUSED, signal=False) and run.state.step == 3
     with pytest.raises(TrainingInterrupted, match="^paused at step 3; checkpoint saved to step-3") as e:
-        run.interrupt(reason)
+        run.interrupt(stopped)
     assert e.value.reason is StopReason.PAUSED and e.value.step == 3 and run.saved_at == [2, 3]
+
+
+@pytest.mark.parametrize("reason", [StopReason.INTERRUPTED, "any words", "finished"])
+def test_whatever_a_stop_callback_answers_stops_the_run_and_is_not_a_signal(tmp_path, reason):
+    """Any answer of `stop` ends the run short of its budget (never as if it had finished), and is not taken
+    for Ctrl-C: under DDP/FSDP a stop, decided by rank 0, finds the ranks together, so it is checkpointed."""
+    run = _Run(tmp_path, total=10, stop=lambda: reason if run.state.step == 3 else None)
+    assert run.train() == Stopped(reason, signal=False) and run.state.step == 3
 
 
 def test_ctrl_c_in_a_step_saves_the_step_before(tmp_path):
     run = _Run(tmp_path, total=10, interrupt_at=4)
-    assert run.train() is StopReason.INTERRUPTED and run.state.step == 3
+    stopped = run.train()
+    assert stopped == Stopped(StopReason.INTERRUPTED, signal=True) and run.state.step == 3
     with pytest.raises(TrainingInterrupted, match="^interrupted at step 3; checkpoint saved"):
-        run.interrupt(StopReason.INTERRUPTED)
+        run.interrupt(stopped)
 
 
 def test_ctrl_c_before_the_first_step_has_nothing_to_save(tmp_path):
     run = _Run(tmp_path, total=10, interrupt_at=1)
-    assert run.train() is StopReason.INTERRUPTED
+    stopped = run.train()
+    assert stopped.signal
     with pytest.raises(TrainingInterrupted, match="nothing to save yet"):
-        run.interrupt(StopReason.INTERRUPTED)
+        run.interrupt(stopped)
     assert run.saved_at == []
