@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "budwood"
 
 
 def unit_of(path: Path) -> str:
-    """The package a module belongs to: `train` for train/recipe.py, `cli` for cli.py."""
+    """The package a module belongs to: `train` for train/recipe.py, `cli` for cli/train.py, `config` for config.py."""
     rel = path.relative_to(SRC)
     return rel.parts[0] if len(rel.parts) > 1 else rel.stem
 
