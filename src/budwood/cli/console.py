@@ -12,7 +12,22 @@ console = Console(stderr=True)
 out = Console()
 
 
-class RichProgress:
+class _Bar:
+    """A rich progress bar as a context manager: it stops however the command ends."""
+
+    bar: object
+
+    def stop(self) -> None:
+        self.bar.stop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class RichProgress(_Bar):
     """Progress bar with loss, tokens/s and ETA (implements budwood.train.recipe.Progress)."""
 
     def __init__(self) -> None:
@@ -38,17 +53,8 @@ class RichProgress:
     def note(self, message: str) -> None:
         console.print(message, markup=False, highlight=False)
 
-    def stop(self) -> None:
-        self.bar.stop()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-class EvalProgress:
+class EvalProgress(_Bar):
     """One bar per batch of work: requests done, requests/s, ETA (implements budwood.eval.context.Progress)."""
 
     def __init__(self) -> None:
@@ -70,23 +76,12 @@ class EvalProgress:
         rate = done / max(time.perf_counter() - self.t0, 1e-9)
         self.bar.update(self.task, completed=done, rate=f"{rate:,.1f} req/s")
 
-    def stop(self) -> None:
-        self.bar.stop()
-
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
 
 def sigterm_as_interrupt() -> None:
     """A polite kill (SIGTERM) saves a checkpoint like Ctrl-C does."""
     def handler(signum, frame):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, handler)
-
 
 
 def print_results_table(results, title: str) -> None:
@@ -98,7 +93,6 @@ def print_results_table(results, title: str) -> None:
     for row in summary_rows(results):
         table.add_row(*row)
     out.print(table)
-
 
 
 def print_comparison(rows: list[dict], label_a: str, label_b: str) -> None:

@@ -68,6 +68,8 @@ def merge_cmd(
         console.print(f"[yellow]warning:[/] {warning}")
     if into_base is not None:
         out.print(f"full model: {merge_into_base(result.path, into_base)}")
+
+
 @app.command("compose")
 def compose_cmd(
     adapters: list[str] = typer.Argument(..., help="adapter folders or registry ids on one base"),

@@ -51,6 +51,8 @@ def service_cmd(
     extra = [f"{k}={v}" for k, v in (("workers", workers), ("host", host), ("port", port)) if v is not None]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_service(_config(config, set_ + extra))
+
+
 @app.command("worker")
 def worker_cmd(config: Path = ConfigOption, set_: list[str] = SetOption,
                worker_id: str = typer.Option(None, "--id", help="this worker's name in events (default host:pid)")
@@ -65,6 +67,8 @@ def worker_cmd(config: Path = ConfigOption, set_: list[str] = SetOption,
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_worker(_config(config, set_), worker_id)
+
+
 @tenants_app.command("create")
 def tenants_create_cmd(
     name: str = typer.Argument(..., help="tenant name; also its registry namespace"),
