@@ -145,13 +145,9 @@ def check_new_folder(out: Path, what: str = "output folder") -> Path:
     return out
 
 
-def merge_adapters(sources: list[str], out: str | Path, weights: list[float] | None = None,
-                   method_name: str = "cat", rank: int | None = None, density: float | None = None,
-                   seed: int = 0, registry=None, accept_license: bool = False, extra: dict | None = None
-                   ) -> MergeResult:
-    """Merge adapters into a new adapter directory `out` (complete or absent, whatever interrupts it).
-    `extra` goes into budwood.json's merge record (compose adds its search there)."""
-    how = method(method_name)
+def _checked_weights(how, sources: list[str], weights: list[float] | None, rank: int | None,
+                     density: float | None, seed: int) -> list[float]:
+    """The merge's options checked before any parent is read; the weights, one per adapter (1 each by default)."""
     if len(sources) < 1:
         raise MergeError("give at least one adapter to merge")
     weights = list(weights) if weights is not None else [1.0] * len(sources)
@@ -172,6 +168,17 @@ def merge_adapters(sources: list[str], out: str | Path, weights: list[float] | N
                          f"load), got {rank}")
     if not 0 <= seed < 2**31:
         raise MergeError(f"--seed must be between 0 and 2**31 - 1, got {seed}")
+    return weights
+
+
+def merge_adapters(sources: list[str], out: str | Path, weights: list[float] | None = None,
+                   method_name: str = "cat", rank: int | None = None, density: float | None = None,
+                   seed: int = 0, registry=None, accept_license: bool = False, extra: dict | None = None
+                   ) -> MergeResult:
+    """Merge adapters into a new adapter directory `out` (complete or absent, whatever interrupts it).
+    `extra` goes into budwood.json's merge record (compose adds its search there)."""
+    how = method(method_name)
+    weights = _checked_weights(how, sources, weights, rank, density, seed)
     out = check_new_folder(out)
 
     parents = [read_parent(s, resolve(s, registry, accept_license)) for s in sources]
