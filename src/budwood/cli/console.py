@@ -84,17 +84,6 @@ def sigterm_as_interrupt() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def print_results_table(results, title: str) -> None:
-    from budwood.eval.results import summary_rows
-
-    table = Table(title=title)
-    for col, just in (("suite", "left"), ("metric", "left"), ("value", "right"), ("95% interval", "left")):
-        table.add_column(col, justify=just, no_wrap=col != "95% interval", overflow="fold")
-    for row in summary_rows(results):
-        table.add_row(*row)
-    out.print(table)
-
-
 def print_comparison(rows: list[dict], label_a: str, label_b: str) -> None:
     table = Table(title=f"A = {label_a}\nB = {label_b}")
     for col, just in (("suite", "left"), ("metric", "left"), ("A", "right"), ("B", "right"), ("B - A", "right"),

@@ -4,11 +4,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.table import Table
 
-from budwood.cli.console import EvalProgress, out, print_comparison, print_results_table
+from budwood.cli.console import EvalProgress, out, print_comparison
 from budwood.errors import BudwoodError
 
 app = typer.Typer(help="Evaluate a model, an adapter or an endpoint; compare results.")
+
+
+def _print_results_table(results, title: str) -> None:
+    from budwood.eval.results import summary_rows
+
+    table = Table(title=title)
+    for col, just in (("suite", "left"), ("metric", "left"), ("value", "right"), ("95% interval", "left")):
+        table.add_column(col, justify=just, no_wrap=col != "95% interval", overflow="fold")
+    for row in summary_rows(results):
+        table.add_row(*row)
+    out.print(table)
 
 
 @app.callback(invoke_without_command=True)
@@ -51,7 +63,7 @@ def eval_cmd(
     with EvalProgress() as progress:
         results = run_eval(cfg, progress)
     path = write_results(results, out_path or Path("eval-results.json"))
-    print_results_table(results, f"{cfg.target}")
+    _print_results_table(results, f"{cfg.target}")
     out.print(f"results: {path}  ({results.seconds:.0f} s)")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
-from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.orm import DeclarativeBase, sessionmaker
 
 from budwood.errors import BudwoodError
 
@@ -54,6 +54,12 @@ def _sqlite_setup(engine: Engine) -> None:
 def writer(engine: Engine) -> Engine:
     """The same engine, for transactions that write (on SQLite they take the write lock at BEGIN)."""
     return engine.execution_options(write=True)
+
+
+def session_makers(engine: Engine) -> tuple[sessionmaker, sessionmaker]:
+    """(reads, writes): session factories for reading and for transactions that write (`writer`); objects
+    stay readable after commit, as callers hand them on."""
+    return (sessionmaker(engine, expire_on_commit=False), sessionmaker(writer(engine), expire_on_commit=False))
 
 
 def open_database(url: str) -> Engine:

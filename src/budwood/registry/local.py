@@ -19,10 +19,10 @@ from pathlib import Path
 from sqlalchemy import func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, selectinload, sessionmaker
+from sqlalchemy.orm import Session, selectinload
 
 from budwood.artifacts import ARTIFACT_PATH, ATTESTATION, AdapterDir, staged_dir
-from budwood.db import budwood_home, default_url, open_database, writer
+from budwood.db import budwood_home, default_url, open_database, session_makers
 from budwood.errors import BudwoodError
 from budwood.eval.results import own_results
 from budwood.registry import models as m
@@ -85,8 +85,7 @@ class LocalRegistry:
         self.url = database or os.environ.get("BUDWOOD_DATABASE_URL") or default_url(home)
         self.store = BlobStore(blobs or os.environ.get("BUDWOOD_BLOBS") or home / "blobs")
         self.engine = open_database(self.url)
-        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self.writes = sessionmaker(writer(self.engine), expire_on_commit=False)
+        self.sessions, self.writes = session_makers(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
