@@ -353,7 +353,7 @@ def child_budwood_plan(spec: dict) -> None:
     """Predict budwood's per-step tokens (its data plan is a pure function of seed, epoch); pick max_steps."""
     from budwood.data.pack import collate, plan_epoch
     from budwood.models.load import load_tokenizer
-    from budwood.train.recipe import prepare_data
+    from budwood.train.data import prepare_data
 
     config = _budwood_config(spec, 1)
     t = config.training

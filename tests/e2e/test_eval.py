@@ -27,7 +27,7 @@ from budwood.eval.context import EvalContext
 from budwood.eval.data import DATA_DIR, is_eval_only
 from budwood.eval.targets import EvalTargetError, LocalTarget, OpenAITarget, open_target
 from budwood.serve.app import create_app
-from budwood.train.recipe import prepare_data
+from budwood.train.data import prepare_data
 
 API_KEY = "sk-budwood-eval-test"
 KEY_ENV = "BUDWOOD_EVAL_TEST_KEY"

@@ -7,6 +7,7 @@ next token settles it, so a streaming client never sees characters that are late
 """
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
@@ -121,7 +122,8 @@ class IncrementalDetokenizer:
             upto_chars, upto_tokens = len(self.text), len(output_ids)
         else:
             upto_chars = len(self.text) - self._held_back()
-            upto_tokens = sum(1 for e in self.token_ends if e <= upto_chars)
+            # the tokens whose text is all out; token_ends only grows while the choice runs
+            upto_tokens = bisect_right(self.token_ends, upto_chars)
         if upto_chars <= self.sent_chars and upto_tokens <= self.sent_tokens and finish_reason is None:
             return None
         out = ChoiceDelta(index, self.text[self.sent_chars:upto_chars], output_ids[self.sent_tokens:upto_tokens],

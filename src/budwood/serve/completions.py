@@ -16,7 +16,7 @@ from fastapi import Request
 from budwood.engine import merge_outputs
 from budwood.errors import BudwoodError
 from budwood.serve.auth import Caller
-from budwood.serve.protocol import APIError, CompletionChoice, CompletionRequest, CompletionResponse, Usage, new_id, now
+from budwood.serve.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage, new_id, now
 from budwood.serve.sse import stream_response
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ async def _generate_all(serving: OpenAIServing, request: Request, prompts: list[
     try:
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(one(ids)) for ids in prompts]
-    except* (APIError, BudwoodError) as errors:
+    except* BudwoodError as errors:
         raise errors.exceptions[0] from None
     return [t.result() for t in tasks]
 
@@ -88,13 +88,14 @@ def _choices(serving: OpenAIServing, body: CompletionRequest, pi: int, ids: list
              ) -> list[CompletionChoice]:
     """Prompt `pi`'s choices; with echo, its text and (when asked) its logprobs come first."""
     prompt_text = serving.engine.tokenizer.decode(ids) if body.echo else ""
+    echoed = (serving.completion_logprobs(final.prompt_logprobs or [None] * len(ids), ids, 0)
+              if body.echo and body.logprobs is not None else None)  # the same for each of the n choices
     choices = []
     for c in final.choices:
         logprobs = None
         if body.logprobs is not None:
             logprobs = serving.completion_logprobs(c.logprobs, c.token_ids, len(prompt_text))
-            if body.echo:
-                echoed = serving.completion_logprobs(final.prompt_logprobs or [None] * len(ids), ids, 0)
+            if echoed is not None:
                 logprobs = {k: echoed[k] + logprobs[k] for k in echoed}
         choices.append(CompletionChoice(index=pi * body.n + c.index, text=prompt_text + c.text, logprobs=logprobs,
                                         finish_reason=c.finish_reason))

@@ -3,8 +3,8 @@
 Domain code raises `BudwoodError` with a `kind` (and maybe a `code` and the `param` it is about) and
 knows nothing of HTTP; `install_error_handlers` maps each kind to a status here, for every app
 `create_app` returns, so the inference routes, the registry and the fine-tuning service answer alike:
-{"error": {"message", "type", "param", "code"}}. `APIError` stays for route-level refusals that need
-a status no kind names (a 500 from a failed generation).
+{"error": {"message", "type", "param", "code"}}. `APIError` stays for a route of another package that
+needs a status no kind names.
 """
 from __future__ import annotations
 

@@ -90,8 +90,8 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
 
 
 class APIError(Exception):
-    """A route's refusal with an exact status and error `type` (a 500 from a failed generation); answered
-    as it is. Refusals a domain can name raise `BudwoodError` with a kind instead (serve/errors.py)."""
+    """A route's refusal with an exact status and error `type` that no kind names; answered as it is.
+    Refusals a domain can name raise `BudwoodError` with a kind instead (serve/errors.py)."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None):

@@ -17,14 +17,13 @@ from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
-from budwood.engine import AsyncEngine, Engine, EngineConfig, ParamError, QueueFull, SamplingParams, UnknownAdapter
+from budwood.engine import AsyncEngine, Engine, EngineConfig, QueueFull, SamplingParams, UnknownAdapter
 from budwood.engine.adapters import ADAPTER_NAME, AdapterError
 from budwood.errors import BudwoodError, ErrorKind, ForbiddenError, LimitExceeded, NotFoundError, did_you_mean
 from budwood.serve import chat, completions
 from budwood.serve.auth import Caller, ModelAccess
 from budwood.serve.metrics import Metrics
 from budwood.serve.protocol import (
-    APIError,
     ChatCompletionRequest,
     CompletionRequest,
     Health,
@@ -78,6 +77,7 @@ class OpenAIServing:
 
     # -- models -------------------------------------------------------------------------------------
     def usable_names(self, caller: Caller) -> list[str]:
+        """The base first, then the adapters and listed names the caller may use."""
         e = self.engine
         return [e.base_name, *(n for n in e.adapters.names() if self.access.can_use(caller, n)),
                 *self.access.listed(caller)]
@@ -103,7 +103,7 @@ class OpenAIServing:
         e = self.engine
         cards = [ModelCard(id=e.base_name, owned_by="budwood", root=e.base_name, parent=None,
                            max_model_len=e.runner.max_model_len)]
-        names = {n for n in e.adapters.names() if self.access.can_use(caller, n)} | set(self.access.listed(caller))
+        names = set(self.usable_names(caller)[1:])
         cards += [ModelCard(id=name, owned_by=caller.tenant or "budwood", root=name, parent=e.base_name,
                             max_model_len=e.runner.max_model_len) for name in sorted(names)]
         return cards
@@ -157,17 +157,13 @@ class OpenAIServing:
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter, logprobs_from: int = 1
                        ) -> AsyncIterator[RequestOutput]:
-        """The engine's outputs for one prompt. A full queue is the caller's 429; a bad parameter its
-        400; any other engine error is the server's fault (500)."""
+        """The engine's outputs for one prompt; its errors are answered by their kinds (a bad parameter
+        400, a failed step 500), except a full queue: OpenAI's clients expect 429 and retry it."""
         try:
             async for out in self.async_engine.submit(prompt_ids, params, adapter, logprobs_from):
                 yield out
         except QueueFull as e:
             raise LimitExceeded(str(e), code="rate_limit_exceeded") from None
-        except ParamError:
-            raise
-        except BudwoodError as e:
-            raise APIError(500, str(e), "server_error") from None
 
     async def collect(self, request: Request, outputs: AsyncIterator[RequestOutput]) -> list[RequestOutput]:
         """Drain a generation, aborting it if the client goes away."""

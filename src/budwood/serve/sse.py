@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 
 from budwood.errors import BudwoodError
 from budwood.serve.errors import error_content
-from budwood.serve.protocol import APIError
 
 
 def _data(obj) -> str:
@@ -27,7 +26,7 @@ async def stream_response(chunks: AsyncIterator[dict]):
                 yield {"data": _data(first)}
             async for chunk in chunks:
                 yield {"data": _data(chunk)}
-        except (APIError, BudwoodError) as e:
+        except BudwoodError as e:
             yield {"data": _data(error_content(e)[1])}
         yield {"data": "[DONE]"}
 

@@ -36,8 +36,8 @@ from budwood.train.metrics import MetricsLog
 from budwood.train.outputs import hardware, locked_output_dir, portable_config, versions, write_provenance
 from budwood.train.state import RunIdentity, RunState, StopReason, resume_hash
 
-__all__ = ["COMPILE_AUTO_TOKENS", "PreparedData", "Progress", "StopReason", "TrainingInterrupted", "TrainingRun",
-           "build_lora_model", "compile_layers", "count_steps", "prepare_data", "train"]
+__all__ = ["COMPILE_AUTO_TOKENS", "Progress", "StopReason", "TrainingInterrupted", "TrainingRun", "build_lora_model",
+           "compile_layers", "count_steps", "prepare_data", "train"]
 
 log = logging.getLogger(__name__)
 
