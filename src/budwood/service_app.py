@@ -36,7 +36,6 @@ def create_service_app(service: Service, engine=None) -> FastAPI:
                      resolvers=[FineTunedResolver(service.queue, service.storage, service.registry, pull_dir)],
                      routers=[files.router, fine_tuning.router, dashboard.router],
                      title="budwood service", metrics_token=config.metrics_token or "", accept_private_terms=True)
-    app.state.service = service
     app.state.serving_files = ServingFiles(service)
     app.state.serving_jobs = ServingFineTuning(service)
     app.state.dashboard = Dashboard(service)

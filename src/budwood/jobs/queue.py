@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 from sqlalchemy import Select, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from budwood.db import writer
+from budwood.db import session_makers
 from budwood.errors import BudwoodError, ConflictError, ErrorKind, LimitExceeded, NotFoundError
 from budwood.jobs.models import Checkpoint, Job, JobEvent, StoredFile, Tenant
 from budwood.jobs.states import (
@@ -73,8 +73,7 @@ class JobQueue:
     def __init__(self, engine, default_storage_bytes: int, default_concurrent_jobs: int):
         self.engine = engine
         self.postgres = engine.dialect.name == "postgresql"
-        self.sessions = sessionmaker(engine, expire_on_commit=False)
-        self.writes = sessionmaker(writer(engine), expire_on_commit=False)
+        self.sessions, self.writes = session_makers(engine)
         self.default_storage_bytes = default_storage_bytes
         self.default_concurrent_jobs = default_concurrent_jobs
 
@@ -202,11 +201,17 @@ class JobQueue:
                     raise
         raise AssertionError("unreachable")
 
-    def _usable_file(self, s: Session, tenant: str, file_id: str | None, param: str) -> None:
+    def check_file(self, tenant: str, file_id: str | None, param: str) -> None:
+        """create_job's check of a training or validation file, made ahead of it (no row locked): a
+        request's refusals then come in the order OpenAI gives them."""
+        with self.sessions() as s:
+            self._usable_file(s, tenant, file_id, param, lock=False)
+
+    def _usable_file(self, s: Session, tenant: str, file_id: str | None, param: str, lock: bool = True) -> None:
         if file_id is None:
             return
-        row = s.scalars(self._lock(select(StoredFile).where(StoredFile.id == file_id,
-                                                            StoredFile.tenant == tenant))).first()
+        query = select(StoredFile).where(StoredFile.id == file_id, StoredFile.tenant == tenant)
+        row = s.scalars(self._lock(query) if lock else query).first()
         if row is None:
             raise BudwoodError(f"invalid {param}: {file_id} does not exist", code=f"invalid_{param}", param=param)
         if row.purpose != FilePurpose.FINE_TUNE:
@@ -300,14 +305,18 @@ class JobQueue:
     def events(self, tenant: str | None, job_id: str, after: str | None = None, limit: int = 20,
                newer_than: int | None = None) -> tuple[list[JobEvent], bool]:
         """Newest first, as OpenAI lists them; `newer_than` (an event seq) gives the ones after it,
-        oldest first, for live streams."""
-        self.get_job(tenant, job_id)
-        query = select(JobEvent).where(JobEvent.job_id == job_id)
+        oldest first, for live streams. NotFoundError unless the tenant has the job."""
+        return self.events_of(self.get_job(tenant, job_id), after, limit, newer_than)
+
+    def events_of(self, job: Job, after: str | None = None, limit: int = 20, newer_than: int | None = None
+                  ) -> tuple[list[JobEvent], bool]:
+        """events() of a job the caller has already read (so its tenant is checked): no second look-up."""
+        query = select(JobEvent).where(JobEvent.job_id == job.id)
         with self.sessions() as s:
             if newer_than is not None:
                 return list(s.scalars(query.where(JobEvent.seq > newer_than).order_by(JobEvent.seq))), False
             if after:
-                anchor = s.scalar(select(JobEvent.seq).where(JobEvent.id == after, JobEvent.job_id == job_id))
+                anchor = s.scalar(select(JobEvent.seq).where(JobEvent.id == after, JobEvent.job_id == job.id))
                 if anchor is None:
                     raise BudwoodError(f"after: no event {after!r} in this job", code="invalid_value", param="after")
                 query = query.where(JobEvent.seq < anchor)
@@ -316,11 +325,14 @@ class JobQueue:
 
     def checkpoints(self, tenant: str | None, job_id: str, after: str | None = None, limit: int = 10
                     ) -> tuple[list[Checkpoint], bool]:
-        self.get_job(tenant, job_id)
-        query = select(Checkpoint).where(Checkpoint.job_id == job_id)
+        return self.checkpoints_of(self.get_job(tenant, job_id), after, limit)
+
+    def checkpoints_of(self, job: Job, after: str | None = None, limit: int = 10) -> tuple[list[Checkpoint], bool]:
+        """checkpoints() of a job the caller has already read, newest first."""
+        query = select(Checkpoint).where(Checkpoint.job_id == job.id)
         with self.sessions() as s:
             if after:
-                anchor = s.scalar(select(Checkpoint.seq).where(Checkpoint.id == after, Checkpoint.job_id == job_id))
+                anchor = s.scalar(select(Checkpoint.seq).where(Checkpoint.id == after, Checkpoint.job_id == job.id))
                 if anchor is None:
                     raise BudwoodError(f"after: no checkpoint {after!r} in this job", code="invalid_value",
                                        param="after")
@@ -415,8 +427,7 @@ class JobQueue:
                 self._event(s, lease.job_id, message, level, type_, data, lease.attempt)
 
     def _event(self, s: Session, job_id: str, message: str, level: str = EventLevel.INFO,
-               type_: str = EventType.MESSAGE,
-               data: dict | None = None, attempt: int = 0) -> None:
+               type_: str = EventType.MESSAGE, data: dict | None = None, attempt: int = 0) -> None:
         s.add(JobEvent(id=new_id("ftevent-"), job_id=job_id, created_at=time.time(), level=level, type=type_,
                        message=message, data=data, attempt=attempt))
 

@@ -7,17 +7,14 @@ the transaction that creates the job. Another tenant's job is answered as one th
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 from collections.abc import AsyncIterator
 
-from budwood.errors import BudwoodError, NotFoundError
+from budwood.errors import BudwoodError
 from budwood.jobs.protocol import FineTuningJob, FineTuningJobCheckpoint, FineTuningJobEvent, JobCreate, Page
 from budwood.jobs.queue import request_hash
 from budwood.jobs.service import Service
-from budwood.jobs.states import QUIET, FilePurpose
-
-DONE = "[DONE]"  # the last message of a live event stream, as OpenAI's streams end
+from budwood.jobs.states import QUIET
 
 
 class ServingFineTuning:
@@ -26,18 +23,6 @@ class ServingFineTuning:
     def __init__(self, service: Service, poll_s: float = 0.5):
         self.queue, self.config = service.queue, service.config
         self.poll_s = poll_s
-
-    def _check_file(self, tenant: str, file_id: str | None, param: str) -> None:
-        if file_id is None:
-            return
-        try:
-            row = self.queue.get_file(tenant, file_id, param)
-        except NotFoundError:
-            raise BudwoodError(f"invalid {param}: {file_id} does not exist", code=f"invalid_{param}",
-                               param=param) from None
-        if row.purpose != FilePurpose.FINE_TUNE:
-            raise BudwoodError(f"invalid {param}: {file_id} has purpose {row.purpose!r}; upload it with purpose "
-                               f"'{FilePurpose.FINE_TUNE}'", code=f"invalid_{param}", param=param)
 
     def job_values(self, tenant: str, body: JobCreate) -> dict:
         """The new job's columns, once every part of the request has been checked."""
@@ -55,8 +40,8 @@ class ServingFineTuning:
         if body.model != self.config.serving.base:
             raise BudwoodError(f"Model {body.model!r} is not available for fine-tuning here; this service "
                                f"fine-tunes {self.config.serving.base!r}", code="model_not_available", param="model")
-        self._check_file(tenant, body.training_file, "training_file")
-        self._check_file(tenant, body.validation_file, "validation_file")
+        self.queue.check_file(tenant, body.training_file, "training_file")
+        self.queue.check_file(tenant, body.validation_file, "validation_file")
         return {"model": body.model, "training_file": body.training_file, "validation_file": body.validation_file,
                 "suffix": body.suffix, "seed": body.seed if body.seed is not None else secrets.randbelow(2**31),
                 "meta": body.metadata, "hyperparameters": body.requested_hyperparameters().model_dump()}
@@ -93,29 +78,21 @@ class ServingFineTuning:
     async def checkpoints(self, tenant: str, job_id: str, after: str | None, limit: int
                           ) -> Page[FineTuningJobCheckpoint]:
         job = await asyncio.to_thread(self.queue.get_job, tenant, job_id)
-        rows, more = await asyncio.to_thread(self.queue.checkpoints, tenant, job_id, after, limit)
+        rows, more = await asyncio.to_thread(self.queue.checkpoints_of, job, after, limit)
         return Page[FineTuningJobCheckpoint].of([FineTuningJobCheckpoint.of(c, job) for c in rows], more)
 
-    async def live_events(self, tenant: str, job_id: str) -> AsyncIterator[str]:
-        """The job's events as JSON, oldest first, as they are written, then DONE once the job has ended
-        or paused. Looks the job up first, so that an unknown job is refused before a stream starts."""
-        await asyncio.to_thread(self.queue.get_job, tenant, job_id)
-        return self._follow(tenant, job_id)
-
-    async def _follow(self, tenant: str, job_id: str) -> AsyncIterator[str]:
+    async def live_events(self, tenant: str, job_id: str) -> AsyncIterator[dict]:
+        """The job's events, oldest first, as they are written, until the job has ended or paused (the
+        route's stream then ends with [DONE]). Each poll reads the job, then its new events, so the
+        events that ended it are sent; the first poll refuses a job the tenant does not have."""
         last = 0
         while True:
-            rows, _ = await asyncio.to_thread(self.queue.events, tenant, job_id, None, 0, last)
+            job = await asyncio.to_thread(self.queue.get_job, tenant, job_id)
+            rows, _ = await asyncio.to_thread(self.queue.events_of, job, None, 0, last)
             for e in rows:
                 last = e.seq
-                yield json.dumps(FineTuningJobEvent.of(e).model_dump(mode="json"), separators=(",", ":"))
-            if rows:
-                continue
-            job = await asyncio.to_thread(self.queue.get_job, tenant, job_id)
+                yield FineTuningJobEvent.of(e).model_dump(mode="json")
             if job.status in QUIET:
-                rows, _ = await asyncio.to_thread(self.queue.events, tenant, job_id, None, 0, last)
-                for e in rows:
-                    yield json.dumps(FineTuningJobEvent.of(e).model_dump(mode="json"), separators=(",", ":"))
-                yield DONE
                 return
-            await asyncio.sleep(self.poll_s)
+            if not rows:
+                await asyncio.sleep(self.poll_s)

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import sessionmaker
 
-from budwood.db import writer
+from budwood.db import session_makers
 from budwood.errors import BudwoodError, ErrorKind
 from budwood.jobs.models import ApiKey, Tenant
 from budwood.registry.names import RegistryError, check_part
@@ -55,8 +54,7 @@ def _digest(salt: str, secret: str) -> str:
 
 class Tenants:
     def __init__(self, engine):
-        self.sessions = sessionmaker(engine, expire_on_commit=False)
-        self.writes = sessionmaker(writer(engine), expire_on_commit=False)
+        self.sessions, self.writes = session_makers(engine)
 
     def create(self, name: str, max_storage_bytes: int | None = None, max_concurrent_jobs: int | None = None
                ) -> Tenant:

@@ -126,7 +126,7 @@ class JobRun:
         """Tokenise the data with the base's chat template, then make "auto" concrete: validating_files ->
         queued. A file that cannot be trained on fails the job, naming line and problem."""
         from budwood.models.load import load_tokenizer
-        from budwood.train.recipe import prepare_data
+        from budwood.train.data import prepare_data
 
         config = train_config(self.config, self.job, self.data_dir, self.adapter_dir, None)
         try:

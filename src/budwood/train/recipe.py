@@ -37,7 +37,7 @@ from budwood.train.outputs import hardware, locked_output_dir, portable_config, 
 from budwood.train.state import RunIdentity, RunState, StopReason, resume_hash
 
 __all__ = ["COMPILE_AUTO_TOKENS", "Progress", "StopReason", "TrainingInterrupted", "TrainingRun", "build_lora_model",
-           "compile_layers", "count_steps", "prepare_data", "train"]
+           "compile_layers", "count_steps", "train"]
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,6 @@ from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 
 from budwood.errors import BudwoodError, NotFoundError
-from budwood.registry.names import RegistryError
 from budwood.web.serving import COOKIE, HEADERS, STATIC_TYPES, Dashboard, root_of
 from budwood.web.views import progress_text, safe_next
 
@@ -134,10 +133,7 @@ def adapter_page(request: Request, namespace: str, name: str, dash: DashboardDep
                  version: str | None = None):
     if tenant is None:
         return dash.to_login(request)
-    try:
-        info, chosen = dash.version_of(tenant, namespace, name, version)
-    except RegistryError:
-        chosen = None
+    info, chosen = dash.version_of(tenant, namespace, name, version)
     if chosen is None:
         return dash.not_found(request, tenant, f"Adapter {namespace}/{name}" + (f"@{version}" if version else ""))
     return dash.render(request, "adapter.html", tenant, info=info, version=chosen,
@@ -149,10 +145,7 @@ def adapter_file(request: Request, namespace: str, name: str, version: str, path
                  tenant: TenantDep):
     if tenant is None:
         return dash.to_login(request)
-    try:
-        _, chosen = dash.version_of(tenant, namespace, name, version)
-    except RegistryError:
-        chosen = None
+    _, chosen = dash.version_of(tenant, namespace, name, version)
     entry = next((f for f in chosen.files if f.path == path), None) if chosen else None
     if entry is None:
         return dash.not_found(request, tenant, f"File {path} of {namespace}/{name}@{version}")

@@ -20,6 +20,7 @@ from budwood.errors import NotFoundError
 from budwood.jobs.protocol import checkpoint_model
 from budwood.jobs.service import Service
 from budwood.jobs.states import TERMINAL
+from budwood.registry.names import RegistryError
 from budwood.web import views
 
 HERE = Path(__file__).parent
@@ -77,8 +78,8 @@ class Dashboard:
         """Everything the job's page shows: the job, its files, checkpoints, event log and loss series.
         NotFoundError if the tenant has no such job."""
         job = self.queue.get_job(tenant, job_id)
-        events, _ = self.queue.events(tenant, job_id, newer_than=0)
-        checkpoints, _ = self.queue.checkpoints(tenant, job_id, limit=100)
+        events, _ = self.queue.events_of(job, newer_than=0)
+        checkpoints, _ = self.queue.checkpoints_of(job, limit=100)
         files = []
         for role, file_id in [("training", job.training_file), ("validation", job.validation_file),
                               *(("results", f) for f in job.result_files or [])]:
@@ -97,7 +98,7 @@ class Dashboard:
     def job_metrics(self, tenant: str, job_id: str, after: int) -> dict:
         """What a job's page polls for: its live state and the events after `after` (a sequence number)."""
         job = self.queue.get_job(tenant, job_id)
-        events, _ = self.queue.events(tenant, job_id, newer_than=after)
+        events, _ = self.queue.events_of(job, newer_than=after)
         return {**views.live_state(job), "events": [views.event_row(e) for e in events],
                 "after": events[-1].seq if events else after}
 
@@ -111,9 +112,12 @@ class Dashboard:
         return rows
 
     def version_of(self, tenant: str, namespace: str, name: str, version: str | None):
-        """(AdapterInfo, the version asked for, or the latest; None if there is no such version). Raises
-        RegistryError when the tenant sees no such adapter."""
-        info = self.registry.show(f"{namespace}/{name}", include_private=self.visible(tenant))
+        """(AdapterInfo, the version asked for, or the latest); the version is None if there is no such
+        version, and both are when the tenant sees no such adapter."""
+        try:
+            info = self.registry.show(f"{namespace}/{name}", include_private=self.visible(tenant))
+        except RegistryError:
+            return None, None
         if version:
             return info, next((v for v in info.versions if v.version == version), None)
         return info, info.latest or info.versions[-1]

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Header, Query, Request
-from sse_starlette.sse import EventSourceResponse
 
 from budwood.jobs.protocol import FineTuningJob, FineTuningJobCheckpoint, FineTuningJobEvent, JobCreate, Page
 from budwood.jobs.routes.deps import JobsDep, TenantDep
+from budwood.serve.sse import stream_response
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
@@ -54,8 +54,7 @@ async def events(job_id: str, tenant: TenantDep, jobs: JobsDep, after: str | Non
     job ends (then `[DONE]`)."""
     if not stream:
         return await jobs.events(tenant, job_id, after, limit)
-    messages = await jobs.live_events(tenant, job_id)
-    return EventSourceResponse(({"data": m} async for m in messages), ping=15, sep="\n")
+    return await stream_response(jobs.live_events(tenant, job_id))
 
 
 @router.get("/{job_id}/checkpoints", response_model=Page[FineTuningJobCheckpoint])
