@@ -103,6 +103,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("config", "artifacts"),
     ("engine",),
     ("eval",),
+    ("reliability",),
     ("train",),
     ("card",),
     ("registry",),

@@ -28,6 +28,29 @@ def company_data(tmp_path_factory) -> dict[str, Path]:
     return make_domain_dataset(tmp_path_factory.mktemp("company"), seed=0)
 
 
+def preference_rows(chat_file: Path, seed: int = 0) -> list[dict]:
+    """OpenAI preference rows from chat data: each question's own answer preferred to another question's."""
+    import random
+
+    rows = [json.loads(line) for line in chat_file.read_text().splitlines()]
+    answers = sorted({r["messages"][-1]["content"] for r in rows})
+    rng = random.Random(seed)
+    def other(answer: str) -> str:
+        return rng.choice([a for a in answers if a != answer])
+
+    return [{"input": {"messages": r["messages"][:-1]}, "preferred_output": [r["messages"][-1]],
+             "non_preferred_output": [{"role": "assistant", "content": other(r["messages"][-1]["content"])}]}
+            for r in rows]
+
+
+@pytest.fixture(scope="session")
+def preference_data(tmp_path_factory, company_data) -> dict[str, Path]:
+    """The company data as preference pairs (train / validation JSONL in OpenAI's DPO format)."""
+    out = tmp_path_factory.mktemp("preference")
+    return {split: write_jsonl(out / f"{split}.jsonl", preference_rows(company_data[split]))
+            for split in ("train", "validation")}
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from budwood.models.load import load_tokenizer

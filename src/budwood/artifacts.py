@@ -2,7 +2,8 @@
 
 Signing, publishing and exporting all work on the same file set, defined here once: the PEFT pair
 (adapter_config.json, adapter_model.safetensors), the provenance (budwood.json), the card
-(README.md), evaluation results (eval/*.json), the training log and loss plot. Checkpoints and
+(README.md), evaluation results (eval/*.json), the training log and loss plot, and the calibrated
+abstention threshold (calibration.json) that serving applies. Checkpoints and
 anything else in the folder stay local.
 """
 from __future__ import annotations
@@ -21,10 +22,11 @@ from budwood.errors import BudwoodError
 
 ATTESTATION = "attestation.json"
 REQUIRED = ("adapter_config.json", "adapter_model.safetensors")
-OPTIONAL = ("budwood.json", "README.md", "metrics.jsonl", "loss.png")
+OPTIONAL = ("budwood.json", "README.md", "metrics.jsonl", "loss.png", "calibration.json")
 # the only paths a published version may hold: a manifest naming anything else is refused
 ARTIFACT_PATH = re.compile(r"^(adapter_config\.json|adapter_model\.safetensors|budwood\.json|README\.md|"
-                           r"metrics\.jsonl|loss\.png|attestation\.json|eval/[A-Za-z0-9][A-Za-z0-9_.-]{0,99}\.json)$")
+                           r"metrics\.jsonl|loss\.png|calibration\.json|"
+                           r"attestation\.json|eval/[A-Za-z0-9][A-Za-z0-9_.-]{0,99}\.json)$")
 # vLLM's LoRAConfig accepts max_lora_rank only from this list; an adapter needs one at least its rank
 VLLM_MAX_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 MAX_SERVED_RANK = VLLM_MAX_RANKS[-1]  # also budwood's engine's largest max_lora_rank

@@ -50,7 +50,23 @@ class LoraConfig(_Strict):
     use_rslora: bool = Field(False, description="scale by alpha / sqrt(r) (rank-stabilised LoRA)")
 
 
+class DPOConfig(_Strict):
+    """Direct preference optimisation (Rafailov et al. 2023), as TRL's DPOTrainer names it."""
+
+    beta: float = Field(0.1, gt=0, description="how far the policy may move from the reference: the scale of the "
+                        "implicit reward (TRL's beta)")
+    loss_type: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="sigmoid: the DPO paper's -log sigmoid(beta * margin); ipo: (margin - 1/(2 beta))^2 "
+        "on length-averaged log-probabilities (Azar et al. 2023)")
+    sft_weight: float = Field(0.0, ge=0, description="weight of an SFT term (mean NLL of the preferred answer's "
+                              "tokens) added to each pair's loss: RPO, TRL's rpo_alpha")
+
+
 class TrainingConfig(_Strict):
+    method: Literal["sft", "dpo"] = Field(
+        "sft", description="sft: learn the assistant turns of chat data; dpo: learn to prefer the preferred answer "
+        "of preference pairs (OpenAI's preference JSONL or TRL's prompt/chosen/rejected)")
+    dpo: DPOConfig | None = Field(None, description="DPO's settings (method dpo only; defaults when left out)")
     epochs: float = Field(3, gt=0, description="passes over the data; ignored when max_steps is set")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
     learning_rate: float = Field(2e-4, gt=0)
@@ -82,6 +98,74 @@ class TrainingConfig(_Strict):
         "across ranks, for bases too large for one device); auto: ddp")
 
 
+    @model_validator(mode="after")
+    def _method_settings(self) -> TrainingConfig:
+        if self.method == "sft" and self.dpo is not None:
+            raise ValueError("training.dpo is set but training.method is sft; set training.method=dpo or drop it")
+        if self.method == "dpo" and self.dpo is None:
+            self.dpo = DPOConfig()
+        return self
+
+
+class _Recipe(_Strict):
+    """A reliability recipe: off by default, switched on by one boolean (`--set reliability.X=true`) or by a
+    mapping of its own keys (which switches it on unless it says enabled: false)."""
+
+    enabled: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            return {"enabled": value}
+        if isinstance(value, dict) and value and "enabled" not in value:
+            return {**value, "enabled": True}
+        return value
+
+
+class AbstentionConfig(_Recipe):
+    answer: str = Field("I don't know; that is not in the information I have.",
+                        description="what the adapter says when the data does not answer a question")
+    ratio: float = Field(0.3, ge=0, le=2, description="built unanswerable questions per answerable training example")
+    questions: Path | None = Field(None, description="your own unanswerable questions (JSONL, one {\"question\"} "
+                                   "per line), used besides the built ones")
+
+
+class CounterfactualConfig(_Recipe):
+    word_pairs: Path | None = Field(None, description="your own swap list (JSONL of [word, counterpart]) instead of "
+                                    "the shipped demographic terms and names")
+    share: float = Field(1.0, gt=0, le=1, description="share of examples that mention a swappable term which get a "
+                         "counterfactual copy")
+
+
+class FormatAugmentationConfig(_Recipe):
+    variants: int = Field(2, ge=1, le=8, description="extra surface forms of each training prompt")
+    forms: list[Literal["case", "punctuation", "spacing", "template"]] = Field(
+        ["case", "punctuation", "spacing", "template"], description="which kinds of rewriting to draw from")
+
+
+class CalibrationConfig(_Recipe):
+    score: Literal["mean_logprob", "min_logprob", "agreement"] = Field(
+        "mean_logprob", description="an answer's confidence: its tokens' mean or minimum log-probability, or the "
+        "share of k seeded samples that agree with the greedy answer")
+    target_precision: float = Field(0.9, gt=0, le=1, description="the threshold is the lowest confidence at which "
+                                    "answers kept are at least this often correct on the validation split")
+    samples: int = Field(5, ge=2, le=32, description="seeded samples per question (score agreement only)")
+
+
+class ReliabilityConfig(_Strict):
+    """Recipes that make an adapter more reliable (docs/reliability.md), each measured before and after."""
+
+    abstention: AbstentionConfig = AbstentionConfig()
+    counterfactual: CounterfactualConfig = CounterfactualConfig()
+    format_augmentation: FormatAugmentationConfig = FormatAugmentationConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+
+    @property
+    def applied(self) -> list[str]:
+        return [name for name in type(self).model_fields if getattr(self, name).enabled]
+
+
 class LoggingConfig(_Strict):
     tensorboard: bool = False
     wandb: bool = False
@@ -91,11 +175,14 @@ class LoggingConfig(_Strict):
 
 class TrainConfig(_Strict):
     base_model: str = Field("budwood-tiny", description="budwood-tiny, a local HF directory, or a hub id")
+    init_adapter: str | None = Field(None, description="start from this adapter (a folder, or a registry id): SFT "
+                                     "continues it; DPO also uses it, frozen, as the reference policy")
     data: DataConfig
     lora: LoraConfig = LoraConfig()
     training: TrainingConfig = TrainingConfig()
     output_dir: Path = Path("runs/adapter")
     logging: LoggingConfig = LoggingConfig()
+    reliability: ReliabilityConfig = ReliabilityConfig()
 
     @model_validator(mode="after")
     def _split_or_file(self) -> TrainConfig:

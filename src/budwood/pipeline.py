@@ -10,6 +10,7 @@ rendered from those facts; the signature covers every file; the registry publish
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,12 +28,23 @@ if TYPE_CHECKING:
 
 def train_adapter(config: TrainConfig, title: str, progress: Progress | None = None, **options) -> Path:
     """Train (budwood.train's recipe; `options`: resume, stop, on_checkpoint), then plot the loss curve
-    beside the adapter (loss.png). Returns the adapter's folder."""
+    beside the adapter (loss.png) and, when reliability.calibration is on, calibrate its abstention threshold
+    on the validation split (calibration.json). An init_adapter may be a registry id. Returns the adapter's
+    folder."""
+    from budwood.merge.merge import resolve
     from budwood.train.metrics import plot_losses, read_metrics
     from budwood.train.recipe import train
 
-    adapter_dir = train(config, progress=progress, **options)
+    adapter_dir = train(config, progress=progress, resolve_adapter=resolve, **options)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 finishes the adapter for all
+        return adapter_dir
     plot_losses(read_metrics(adapter_dir / "metrics.jsonl"), adapter_dir / "loss.png", title=title)
+    if config.reliability.calibration.enabled:
+        from budwood.eval.calibration import calibrate_adapter
+
+        if progress is not None:
+            progress.note("calibrating the abstention threshold on the validation split")
+        calibrate_adapter(adapter_dir, config)
     return adapter_dir
 
 

@@ -30,13 +30,14 @@ def train_cmd(
     Example: budwood train configs/tiny_company.yaml --set training.max_steps=50
     """
     from budwood.config import load_config
-    from budwood.train.recipe import TrainingInterrupted, train
+    from budwood.pipeline import train_adapter
+    from budwood.train.recipe import TrainingInterrupted
 
     sigterm_as_interrupt()
     cfg = load_config(config, set_)
     with RichProgress() as progress:
         try:
-            adapter_dir = train(cfg, resume=resume, progress=progress)
+            adapter_dir = train_adapter(cfg, f"budwood train: {cfg.output_dir}", progress, resume=resume)
         except TrainingInterrupted as e:
             console.print(f"[yellow]{escape(str(e))}[/]")
             raise typer.Exit(130) from None
@@ -76,12 +77,14 @@ def generate_cmd(
 @data_app.command("check")
 def data_check_cmd(
     file: Path = typer.Argument(..., help="JSONL training data"),
-    format: str = typer.Option("auto", help="auto, openai, prompt_completion, alpaca, sharegpt"),
+    format: str = typer.Option("auto", help="auto, openai, prompt_completion, alpaca, sharegpt, openai_preference, "
+                               "trl_preference"),
     base: str = typer.Option("budwood-tiny", help="whose tokenizer counts the tokens"),
     max_seq_len: int = typer.Option(1024, help="longer examples would be truncated"),
     min_examples: int = typer.Option(10, help="fewer valid examples is an error (OpenAI asks for 10)"),
 ) -> None:
-    """Validate a data file: every problem as file:line: code: message, then token statistics.
+    """Validate a data file (chat data for SFT, or preference pairs for DPO): every problem as
+    file:line: code: message, then token statistics.
 
     Exits 1 if there are errors. Example: budwood data check train.jsonl
     """
@@ -90,20 +93,23 @@ def data_check_cmd(
     from budwood.models.load import load_tokenizer
 
     ds = read_dataset(file, format, min_examples, raise_errors=False)
-    stats = token_stats(ds.conversations, load_tokenizer(base), max_seq_len, ds.issues) \
-        if ds.conversations else None
+    stats = token_stats(ds.examples, load_tokenizer(base), max_seq_len, ds.issues) if ds.examples else None
+    unit = "preference pairs (for training.method dpo)" if ds.kind == "preference" else "examples"
     for issue in ds.issues:
         color = "red" if issue.level == "error" else "yellow"
         out.print(f"[{color}]{escape(str(issue))}[/]", highlight=False, soft_wrap=True)
     errors, warnings = len(ds.errors), len(ds.issues) - len(ds.errors)
-    out.print(f"{file}: format {ds.format}, {len(ds.conversations)} valid examples, "
+    out.print(f"{file}: format {ds.format}, {len(ds.examples)} valid {unit}, "
               f"{errors} error(s), {warnings} warning(s)", highlight=False, soft_wrap=True)
     if stats:
         t = Table(title=f"tokens ({base} tokenizer)")
         t.add_column("statistic")
         t.add_column("value", justify="right")
-        for name, value in [("examples", stats.examples), ("tokens per epoch", stats.total_tokens),
-                            ("trained (assistant) tokens", stats.trained_tokens),
+        pairs = ds.kind == "preference"
+        for name, value in [("pairs" if pairs else "examples", stats.examples),
+                            ("tokens per epoch" + (" (both answers)" if pairs else ""), stats.total_tokens),
+                            ("answer tokens (both sides)" if pairs else "trained (assistant) tokens",
+                             stats.trained_tokens),
                             ("length min / median / p95 / max",
                              f"{stats.min_len} / {stats.median_len} / {stats.p95_len} / {stats.max_len}"),
                             (f"truncated at {max_seq_len}", stats.truncated)]:

@@ -1,10 +1,17 @@
-"""Read JSONL training data in four forms into one canonical conversation.
+"""Read JSONL training data into one canonical conversation (SFT) or preference pair (DPO).
 
 Forms (registered by name, auto-detected from a record's keys):
   openai             {"messages": [{"role", "content", "weight"?}]}  (OpenAI fine-tuning format)
   prompt_completion  {"prompt", "completion"}
   alpaca             {"instruction", "input"?, "output", "system"?}
   sharegpt           {"conversations": [{"from", "value"}], "system"?}
+preference pairs (a Dataset of kind "preference"):
+  openai_preference  {"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]}
+                     (OpenAI's DPO format)
+  trl_preference     {"prompt"?, "chosen", "rejected"}: TRL's, plain text (strings: the prompt is a user
+                     turn, the answers assistant turns) or conversational (lists of messages); without
+                     "prompt", the answers are whole conversations and their common first turns are the
+                     prompt (TRL's implicit prompt)
 
 Every problem of a file is collected as an Issue (`file:line: code: message`) in one pass, so a
 user fixes a file once instead of once per error, as OpenAI's fine-tuning validator does.
@@ -39,6 +46,28 @@ class Conversation:
 
 
 @dataclass
+class PreferencePair:
+    """A prompt (the turns before the answer) and two answers to it, the preferred one first."""
+
+    prompt: list[Message]
+    chosen: list[Message]
+    rejected: list[Message]
+    source: str = ""  # file:line it came from
+
+    def canonical(self) -> dict:
+        turns = lambda ms: [{k: v for k, v in asdict(m).items() if v is not None} for m in ms]  # noqa: E731
+        return {"prompt": turns(self.prompt), "chosen": turns(self.chosen), "rejected": turns(self.rejected)}
+
+    def conversations(self) -> tuple[Conversation, Conversation]:
+        """The prompt followed by each answer; only the answer's assistant turns are trained on."""
+        context = [Message(m.role, m.content, 0 if m.role == "assistant" else None) for m in self.prompt]
+        return Conversation(context + self.chosen, self.source), Conversation(context + self.rejected, self.source)
+
+
+Example = Conversation | PreferencePair
+
+
+@dataclass
 class Issue:
     file: str
     line: int
@@ -60,20 +89,30 @@ class Issue:
 class Dataset:
     path: str
     format: str
-    conversations: list[Conversation] = field(default_factory=list)
+    conversations: list[Conversation] = field(default_factory=list)  # kind "sft"
     issues: list[Issue] = field(default_factory=list)
+    pairs: list[PreferencePair] = field(default_factory=list)  # kind "preference"
+
+    @property
+    def kind(self) -> str:
+        """"sft" (conversations) or "preference" (pairs): what a run of training.method sft or dpo needs."""
+        return "preference" if self.format in PREFERENCE_FORMATS else "sft"
+
+    @property
+    def examples(self) -> list[Example]:
+        return list(self.pairs) if self.kind == "preference" else list(self.conversations)
 
     @property
     def errors(self) -> list[Issue]:
         return [i for i in self.issues if i.level == "error"]
 
     def fingerprint(self) -> str:
-        return data_fingerprint(self.conversations)
+        return data_fingerprint(self.examples)
 
 
-def data_fingerprint(conversations: list[Conversation]) -> str:
+def data_fingerprint(examples: list[Conversation] | list[PreferencePair]) -> str:
     h = hashlib.sha256()
-    for c in conversations:
+    for c in examples:
         h.update(json.dumps(c.canonical(), sort_keys=True, ensure_ascii=False).encode() + b"\n")
     return "sha256:" + h.hexdigest()
 
@@ -156,11 +195,13 @@ def _turn_list(obj: dict, key: str, rec: _Record) -> list | None:
 def parse_openai(obj: dict, rec: _Record) -> list[Message] | None:
     rec.unknown_keys(obj, ("messages",), "record", level="warning")
     msgs = _turn_list(obj, "messages", rec)
-    if msgs is None:
-        return None
+    return None if msgs is None else _openai_messages(msgs, rec, "messages")
+
+
+def _openai_messages(msgs: list, rec: _Record, name: str) -> list[Message]:
     out = []
     for i, m in enumerate(msgs):
-        where = f"messages[{i}]"
+        where = f"{name}[{i}]"
         if not isinstance(m, dict):
             rec.error("message_not_object", f"{where} must be an object, got {type(m).__name__}")
             continue
@@ -257,8 +298,139 @@ def parse_sharegpt(obj: dict, rec: _Record) -> list[Message] | None:
     return out
 
 
+PairParser = Callable[[dict, _Record], PreferencePair | None]
+PREFERENCE_FORMATS: dict[str, PairParser] = {}
+
+
+def register_preference_format(name: str, identifying_keys: tuple[str, ...]):
+    """A preference format is detected before the SFT forms: TRL's {"prompt", "chosen", "rejected"} also
+    has prompt_completion's "prompt"."""
+    def deco(fn: PairParser) -> PairParser:
+        PREFERENCE_FORMATS[name] = fn
+        FORMATS[name] = fn  # type: ignore[assignment]  # one namespace of names for data.format
+        DETECT[name] = identifying_keys
+        return fn
+    return deco
+
+
+def _answer(raw, rec: _Record, where: str) -> list[Message] | None:
+    """A preference answer: assistant turns (a list of messages, as OpenAI and TRL's conversational form give
+    it), or a string (TRL's plain-text form)."""
+    if isinstance(raw, str):
+        return [Message("assistant", raw)]
+    if not isinstance(raw, list) or not raw:
+        rec.error("invalid_output", f"'{where}' must be a non-empty list of assistant messages or a string")
+        return None
+    turns = _openai_messages(raw, rec, where)
+    if len(turns) != len(raw):
+        return None
+    if any(m.role != "assistant" for m in turns):
+        rec.error("invalid_output", f"'{where}' must hold assistant messages only")
+        return None
+    if any(m.weight is not None for m in turns):
+        rec.error("invalid_weight", f"'{where}': 'weight' is for SFT data; every answer turn is compared")
+        return None
+    if not any(m.content.strip() for m in turns):
+        rec.error("empty_content", f"'{where}' is empty")
+        return None
+    return turns
+
+
+def _pair(prompt: list[Message], chosen: list[Message], rejected: list[Message], rec: _Record
+          ) -> PreferencePair | None:
+    if not prompt:
+        rec.error("empty_prompt", "the pair has no prompt: no turn comes before the two answers")
+        return None
+    if prompt[-1].role == "assistant":
+        rec.error("prompt_ends_with_assistant", "the prompt's last turn is the assistant's; the two answers must "
+                  "answer a user (or system) turn")
+        return None
+    if [asdict(m) for m in chosen] == [asdict(m) for m in rejected]:
+        rec.warn("identical_answers", "the preferred and non-preferred answers are the same: the pair teaches "
+                 "nothing")
+    return PreferencePair(prompt, chosen, rejected, f"{rec.file}:{rec.line}")
+
+
+@register_preference_format("openai_preference", ("preferred_output", "non_preferred_output"))
+def parse_openai_preference(obj: dict, rec: _Record) -> PreferencePair | None:
+    rec.unknown_keys(obj, ("input", "preferred_output", "non_preferred_output"), "record")
+    source = obj.get("input")
+    if not isinstance(source, dict):
+        rec.error("missing_input" if source is None else "invalid_input",
+                  "record needs 'input': {\"messages\": [...]}")
+        return None
+    for key in ("tools", "parallel_tool_calls"):
+        if key in source:
+            rec.error("unsupported_key", f"input has '{key}': tool calls are not supported yet")
+    rec.unknown_keys({k: v for k, v in source.items() if k not in ("tools", "parallel_tool_calls")},
+                     ("messages",), "input")
+    msgs = _turn_list(source, "messages", rec)
+    prompt = None if msgs is None else _openai_messages(msgs, rec, "input.messages")
+    chosen = _answer(obj.get("preferred_output"), rec, "preferred_output")
+    rejected = _answer(obj.get("non_preferred_output"), rec, "non_preferred_output")
+    if prompt is None or chosen is None or rejected is None or rec.failed:
+        return None
+    return _pair(prompt, chosen, rejected, rec)
+
+
+@register_preference_format("trl_preference", ("chosen", "rejected"))
+def parse_trl_preference(obj: dict, rec: _Record) -> PreferencePair | None:
+    rec.unknown_keys(obj, ("prompt", "chosen", "rejected"), "record", level="warning")
+    for key in ("chosen", "rejected"):
+        if key not in obj:
+            rec.error("missing_field", f"record has no '{key}'")
+    if rec.failed:
+        return None
+    raw_prompt, raw_chosen, raw_rejected = obj.get("prompt"), obj["chosen"], obj["rejected"]
+    plain = [isinstance(v, str) for v in (raw_prompt, raw_chosen, raw_rejected) if v is not None]
+    if any(plain) and not all(plain):
+        rec.error("mixed_forms", "prompt, chosen and rejected must all be strings (plain text) or all lists of "
+                  "messages (conversational), not a mix")
+        return None
+    if raw_prompt is None:  # implicit prompt: two whole conversations, the shared first turns are the prompt
+        if all(plain):
+            rec.error("missing_field", "record has no 'prompt' (plain-text pairs need one)")
+            return None
+        return _implicit_prompt(raw_chosen, raw_rejected, rec)
+    if isinstance(raw_prompt, str):
+        prompt = [Message("user", raw_prompt)]
+    elif isinstance(raw_prompt, list) and raw_prompt:
+        prompt = _openai_messages(raw_prompt, rec, "prompt")
+    else:
+        rec.error("invalid_prompt", "'prompt' must be a string or a non-empty list of messages")
+        return None
+    chosen, rejected = _answer(raw_chosen, rec, "chosen"), _answer(raw_rejected, rec, "rejected")
+    if chosen is None or rejected is None or rec.failed:
+        return None
+    return _pair(prompt, chosen, rejected, rec)
+
+
+def _implicit_prompt(raw_chosen, raw_rejected, rec: _Record) -> PreferencePair | None:
+    turns = []
+    for key, raw in (("chosen", raw_chosen), ("rejected", raw_rejected)):
+        if not isinstance(raw, list) or not raw:
+            rec.error("invalid_output", f"'{key}' must be a non-empty list of messages")
+            return None
+        turns.append(_openai_messages(raw, rec, key))
+    if rec.failed:
+        return None
+    chosen, rejected = turns
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and asdict(chosen[shared]) == asdict(rejected[shared]):
+        shared += 1
+    while shared and chosen[shared - 1].role == "assistant":  # the answers start at an assistant turn
+        shared -= 1
+    prompt = chosen[:shared]
+    answers = (_answer([asdict(m) for m in chosen[shared:]] or None, rec, "chosen"),
+               _answer([asdict(m) for m in rejected[shared:]] or None, rec, "rejected"))
+    if answers[0] is None or answers[1] is None:
+        return None
+    return _pair(prompt, answers[0], answers[1], rec)
+
+
 def detect_format(obj: dict) -> str | None:
-    return next((name for name, keys in DETECT.items() if any(k in obj for k in keys)), None)
+    order = [*PREFERENCE_FORMATS, *(name for name in DETECT if name not in PREFERENCE_FORMATS)]
+    return next((name for name in order if any(k in obj for k in DETECT[name])), None)
 
 
 def _check_conversation(messages: list[Message], rec: _Record) -> None:
@@ -312,12 +484,18 @@ def read_dataset(path: str | Path, format: str = "auto", min_examples: int = 1, 
         if ds.format == "auto":
             if found is None:
                 rec.error("unknown_format", f"cannot tell the format from keys {sorted(obj)}; expected "
-                                            "'messages', 'prompt'/'completion', 'instruction'/'output' "
-                                            "or 'conversations'")
+                                            "'messages', 'prompt'/'completion', 'instruction'/'output', "
+                                            "'conversations', or a preference pair's 'chosen'/'rejected' or "
+                                            "'preferred_output'/'non_preferred_output'")
                 continue
             ds.format = found
         elif found is not None and found != ds.format:
             rec.error("format_mismatch", f"record looks like {found} but the file is {ds.format}")
+            continue
+        if ds.format in PREFERENCE_FORMATS:
+            pair = PREFERENCE_FORMATS[ds.format](obj, rec)
+            if pair is not None and not rec.failed:
+                ds.pairs.append(pair)
             continue
         messages = FORMATS[ds.format](obj, rec)
         if messages is None or rec.failed:
@@ -327,9 +505,9 @@ def read_dataset(path: str | Path, format: str = "auto", min_examples: int = 1, 
             ds.conversations.append(Conversation(messages, f"{file}:{lineno}"))
     if records == 0:
         ds.issues.append(Issue(file, 0, "empty_file", "the file has no records"))
-    elif len(ds.conversations) < min_examples:
+    elif len(ds.examples) < min_examples:
         ds.issues.append(Issue(file, 0, "too_few_examples",
-                               f"{len(ds.conversations)} valid examples, at least {min_examples} needed"))
+                               f"{len(ds.examples)} valid examples, at least {min_examples} needed"))
     if raise_errors and ds.errors:
         shown = "\n".join(str(i) for i in ds.errors[:50])
         more = f"\n... and {len(ds.errors) - 50} more" if len(ds.errors) > 50 else ""

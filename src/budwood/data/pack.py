@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from budwood.data.template import IGNORE, Encoded
+from budwood.data.template import IGNORE, Encoded, EncodedPair
 
 
 @dataclass
@@ -26,6 +26,9 @@ class Batch:
     position_ids: torch.Tensor | None  # packed rows only
     example_index: torch.Tensor  # [rows, T] index into the epoch's examples, -1 for padding
     n_tokens: int  # real (non-padding) tokens
+    # preference pairs only: the reference policy's log-probability of each sequence ([2 * pairs], chosen then
+    # rejected for each pair, in the order of example_index), and its answer-token count
+    reference: torch.Tensor | None = None
 
     @property
     def n_label_tokens(self) -> int:
@@ -34,7 +37,7 @@ class Batch:
     def to(self, device) -> Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.input_ids), move(self.labels), move(self.position_ids),
-                     self.example_index, self.n_tokens)
+                     self.example_index, self.n_tokens, move(self.reference))
 
 
 def plan_epoch(lengths: list[int], strategy: str, batch_size: int, tokens_per_batch: int | None,
@@ -97,3 +100,14 @@ def collate(examples: list[Encoded], indices: list[int], strategy: str, pad_id: 
         labels[r, : len(e)] = torch.tensor(e.labels)
         owner[r, : len(e)] = i
     return Batch(ids, labels, None, owner, sum(len(e) for e in chosen))
+
+
+def collate_pairs(pairs: list[EncodedPair], indices: list[int], strategy: str, pad_id: int) -> Batch:
+    """The pairs' sequences side by side (rows when padded, segments when packed), numbered in the batch:
+    pair k's preferred answer is example 2k, its non-preferred one 2k + 1. The reference log-probabilities
+    come along once they are known."""
+    flat = [side for i in indices for side in (pairs[i].chosen, pairs[i].rejected)]
+    batch = collate(flat, list(range(len(flat))), strategy, pad_id)
+    if all(pairs[i].reference is not None for i in indices):
+        batch.reference = torch.tensor([x for i in indices for x in pairs[i].reference], dtype=torch.float32)
+    return batch

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from budwood.data.formats import Conversation, Issue
-from budwood.data.template import IGNORE, encode_conversations
+from budwood.data.formats import Conversation, Issue, PreferencePair
+from budwood.data.template import IGNORE, Encoded, encode_conversations, encode_pairs
 
 
 @dataclass
 class TokenStats:
-    examples: int
+    examples: int  # conversations, or preference pairs (their lengths count both sequences)
     total_tokens: int  # = tokens per epoch
     trained_tokens: int
     min_len: int
@@ -20,19 +20,23 @@ class TokenStats:
     histogram: list[tuple[int, int, int]]  # (low, high, count), power-of-two buckets
 
 
-def token_stats(conversations: list[Conversation], tokenizer, max_seq_len: int,
+def token_stats(examples: list[Conversation] | list[PreferencePair], tokenizer, max_seq_len: int,
                 issues: list[Issue]) -> TokenStats:
     before = len(issues)
-    encoded = encode_conversations(tokenizer, conversations, max_seq_len, issues)
+    if examples and isinstance(examples[0], PreferencePair):
+        pairs = encode_pairs(tokenizer, examples, max_seq_len, issues)
+        sequences: list[list[Encoded]] = [[p.chosen, p.rejected] for p in pairs]
+    else:
+        sequences = [[e] for e in encode_conversations(tokenizer, examples, max_seq_len, issues)]
     truncated = sum(1 for i in issues[before:] if i.code == "too_long")
-    lengths = sorted(len(e) for e in encoded) or [0]
+    lengths = sorted(sum(len(e) for e in seqs) for seqs in sequences) or [0]
     buckets: dict[int, int] = {}
     for n in lengths:
         low = 1 << max(0, n.bit_length() - 1)
         buckets[low] = buckets.get(low, 0) + 1
     return TokenStats(
-        examples=len(encoded), total_tokens=sum(lengths),
-        trained_tokens=sum(sum(1 for x in e.labels if x != IGNORE) for e in encoded),
+        examples=len(sequences), total_tokens=sum(lengths),
+        trained_tokens=sum(sum(1 for x in e.labels if x != IGNORE) for seqs in sequences for e in seqs),
         min_len=lengths[0], median_len=lengths[len(lengths) // 2],
         p95_len=lengths[min(len(lengths) - 1, int(len(lengths) * 0.95))], max_len=lengths[-1],
         truncated=truncated, histogram=[(lo, 2 * lo - 1, c) for lo, c in sorted(buckets.items())])

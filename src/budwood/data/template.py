@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from budwood.data.formats import Conversation, Issue
+from budwood.data.formats import Conversation, Issue, PreferencePair
 from budwood.errors import DataError
 
 IGNORE = -100
@@ -24,6 +24,20 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+
+@dataclass
+class EncodedPair:
+    """A preference pair as two token sequences (the prompt, then each answer, trained on the answer only), and
+    the reference policy's summed log-probability of each answer and its token count, once computed."""
+
+    chosen: Encoded
+    rejected: Encoded
+    source: str
+    reference: tuple[float, float] | None = None
+
+    def __len__(self) -> int:
+        return len(self.chosen) + len(self.rejected)
 
 
 class TemplateMismatch(ValueError):
@@ -58,23 +72,30 @@ def encode_conversations(tokenizer, conversations: list[Conversation], max_seq_l
                          issues: list[Issue] | None = None) -> list[Encoded]:
     """Tokenise in one batched call; over-long examples are truncated (a warning each), and examples the
     chat template rejects are left out with an error issue each (the caller decides whether to stop)."""
+    return [e for e in encode_aligned(tokenizer, conversations, max_seq_len, issues) if e is not None]
+
+
+def encode_aligned(tokenizer, conversations: list[Conversation], max_seq_len: int,
+                   issues: list[Issue] | None = None) -> list[Encoded | None]:
+    """encode_conversations, with None in the place of each example left out."""
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("budwood needs a fast (Rust) tokenizer for character offsets")
     from jinja2 import TemplateError
 
     issues = issues if issues is not None else []
-    rendered, kept = [], []
-    for conv in conversations:
+    rendered: dict[int, tuple[str, list]] = {}
+    for k, conv in enumerate(conversations):
         try:
-            rendered.append(assistant_spans(tokenizer, conv))
-            kept.append(conv)
+            rendered[k] = assistant_spans(tokenizer, conv)
         except (TemplateError, TemplateMismatch) as e:  # e.g. a template that allows no system role
             issues.append(Issue.at(conv.source, "template_error", f"the chat template rejects this example: {e}"))
-    if not kept:
-        return []
-    enc = tokenizer([t for t, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
-    out = []
-    for conv, (_, spans), ids, offsets in zip(kept, rendered, enc["input_ids"], enc["offset_mapping"], strict=True):
+    out: list[Encoded | None] = [None] * len(conversations)
+    if not rendered:
+        return out
+    enc = tokenizer([t for t, _ in rendered.values()], add_special_tokens=False, return_offsets_mapping=True)
+    for k, (_, spans), ids, offsets in zip(rendered, rendered.values(), enc["input_ids"], enc["offset_mapping"],
+                                          strict=True):
+        conv = conversations[k]
         labels = [IGNORE] * len(ids)
         for t, (start, _) in enumerate(offsets):
             if any(s <= start < e for s, e in spans):
@@ -87,5 +108,25 @@ def encode_conversations(tokenizer, conversations: list[Conversation], max_seq_l
             issues.append(Issue.at(conv.source, "no_trainable_tokens",
                                    "no assistant tokens left after truncation; example skipped", "warning"))
             continue
-        out.append(Encoded(list(ids), labels, conv.source))
+        out[k] = Encoded(list(ids), labels, conv.source)
+    return out
+
+
+def encode_pairs(tokenizer, pairs: list[PreferencePair], max_seq_len: int,
+                 issues: list[Issue] | None = None) -> list[EncodedPair]:
+    """Each pair's two sequences, tokenised as SFT examples are (so truncation and template errors are
+    reported the same way); a pair loses both sides when either cannot be trained on."""
+    issues = issues if issues is not None else []
+    encoded = encode_aligned(tokenizer, [conv for pair in pairs for conv in pair.conversations()], max_seq_len,
+                             issues)
+    out = []
+    for k, pair in enumerate(pairs):
+        chosen, rejected = encoded[2 * k], encoded[2 * k + 1]
+        if chosen is None or rejected is None:
+            lost = "both answers" if chosen is None and rejected is None else \
+                "the preferred answer" if chosen is None else "the non-preferred answer"
+            issues.append(Issue.at(pair.source, "pair_skipped", f"{lost} cannot be trained on (see above); "
+                                   "the pair is skipped", "warning"))
+            continue
+        out.append(EncodedPair(chosen, rejected, pair.source))
     return out

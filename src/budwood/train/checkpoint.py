@@ -47,7 +47,8 @@ def optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict[str, torch.Te
 
 
 def save_checkpoint(root: Path, step: int, peft_model, opt, scheduler, rng: dict, trainer_state: dict,
-                    keep: int) -> Path:
+                    keep: int, reference: torch.Tensor | None = None) -> Path:
+    """`reference`: DPO's reference log-probabilities ([pairs, 2]), kept so a resume need not recompute them."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     if (final / "trainer_state.json").exists():  # the same step's state is the same: never rewrite a good one
@@ -58,6 +59,8 @@ def save_checkpoint(root: Path, step: int, peft_model, opt, scheduler, rng: dict
     tensors, meta = optimizer_to_files(opt)
     save_file(tensors, tmp / "optimizer.safetensors")
     save_file({k: v.contiguous() for k, v in rng.items()}, tmp / "rng.safetensors")
+    if reference is not None:
+        save_file({"logps": reference.contiguous()}, tmp / "reference.safetensors")
     state = dict(trainer_state, optimizer=meta, scheduler=scheduler.state_dict())
     (tmp / "trainer_state.json").write_text(json.dumps(state))
     for f in tmp.iterdir():
@@ -114,3 +117,14 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torc
                 load_file(path / "rng.safetensors"), json.loads((path / "trainer_state.json").read_text()))
     except (OSError, ValueError) as e:
         raise TrainingError(f"{path}: unreadable checkpoint: {e}") from None
+
+
+def load_reference(path: Path) -> torch.Tensor | None:
+    """DPO's reference log-probabilities saved with a checkpoint, if it has them."""
+    file = path / "reference.safetensors"
+    if not file.exists():
+        return None
+    try:
+        return load_file(file)["logps"]
+    except (OSError, ValueError, KeyError) as e:
+        raise TrainingError(f"{file}: unreadable reference log-probabilities: {e}") from None

@@ -1,8 +1,9 @@
-"""What a training step minimises: the objective seam, and token losses computed only where there are labels.
+"""What a training step minimises: the objective seam (SFT, DPO), and token losses computed only where there
+are labels.
 
 The decoder runs over every token, but the vocabulary projection and the cross-entropy run only at
-positions whose next token is trained on (assistant turns), which saves most of the time and memory
-that full-sequence logits would cost on a small model with a large vocabulary.
+positions whose next token is trained on (assistant turns, or a preference pair's answers), which saves
+most of the time and memory that full-sequence logits would cost on a small model with a large vocabulary.
 """
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from budwood.data.pack import Batch
-from budwood.data.template import IGNORE, Encoded
+from budwood.config import TrainConfig
+from budwood.data.pack import Batch, collate, collate_pairs
+from budwood.data.template import IGNORE, Encoded, EncodedPair
 
 
 def token_losses(lm: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,20 +34,33 @@ def token_losses(lm: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch
     return losses, batch.example_index[:, 1:].to(mask.device)[mask]
 
 
+def sequence_logps(lm: torch.nn.Module, batch: Batch, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each of the batch's `n` sequences' summed log-probability of its trained tokens, and their number ([n], [n])."""
+    losses, owner = token_losses(lm, batch)
+    logps = torch.zeros(n, device=losses.device).index_add_(0, owner, -losses)
+    counts = torch.zeros(n, device=losses.device).index_add_(0, owner, torch.ones_like(losses))
+    return logps, counts
+
+
 class Objective(Protocol):
     """The loss a recipe trains with, chosen once at setup. A step's loss is the sum of its units'
     losses divided by the step's number of units, counted before the step runs: so it is the same
-    however the step is split into micro-batches or across ranks. SFT's unit is a trained token; a
-    preference objective (DPO) would be a second Objective whose unit is a pair, not a second recipe."""
+    however the step is split into micro-batches or across ranks. SFT's unit is a trained token, DPO's a
+    preference pair: two objectives of one recipe."""
 
     name: str
+    columns: tuple[str, ...]  # what `losses` reports beside each unit's loss (summed, logged as step means)
 
     def losses(self, lm: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        """fp32 loss of each unit in `batch` ([N])."""
+        """fp32 [N, 1 + len(columns)]: each unit's loss (with its graph), then its detached statistics."""
         ...
 
-    def units(self, example: Encoded) -> int:
+    def units(self, example) -> int:
         """How many units `example` adds to a step."""
+        ...
+
+    def collate(self, examples: list, indices: list[int], batching: str, pad_id: int) -> Batch:
+        """The micro-batch of these examples."""
         ...
 
 
@@ -53,12 +68,67 @@ class SFT:
     """Supervised fine-tuning: next-token cross-entropy on the assistant's tokens."""
 
     name = "sft"
+    columns: tuple[str, ...] = ()
 
     def losses(self, lm: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        return token_losses(lm, batch)[0]
+        return token_losses(lm, batch)[0][:, None]
 
     def units(self, example: Encoded) -> int:
         return sum(1 for x in example.labels[1:] if x != IGNORE)
+
+    def collate(self, examples: list[Encoded], indices: list[int], batching: str, pad_id: int) -> Batch:
+        return collate(examples, indices, batching, pad_id)
+
+
+class DPO:
+    """Direct preference optimisation (Rafailov et al. 2023) on (preferred, non-preferred) answer pairs.
+
+    margin = (log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected)), and a pair's loss is
+    -log sigmoid(beta * margin) (sigmoid) or (margin - 1/(2 beta))^2 on length-averaged log-probabilities (ipo),
+    plus sft_weight times the preferred answer's mean token NLL (RPO). The reference log-probabilities come
+    with the batch (computed once, before the first step, by the policy itself: LoRA starts as the identity, or
+    as the frozen init_adapter), so no second model is kept. At the first step margin = 0: the sigmoid loss is
+    ln 2. The statistics are TRL's DPOTrainer's, under its names, so the curves compare."""
+
+    name = "dpo"
+    columns = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+               "logps/rejected")
+
+    def __init__(self, beta: float, loss_type: str = "sigmoid", sft_weight: float = 0.0):
+        self.beta, self.loss_type, self.sft_weight = beta, loss_type, sft_weight
+
+    def units(self, example: EncodedPair) -> int:
+        return 1
+
+    def collate(self, examples: list[EncodedPair], indices: list[int], batching: str, pad_id: int) -> Batch:
+        return collate_pairs(examples, indices, batching, pad_id)
+
+    def losses(self, lm: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        if batch.reference is None:
+            raise RuntimeError("DPO needs the reference log-probabilities with the batch")
+        logps, counts = sequence_logps(lm, batch, batch.reference.numel())
+        policy, ref = logps, batch.reference.to(logps.device)
+        if self.loss_type == "ipo":
+            policy, ref = policy / counts, ref / counts
+        chosen, rejected = policy[0::2] - ref[0::2], policy[1::2] - ref[1::2]
+        margin = chosen - rejected
+        if self.loss_type == "ipo":
+            loss = (margin - 1 / (2 * self.beta)) ** 2
+        else:
+            loss = -F.logsigmoid(self.beta * margin)
+        if self.sft_weight:
+            loss = loss + self.sft_weight * (-logps[0::2] / counts[0::2])
+        stats = torch.stack([self.beta * chosen, self.beta * rejected, (chosen > rejected).float(),
+                             self.beta * margin, logps[0::2], logps[1::2]], dim=1).detach()
+        return torch.cat([loss[:, None], stats], dim=1)
+
+
+def objective_for(config: TrainConfig) -> Objective:
+    """The objective training.method names."""
+    if config.training.method == "dpo":
+        d = config.training.dpo
+        return DPO(d.beta, d.loss_type, d.sft_weight)
+    return SFT()
 
 
 class LossModule(torch.nn.Module):
@@ -70,9 +140,9 @@ class LossModule(torch.nn.Module):
         self.lm = lm
         self.objective = objective
 
-    def forward(self, input_ids, labels, position_ids, example_index) -> torch.Tensor:
-        return self.objective.losses(self.lm, Batch(input_ids, labels, position_ids, example_index, 0))
+    def forward(self, input_ids, labels, position_ids, example_index, reference=None) -> torch.Tensor:
+        return self.objective.losses(self.lm, Batch(input_ids, labels, position_ids, example_index, 0, reference))
 
     def run(self, batch: Batch) -> torch.Tensor:
-        """The losses of a collated batch."""
-        return self(batch.input_ids, batch.labels, batch.position_ids, batch.example_index)
+        """The losses (and statistics) of a collated batch."""
+        return self(batch.input_ids, batch.labels, batch.position_ids, batch.example_index, batch.reference)

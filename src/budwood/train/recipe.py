@@ -23,7 +23,7 @@ import torch
 
 import budwood
 from budwood.config import TrainConfig
-from budwood.data.pack import collate, plan_epoch
+from budwood.data.pack import plan_epoch
 from budwood.errors import TrainingError
 from budwood.models.fingerprint import model_fingerprint
 from budwood.models.load import load_base, load_tokenizer, pick_device, pick_dtype
@@ -31,7 +31,8 @@ from budwood.train import checkpoint as ckpt
 from budwood.train import distributed
 from budwood.train.data import EpochCursor, PreparedData, prepare_data
 from budwood.train.distributed import Chunking, Strategy
-from budwood.train.loss import SFT, LossModule, Objective
+from budwood.train.init_adapter import AdapterResolver, InitAdapter, load_init_weights, resolve_init_adapter
+from budwood.train.loss import LossModule, Objective, objective_for, sequence_logps
 from budwood.train.metrics import MetricsLog
 from budwood.train.outputs import hardware, locked_output_dir, portable_config, versions, write_provenance
 from budwood.train.state import RunIdentity, RunState, StopReason, resume_hash
@@ -97,7 +98,7 @@ class _NoMetrics:
     def close(self) -> None: ...
 
 
-def build_lora_model(base_model, config: TrainConfig):
+def build_lora_model(base_model, config: TrainConfig, init: InitAdapter | None = None):
     from peft import LoraConfig, get_peft_model
 
     lc = config.lora
@@ -105,6 +106,8 @@ def build_lora_model(base_model, config: TrainConfig):
                              target_modules=lc.target_modules, use_rslora=lc.use_rslora,
                              bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(base_model, peft_config)
+    if init is not None:
+        load_init_weights(model, init)
     for p in model.parameters():  # trainable LoRA weights stay fp32 even on a bf16 base
         if p.requires_grad:
             p.data = p.data.float()
@@ -127,17 +130,19 @@ def compile_layers(lm) -> None:
 
 def train(config: TrainConfig, resume: bool = False, progress: Progress | None = None,
           stop: Callable[[], str | None] | None = None,
-          on_checkpoint: Callable[[Path], None] | None = None) -> Path:
+          on_checkpoint: Callable[[Path], None] | None = None,
+          resolve_adapter: AdapterResolver | None = None) -> Path:
     """Train a LoRA adapter; return the adapter directory (config.output_dir).
 
     `stop` is asked after every optimizer step; a reason (a StopReason, or any string) saves a
     checkpoint and raises TrainingInterrupted with it, as Ctrl-C does (the fine-tuning service's
     cancel, pause and lost leases). `on_checkpoint` gets each checkpoint folder once it is complete on
-    disk."""
+    disk. `resolve_adapter` pulls an init_adapter given as a registry id (the CLI passes the registry's)."""
+    config, init = resolve_init_adapter(config, resolve_adapter)
     strategy = distributed.strategy_for(config.training.distributed, config.training.device)
     try:
         with locked_output_dir(Path(config.output_dir)) if strategy.is_main else nullcontext():
-            run = TrainingRun(config, strategy, progress or _LogProgress(), stop, on_checkpoint)
+            run = TrainingRun(config, strategy, progress or _LogProgress(), stop, on_checkpoint, init)
             run.setup(resume)
             stopped = run.train()
             if stopped is not None:
@@ -194,8 +199,8 @@ class TrainingRun:
     clock: Clock
     # set up once
     data: PreparedData
-    lengths: list[int]  # tokens per training example
-    units: list[int]  # the objective's units per training example (SFT: trained tokens)
+    lengths: list[int]  # tokens per training example (both sequences of a preference pair)
+    units: list[int]  # the objective's units per training example (SFT: trained tokens; DPO: 1 pair)
     chunking: Chunking
     total_steps: int
     device: torch.device
@@ -209,8 +214,8 @@ class TrainingRun:
 
     def __init__(self, config: TrainConfig, strategy: Strategy, progress: Progress,
                  stop: Callable[[], str | None] | None = None,
-                 on_checkpoint: Callable[[Path], None] | None = None):
-        self.config, self.t, self.strategy = config, config.training, strategy
+                 on_checkpoint: Callable[[Path], None] | None = None, init: InitAdapter | None = None):
+        self.config, self.t, self.strategy, self.init = config, config.training, strategy, init
         self.out = Path(config.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         self.progress: Progress = progress if strategy.is_main else _Quiet()
@@ -218,6 +223,8 @@ class TrainingRun:
         self.clock = Clock()
         self.state = RunState()
         self.metrics: MetricsLog | _NoMetrics = _NoMetrics()
+        self.step_stats: dict[str, float] = {}  # the objective's statistics over the last step (DPO's rewards)
+        self.reference: torch.Tensor | None = None  # DPO: [pairs, 2] reference log-probabilities, checkpointed
 
     # --- setup: cheap checks first, weights last -----------------------------------------------
     def setup(self, resume: bool) -> None:
@@ -236,6 +243,8 @@ class TrainingRun:
         self._setup_model()
         self._setup_optimizer()
         self.rng_after_step = ckpt.rng_state(self.device)
+        if self.objective.name == "dpo":
+            self._setup_reference(checkpoints[-1] if resume else None)
         if resume:
             self._load_checkpoint(checkpoints[-1])
         if self.strategy.is_main:
@@ -250,8 +259,10 @@ class TrainingRun:
         self.data = prepare_data(self.config, self.tokenizer)
         for issue in self.data.issues:
             self.progress.note(f"warning: {issue}")
-        self.identity = RunIdentity(self.data.fingerprints, model_fingerprint(self.config.base_model),
-                                    resume_hash(self.config))
+        fingerprints = dict(self.data.fingerprints)
+        if self.init is not None:  # a resume must continue from the very same starting adapter
+            fingerprints["init_adapter"] = {"path": self.init.ref, "fingerprint": self.init.fingerprint}
+        self.identity = RunIdentity(fingerprints, model_fingerprint(self.config.base_model), resume_hash(self.config))
         self.lengths = [len(e) for e in self.data.train]
         self.chunking = Chunking(self.lengths, t.batch_size, t.tokens_per_batch, t.batching == "packed")
         self.micro_per_epoch = len(self._plan(0))
@@ -264,7 +275,7 @@ class TrainingRun:
     def _setup_model(self) -> None:
         t = self.t
         base = load_base(self.config.base_model, dtype=self.dtype, device=self.device, tokenizer=self.tokenizer)
-        self.model = build_lora_model(base.model, self.config)
+        self.model = build_lora_model(base.model, self.config, self.init)
         if t.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()
@@ -273,14 +284,49 @@ class TrainingRun:
             compile_layers(self.model.get_base_model())
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        # the one objective today; a preference loss (DPO) would be a second Objective chosen here
-        self.objective = SFT()
+        self.objective = objective_for(self.config)
         # several ranks: the same LoRA init everywhere (the seed above), then each rank its own dropout stream
         self.loss_module = LossModule(self.model.get_base_model(), self.objective)
         self.train_module = self.strategy.wrap(self.loss_module, self.device, self.params)
         if self.strategy.rank > 0:
             torch.manual_seed(t.seed + 1_000_003 * self.strategy.rank)
         self.units = [self.objective.units(e) for e in self.data.train]
+
+    def _setup_reference(self, checkpoint: Path | None) -> None:
+        """DPO's reference log-probabilities of every pair's answers, training and validation: read from the
+        checkpoint a resume starts from, else computed now, before any update, by the policy itself (LoRA's
+        B = 0 makes it the base, or it is the init_adapter), in eval mode."""
+        pairs = self.data.train + self.data.validation
+        saved = ckpt.load_reference(checkpoint) if checkpoint is not None else None
+        if saved is not None and saved.shape == (len(pairs), 2):
+            values = saved
+        else:
+            self.progress.note(f"DPO: the reference's log-probabilities of {len(pairs)} pairs")
+            values = self._reference_logps(pairs)
+        for pair, (chosen, rejected) in zip(pairs, values.tolist(), strict=True):
+            pair.reference = (chosen, rejected)
+        self.reference = values
+
+    @torch.no_grad()
+    def _reference_logps(self, pairs: list) -> torch.Tensor:
+        """[pairs, 2]; the ranks share the pairs out and gather every part."""
+        t = self.t
+        lengths = [len(p) for p in pairs]
+        planned = plan_epoch(lengths, "padded", t.batch_size, t.tokens_per_batch, 0, 0)
+        micro = self.strategy.deal(planned, list(range(len(pairs))), Chunking(lengths, t.batch_size,
+                                                                                t.tokens_per_batch))
+        self.model.eval()
+        mine: dict[int, tuple[float, float]] = {}
+        for indices, weight in micro:
+            batch = self.objective.collate(pairs, indices, "padded", self.pad_id).to(self.device)
+            with self._autocast():
+                logps = sequence_logps(self.loss_module.lm, batch, 2 * len(indices))[0].view(-1, 2).tolist()
+            if weight:
+                mine.update(zip(indices, map(tuple, logps), strict=True))
+        self.model.train()
+        self.strategy.reshard()
+        merged = {i: v for part in self.strategy.gather(mine) for i, v in part.items()}
+        return torch.tensor([merged[i] for i in range(len(pairs))], dtype=torch.float64)
 
     def _setup_optimizer(self) -> None:
         from transformers import get_scheduler
@@ -337,17 +383,20 @@ class TrainingRun:
         examples = [i for indices in window for i in indices]
         n_units = sum(self.units[i] for i in examples)
         micro = self.strategy.deal(window, examples, self.chunking)
-        loss_sum = 0.0
+        sums = torch.zeros(1 + len(self.objective.columns), dtype=torch.float64)  # the loss, then statistics
         for j, (indices, weight) in enumerate(micro):
-            batch = collate(self.data.train, indices, self.t.batching, self.pad_id).to(self.device)
+            batch = self.objective.collate(self.data.train, indices, self.t.batching, self.pad_id).to(self.device)
             with self.strategy.accumulate(last=j == len(micro) - 1):
                 with self._autocast():  # through the data-parallel wrapper, if any
-                    losses = self.train_module(batch.input_ids, batch.labels, batch.position_ids, batch.example_index)
-                    loss = losses.sum() * (weight * self.strategy.grad_scale / n_units)
+                    out = self.train_module(batch.input_ids, batch.labels, batch.position_ids, batch.example_index,
+                                            batch.reference)
+                    loss = out[:, 0].sum() * (weight * self.strategy.grad_scale / n_units)
                 loss.backward()
-            loss_sum += losses.sum().item() * weight
+            sums += out.detach().sum(0).double().cpu() * weight
         self.strategy.reduce_grads(self.params)
-        train_loss = self.strategy.sum(loss_sum) / n_units
+        train_loss = self.strategy.sum(sums[0].item()) / n_units
+        self.step_stats = {name: self.strategy.sum(v) / n_units
+                           for name, v in zip(self.objective.columns, sums[1:].tolist(), strict=True)}
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.t.max_grad_norm or float("inf")).item()
         if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
             self._non_finite(train_loss, grad_norm)
@@ -377,6 +426,7 @@ class TrainingRun:
         now = time.perf_counter()
         tps = self.clock.tokens_per_s(now)
         record = {"step": self.state.step, "epoch": self.position.epochs, "loss": round(result.train_loss, 6),
+                  **{name: round(v, 6) for name, v in self.step_stats.items()},
                   "lr": self.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
                   "tokens": self.state.tokens_seen, "tokens_per_s": round(tps, 1),
                   "elapsed_s": round(self.clock.training_time(now), 2)}
@@ -403,7 +453,8 @@ class TrainingRun:
         total, count = 0.0, 0.0
         for indices, weight in micro:
             with self._autocast():
-                losses = self.loss_module.run(collate(examples, indices, "padded", self.pad_id).to(self.device))
+                batch = self.objective.collate(examples, indices, "padded", self.pad_id).to(self.device)
+                losses = self.loss_module.run(batch)[:, 0]
             total += losses.sum().item() * weight
             count += losses.numel() * weight
         self.model.train()
@@ -429,7 +480,7 @@ class TrainingRun:
         path = self.ckpt_root / f"step-{self.state.step:08d}"
         if self.strategy.is_main:
             path = ckpt.save_checkpoint(self.ckpt_root, self.state.step, self.model, self.opt, self.scheduler,
-                                        rng, saved, self.t.keep_checkpoints)
+                                        rng, saved, self.t.keep_checkpoints, self.reference)
             if self.on_checkpoint is not None:
                 self.on_checkpoint(path)
         self.strategy.barrier()
@@ -458,6 +509,16 @@ class TrainingRun:
             write_provenance(self.out, self._provenance(train_time))
         return self.out
 
+    def _method(self) -> dict:
+        """How the adapter was trained, for the card: the objective and its settings, and where it started."""
+        method: dict = {"type": self.objective.name}
+        if self.t.dpo is not None:
+            method["dpo"] = self.t.dpo.model_dump()
+            method["pairs_seen"] = self.state.trained_tokens  # DPO's units are pairs
+        if self.init is not None:
+            method["init_adapter"] = self.init.provenance()
+        return method
+
     def _provenance(self, train_time: float) -> dict:
         """budwood.json: what was trained, from what, with what, on what, and how it ended."""
         config = self.config
@@ -467,6 +528,8 @@ class TrainingRun:
             "data": self.data.fingerprints,
             "config": config.resolved(),
             "config_hash": config.config_hash(),
+            "method": self._method(),
+            "reliability": self.data.reliability,
             "versions": versions(),
             "hardware": dict(hardware(), device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
                              processes=self.strategy.world, strategy=self.strategy.name),

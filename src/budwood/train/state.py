@@ -92,4 +92,10 @@ def resume_hash(config: TrainConfig) -> str:
         resolved["data"].pop(key, None)
     resolved.pop("logging", None)
     resolved.pop("output_dir", None)
+    resolved.pop("init_adapter", None)  # checked by its fingerprint, as the data is
+    # keys added since checkpoints were first written, at their defaults: those checkpoints still resume
+    if resolved["training"].get("method") == "sft" and resolved["training"].get("dpo") is None:
+        resolved["training"].pop("method"), resolved["training"].pop("dpo")
+    if not any(recipe.get("enabled") for recipe in resolved.get("reliability", {}).values()):
+        resolved.pop("reliability", None)
     return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:16]
