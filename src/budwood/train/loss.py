@@ -123,6 +123,19 @@ class DPO:
         return torch.cat([loss[:, None], stats], dim=1)
 
 
+class ReferenceLogps:
+    """Not a training objective: each pair's two summed answer log-probabilities ([pairs, 2]), computed through
+    LossModule's forward as a loss is (so a wrapper such as FSDP gathers what it shards), once, before DPO's
+    first step."""
+
+    name = "reference"
+    columns: tuple[str, ...] = ()
+
+    def losses(self, lm: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        n = int(batch.example_index.max()) + 1
+        return sequence_logps(lm, batch, n)[0].view(-1, 2)
+
+
 def objective_for(config: TrainConfig) -> Objective:
     """The objective training.method names."""
     if config.training.method == "dpo":

@@ -32,7 +32,7 @@ from budwood.train import distributed
 from budwood.train.data import EpochCursor, PreparedData, prepare_data
 from budwood.train.distributed import Chunking, Strategy
 from budwood.train.init_adapter import AdapterResolver, InitAdapter, load_init_weights, resolve_init_adapter
-from budwood.train.loss import LossModule, Objective, objective_for, sequence_logps
+from budwood.train.loss import LossModule, Objective, ReferenceLogps, objective_for
 from budwood.train.metrics import MetricsLog
 from budwood.train.outputs import hardware, locked_output_dir, portable_config, versions, write_provenance
 from budwood.train.state import RunIdentity, RunState, StopReason, resume_hash
@@ -316,13 +316,17 @@ class TrainingRun:
         micro = self.strategy.deal(planned, list(range(len(pairs))), Chunking(lengths, t.batch_size,
                                                                                 t.tokens_per_batch))
         self.model.eval()
+        self.loss_module.objective = ReferenceLogps()
         mine: dict[int, tuple[float, float]] = {}
-        for indices, weight in micro:
-            batch = self.objective.collate(pairs, indices, "padded", self.pad_id).to(self.device)
-            with self._autocast():
-                logps = sequence_logps(self.loss_module.lm, batch, 2 * len(indices))[0].view(-1, 2).tolist()
-            if weight:
-                mine.update(zip(indices, map(tuple, logps), strict=True))
+        try:
+            for indices, weight in micro:
+                batch = self.objective.collate(pairs, indices, "padded", self.pad_id).to(self.device)
+                with self._autocast():
+                    logps = self.loss_module.run(batch).tolist()
+                if weight:
+                    mine.update(zip(indices, map(tuple, logps), strict=True))
+        finally:
+            self.loss_module.objective = self.objective
         self.model.train()
         self.strategy.reshard()
         merged = {i: v for part in self.strategy.gather(mine) for i, v in part.items()}
