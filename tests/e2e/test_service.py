@@ -188,7 +188,8 @@ def test_bad_job_requests_are_refused_with_the_parameter_named(live, acme, finis
              ({"training_file": "file-doesnotexist"}, "training_file", "does not exist"),
              ({"validation_file": "file-doesnotexist"}, "validation_file", "does not exist"),
              ({"suffix": "bad suffix!"}, "suffix", "letters, digits"),
-             ({"method": {"type": "dpo", "dpo": {}}}, "method.type", "supervised"),
+             ({"method": {"type": "reinforcement", "reinforcement": {}}}, "method.type", "supervised and dpo"),
+             ({"method": {"type": "dpo"}}, "training_file", "method 'dpo' needs preference pairs"),
              ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs", "greater than or equal to 1"),
              ({"integrations": [{"type": "wandb", "wandb": {"project": "p"}}]}, "integrations", "not supported"),
              ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata", "at most 16 keys")]

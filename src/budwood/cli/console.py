@@ -47,7 +47,9 @@ class RichProgress(_Bar):
         if "val_loss" in record:
             self.val = f" val {record['val_loss']:.3f}"
         if "loss" in record:
-            info = f"loss {record['loss']:.3f}{self.val}  {record['tokens_per_s']:,.0f} tok/s"
+            dpo = f"  acc {record['rewards/accuracies']:.2f} margin {record['rewards/margins']:+.2f}" \
+                if "rewards/margins" in record else ""
+            info = f"loss {record['loss']:.3f}{self.val}{dpo}  {record['tokens_per_s']:,.0f} tok/s"
             self.bar.update(self.task, completed=record["step"], info=info)
 
     def note(self, message: str) -> None:

@@ -127,3 +127,44 @@ class JobProgress:
 
     def stop(self) -> None:
         pass
+
+
+class JobEvalProgress:
+    """budwood.eval.context.Progress for a job: the evaluation reported in the job's events, which are
+    written (and fenced by the lease) with the heartbeat's, as training's are.
+
+    Each part of a suite announces its start; a part that takes a while reports each further tenth done, at
+    most one event per `min_gap_s`, and at least one every `every_s` while it runs. Quick parts (most, on
+    small data) so cost one event each, and a slow machine still shows that the job is alive."""
+
+    every_s = 30.0
+    min_gap_s = 5.0
+
+    def __init__(self, beat: Heartbeat, clock=time.monotonic):
+        self.beat, self.clock = beat, clock
+        self.side = "adapted"
+        self.label, self.total, self.done, self.tenth = "", 0, 0, 0
+        self.last = clock()
+
+    def start(self, label: str, total: int) -> None:
+        self.label, self.total, self.done, self.tenth = label, total, 0, 0
+        self._emit(f"Evaluating the {self._side()}: {label} ({total:,})")
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        tenth = 10 * self.done // max(self.total, 1)
+        waited = self.clock() - self.last
+        if waited >= self.every_s or (tenth > self.tenth and waited >= self.min_gap_s):
+            self.tenth = tenth
+            self._emit(f"Evaluating the {self._side()}: {self.label}: {self.done:,} of {self.total:,}")
+
+    def stop(self) -> None:
+        pass
+
+    def _side(self) -> str:
+        return {"adapted": "adapter", "base": "base model"}.get(self.side, self.side)
+
+    def _emit(self, message: str) -> None:
+        self.last = self.clock()
+        self.beat.emit(message, data={"evaluation": {"side": self.side, "part": self.label, "done": self.done,
+                                                     "total": self.total}})

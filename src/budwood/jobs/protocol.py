@@ -26,16 +26,27 @@ class Hyperparameters(BaseModel):
     n_epochs: Literal["auto"] | Annotated[int, Field(ge=1, le=50)] = "auto"
 
 
+class DpoHyperparameters(Hyperparameters):
+    """OpenAI's DPO hyperparameters: the supervised ones and beta (budwood's training.dpo.beta)."""
+
+    beta: Literal["auto"] | Annotated[float, Field(gt=0)] = "auto"
+
+
 class Supervised(BaseModel):
     model_config = ConfigDict(extra="forbid")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+
+
+class Dpo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
 
 
 class Method(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: Supervised | None = None
-    dpo: dict | None = None
+    dpo: Dpo | None = None
     reinforcement: dict | None = None
 
 
@@ -71,17 +82,36 @@ class JobCreate(BaseModel):
                 raise ValueError(f"key {k[:70]!r}: keys are 1-64 characters, values at most 512")
         return value
 
+    @property
+    def method_type(self) -> str:
+        return self.method.type if self.method is not None else "supervised"
+
     def requested_hyperparameters(self) -> Hyperparameters:
+        """The method's hyperparameters as asked: under method.dpo or method.supervised, else the deprecated
+        top-level ones (supervised only, as OpenAI has them)."""
+        if self.method_type == "dpo":
+            return self.method.dpo.hyperparameters if self.method.dpo is not None else DpoHyperparameters()
         if self.method is not None and self.method.supervised is not None:
             return self.method.supervised.hyperparameters
         return self.hyperparameters or Hyperparameters()
 
 
+def method_of(job: Job) -> str:
+    """"supervised" or "dpo". The method is kept in the job's hyperparameters column (rows from before
+    DPO have none: supervised), so it travels with the values that training reads."""
+    return job.hyperparameters.get("method", "supervised")
+
+
 def resolve_auto(hp: dict, examples: int) -> dict:
     """OpenAI's "auto" made concrete from the data's size (docs/service.md): batch size about 0.2% of
     the examples (1 to 256), enough epochs that small sets are seen about a thousand times in all
-    (3 to 10), and the learning rate multiplier 1 (of the service's LoRA learning rate)."""
+    (3 to 10), and the learning rate multiplier 1 (of the service's LoRA learning rate for the method);
+    for DPO, beta as budwood train's default (TRL's, 0.1). `examples` are pairs for DPO."""
+    from budwood.config import DPOConfig
+
     out = dict(hp)
+    if out.get("method") == "dpo" and out.get("beta", "auto") == "auto":
+        out["beta"] = DPOConfig().beta
     if out.get("batch_size", "auto") == "auto":
         out["batch_size"] = max(1, min(256, round(examples * 0.002)))
     if out.get("n_epochs", "auto") == "auto":
@@ -133,13 +163,37 @@ class JobError(BaseModel):
     param: str | None = None
 
 
+class JobDpoHyperparameters(JobHyperparameters):
+    beta: Literal["auto"] | float = "auto"
+
+
 class JobSupervised(BaseModel):
     hyperparameters: JobHyperparameters
 
 
+class JobDpo(BaseModel):
+    hyperparameters: JobDpoHyperparameters
+
+
 class JobMethod(BaseModel):
-    type: Literal["supervised"] = "supervised"
-    supervised: JobSupervised
+    """The method with its hyperparameters, as asked until the files are validated, then resolved; only the
+    member of the job's type is set, as OpenAI answers."""
+
+    type: Literal["supervised", "dpo"] = "supervised"
+    supervised: JobSupervised | None = None
+    dpo: JobDpo | None = None
+
+    @classmethod
+    def of(cls, job: Job) -> JobMethod:
+        if method_of(job) == "dpo":
+            fields = JobDpoHyperparameters.model_fields
+            return cls(type="dpo", dpo=JobDpo(hyperparameters=JobDpoHyperparameters(
+                **{k: job.hyperparameters.get(k, "auto") for k in fields})))
+        return cls(supervised=JobSupervised(hyperparameters=_hyperparameters(job)))
+
+
+def _hyperparameters(job: Job) -> JobHyperparameters:
+    return JobHyperparameters(**{k: job.hyperparameters.get(k, "auto") for k in JobHyperparameters.model_fields})
 
 
 class FineTuningJob(BaseModel):
@@ -166,7 +220,7 @@ class FineTuningJob(BaseModel):
 
     @classmethod
     def of(cls, job: Job) -> FineTuningJob:
-        hp = JobHyperparameters(**{k: job.hyperparameters.get(k, "auto") for k in JobHyperparameters.model_fields})
+        hp = _hyperparameters(job)  # OpenAI's deprecated top-level field: the values every method shares
         return cls(id=job.id, created_at=int(job.created_at), error=job.error, fine_tuned_model=job.fine_tuned_model,
                    finished_at=_ts(job.finished_at), hyperparameters=hp, model=job.model, organization_id=job.tenant,
                    result_files=list(job.result_files or []), seed=job.seed, status=job.status,
@@ -174,7 +228,7 @@ class FineTuningJob(BaseModel):
                    validation_file=job.validation_file,
                    estimated_finish=_ts(job.estimated_finish) if job.status == JobStatus.RUNNING else None,
                    metadata=job.meta, user_provided_suffix=job.suffix,
-                   method=JobMethod(supervised=JobSupervised(hyperparameters=hp)))
+                   method=JobMethod.of(job))
 
 
 class FineTuningJobEvent(BaseModel):

@@ -201,15 +201,14 @@ class JobQueue:
                     raise
         raise AssertionError("unreachable")
 
-    def check_file(self, tenant: str, file_id: str | None, param: str) -> None:
-        """create_job's check of a training or validation file, made ahead of it (no row locked): a
-        request's refusals then come in the order OpenAI gives them."""
+    def check_file(self, tenant: str, file_id: str | None, param: str) -> StoredFile | None:
+        """create_job's file check made ahead of it, no row locked (refusals come in OpenAI's order): the row."""
         with self.sessions() as s:
-            self._usable_file(s, tenant, file_id, param, lock=False)
+            return self._usable_file(s, tenant, file_id, param, lock=False)
 
-    def _usable_file(self, s: Session, tenant: str, file_id: str | None, param: str, lock: bool = True) -> None:
+    def _usable_file(self, s: Session, tenant: str, file_id: str | None, param: str, lock=True) -> StoredFile | None:
         if file_id is None:
-            return
+            return None
         query = select(StoredFile).where(StoredFile.id == file_id, StoredFile.tenant == tenant)
         row = s.scalars(self._lock(query) if lock else query).first()
         if row is None:
@@ -217,6 +216,7 @@ class JobQueue:
         if row.purpose != FilePurpose.FINE_TUNE:
             raise BudwoodError(f"invalid {param}: {file_id} has purpose {row.purpose!r}; upload it with purpose "
                                f"'{FilePurpose.FINE_TUNE}'", code=f"invalid_{param}", param=param)
+        return row
 
     def get_job(self, tenant: str | None, job_id: str) -> Job:
         query = select(Job).where(Job.id == job_id)

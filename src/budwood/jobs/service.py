@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from budwood.config import LoraConfig, load_settings
 from budwood.db import budwood_home
@@ -28,9 +28,16 @@ class Quotas(_Strict):
 
 
 class ServiceTraining(_Strict):
-    """What every job is trained with; the job gives n_epochs, batch_size and the learning rate multiplier."""
+    """What every job is trained with; the job gives n_epochs, batch_size, the learning rate multiplier and
+    (DPO) beta."""
     lora: LoraConfig = Field(default_factory=LoraConfig)
     learning_rate: float = Field(2e-4, gt=0, description="LoRA learning rate at learning_rate_multiplier 1")
+    dpo_learning_rate: float = Field(5e-5, gt=0, description="a DPO job's LoRA learning rate at multiplier 1: "
+                                     "preference tuning moves the policy from its reference in smaller steps")
+    validation_split: float = Field(0.1, ge=0, lt=0.5, description="share of the training file held out when a "
+                                    "job has no validation file: its validation loss, and the held-out data its "
+                                    "adapter is evaluated on (0: train on every example; the suites that need "
+                                    "held-out data are then left out)")
     scheduler: str = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, le=1)
     max_seq_len: int = Field(2048, ge=8)
@@ -46,13 +53,27 @@ class ServiceTraining(_Strict):
 class ServiceEvaluation(_Strict):
     """The quick suites every finished adapter is measured with before it is published."""
     suites: list[str] = Field(default_factory=lambda: ["domain", "grounding", "truthfulqa", "bias", "reproducibility"],
-                              description="domain runs on the job's validation file and is skipped without one; "
-                                          "grounding asks about a fictional company no tenant's data covers, so an "
-                                          "adapter that invents answers shows a high hallucination rate")
+                              description="measured on the tenant's own domain (jobs/evaluation.py): domain on "
+                                          "the held-out examples, grounding on questions from them plus "
+                                          "unanswerable ones built from the training data, reproducibility and "
+                                          "bias's counterfactual probes on the same questions; a suite without "
+                                          "such data is left out, its reason in the job's events")
     limit: int | None = Field(100, ge=1, description="examples per suite (per category for bias)")
     compare_base: bool = Field(True, description="also measure the base, so the card shows what the job changed")
     settings: dict = Field(default_factory=dict, description="per-suite settings as in budwood eval's config, "
-                                                             "e.g. {reproducibility: {prompts: 8}}")
+                                                             "e.g. {reproducibility: {prompts: 8}}; the data each "
+                                                             "suite reads is the job's, not set here")
+
+    @field_validator("settings")
+    @classmethod
+    def _no_data(cls, settings: dict) -> dict:
+        from budwood.jobs.evaluation import DATA_SETTINGS
+
+        for suite, key in DATA_SETTINGS.items():
+            if isinstance(settings.get(suite), dict) and key in settings[suite]:
+                raise ValueError(f"{suite}.{key}: a job's adapter is measured on its tenant's data, which each job "
+                                 "sets; remove it")
+        return settings
 
 
 class ServiceConfig(_Strict):

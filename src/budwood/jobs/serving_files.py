@@ -1,10 +1,11 @@
 """What /v1/files does, without HTTP: a tenant's uploads checked, stored and listed.
 
 Uploads are read as JSONL text and checked by the same validator as `budwood data check` before
-they are accepted (errors name the line and the problem, and the client's file name, never the
-scratch copy's path); nothing uploaded is ever executed or unpickled. The bytes are counted while
-they arrive and written beside the store, then moved into place inside the transaction that checks
-the tenant's storage quota (queue.add_file).
+they are accepted: chat examples in any supervised format, or preference pairs for DPO jobs (errors
+name the line and the problem, and the client's file name, never the scratch copy's path); nothing
+uploaded is ever executed or unpickled. The bytes are counted while they arrive and written beside
+the store, then moved into place inside the transaction that checks the tenant's storage quota
+(queue.add_file).
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def too_large(limit: int, size: int | None = None) -> BudwoodError:
 
 
 def validate_upload(path: Path) -> tuple[str, int]:
-    """(format, examples) of a training file; its problems, every one, as a refusal naming lines."""
+    """(format, examples) of a training file, chat examples or preference pairs (a supervised or a DPO
+    job's); its problems, every one, as a refusal naming lines."""
     from budwood.data.formats import read_dataset
 
     try:
@@ -60,7 +62,7 @@ def validate_upload(path: Path) -> tuple[str, int]:
         head = f"{path.name}: {len([i for i in issues if i.level == 'error'])} error(s); nothing was stored:\n" \
             if issues else ""
         raise BudwoodError(head + shown + more, code="invalid_file", param="file") from None
-    return dataset.format, len(dataset.conversations)
+    return dataset.format, len(dataset.examples)
 
 
 class ServingFiles:

@@ -10,11 +10,54 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator
 
+from budwood.data.formats import PREFERENCE_FORMATS
 from budwood.errors import BudwoodError
+from budwood.jobs.models import StoredFile
 from budwood.jobs.protocol import FineTuningJob, FineTuningJobCheckpoint, FineTuningJobEvent, JobCreate, Page
 from budwood.jobs.queue import request_hash
 from budwood.jobs.service import Service
 from budwood.jobs.states import QUIET
+
+METHODS = {"supervised": "sft", "dpo": "preference"}  # the methods run here, and the data kind each trains on
+
+
+def check_method(body: JobCreate) -> None:
+    """Supervised or DPO, each with its hyperparameters given once, where OpenAI's API takes them."""
+    method = body.method
+    if method is None:
+        return
+    if method.type not in METHODS:
+        raise BudwoodError(f"method.type {method.type!r} is not supported here; this service runs "
+                           f"{' and '.join(METHODS)} (LoRA) fine-tuning", code="unsupported_method",
+                           param="method.type")
+    for other in ("supervised", "dpo", "reinforcement"):
+        if other != method.type and getattr(method, other) is not None:
+            raise BudwoodError(f"method.{other} is given but method.type is {method.type!r}; give the "
+                               f"hyperparameters under method.{method.type}", code="invalid_value",
+                               param=f"method.{other}")
+    if body.hyperparameters is None:
+        return
+    if method.type == "dpo":
+        raise BudwoodError("hyperparameters (deprecated by OpenAI) are for supervised jobs; give a DPO job's under "
+                           "method.dpo.hyperparameters", code="invalid_value", param="hyperparameters")
+    if method.supervised is not None and body.hyperparameters != method.supervised.hyperparameters:
+        raise BudwoodError("hyperparameters and method.supervised.hyperparameters disagree; give them once, "
+                           "under method", code="invalid_value", param="hyperparameters")
+
+
+def check_kind(file: StoredFile | None, method: str, param: str) -> None:
+    """A preference file trains only a DPO job, chat examples only a supervised one: refused when the job is
+    created, naming the file, rather than when a worker reads it."""
+    if file is None:
+        return
+    kind = "preference" if file.format in PREFERENCE_FORMATS else "sft"
+    if kind != METHODS[method]:
+        holds = "preference pairs" if kind == "preference" else "chat examples for supervised fine-tuning"
+        wants = "preference pairs ({\"input\", \"preferred_output\", \"non_preferred_output\"} or TRL's " \
+                "prompt/chosen/rejected)" if method == "dpo" else "chat examples ({\"messages\": [...]} and the " \
+                "other supervised formats)"
+        raise BudwoodError(f"invalid {param}: {file.id} holds {holds} ({file.format}); method {method!r} needs "
+                           f"{wants}", code=f"invalid_{param}", param=param)
 
 
 class ServingFineTuning:
@@ -26,13 +69,7 @@ class ServingFineTuning:
 
     def job_values(self, tenant: str, body: JobCreate) -> dict:
         """The new job's columns, once every part of the request has been checked."""
-        if body.method is not None and body.method.type != "supervised":
-            raise BudwoodError(f"method.type {body.method.type!r} is not supported here; this service runs "
-                               "supervised (LoRA) fine-tuning", code="unsupported_method", param="method.type")
-        if body.method is not None and body.hyperparameters is not None and body.method.supervised is not None \
-                and body.hyperparameters != body.method.supervised.hyperparameters:
-            raise BudwoodError("hyperparameters and method.supervised.hyperparameters disagree; give them once, "
-                               "under method", code="invalid_value", param="hyperparameters")
+        check_method(body)
         if body.integrations:
             raise BudwoodError("integrations are not supported by this service (it reaches no outside service); "
                                "follow training through /events or the dashboard", code="unsupported_parameter",
@@ -40,11 +77,12 @@ class ServingFineTuning:
         if body.model != self.config.serving.base:
             raise BudwoodError(f"Model {body.model!r} is not available for fine-tuning here; this service "
                                f"fine-tunes {self.config.serving.base!r}", code="model_not_available", param="model")
-        self.queue.check_file(tenant, body.training_file, "training_file")
-        self.queue.check_file(tenant, body.validation_file, "validation_file")
+        for param in ("training_file", "validation_file"):
+            check_kind(self.queue.check_file(tenant, getattr(body, param), param), body.method_type, param)
         return {"model": body.model, "training_file": body.training_file, "validation_file": body.validation_file,
                 "suffix": body.suffix, "seed": body.seed if body.seed is not None else secrets.randbelow(2**31),
-                "meta": body.metadata, "hyperparameters": body.requested_hyperparameters().model_dump()}
+                "meta": body.metadata,
+                "hyperparameters": {**body.requested_hyperparameters().model_dump(), "method": body.method_type}}
 
     async def create(self, tenant: str, body: JobCreate, idempotency_key: str | None) -> FineTuningJob:
         """A new job in validating_files, or the one this idempotency key made before."""

@@ -2,8 +2,8 @@
 
     claim -> validate the files (first time only) -> restore the last checkpoint, if any -> train
     (heartbeats renew the lease and bring cancel/pause; each checkpoint goes to the shared storage)
-    -> evaluate (the quick suites) -> card -> sign (the service's key) -> publish (the tenant's
-    private registry namespace) -> succeeded.
+    -> evaluate (the quick suites, on the tenant's own data) -> card -> sign (the service's key)
+    -> publish (the tenant's private registry namespace) -> succeeded.
 
 Training, evaluation, the card, the signature and the publish are budwood.pipeline's stages, the
 ones `budwood demo` runs; this module adds what a hosted job needs around them: the lease, the
@@ -30,9 +30,9 @@ from pathlib import Path
 from sqlalchemy.exc import DBAPIError
 
 from budwood.errors import BudwoodError, DataError, ModelError, TrainingError
-from budwood.jobs.heartbeat import Heartbeat, JobProgress
+from budwood.jobs.heartbeat import Heartbeat, JobEvalProgress, JobProgress
 from budwood.jobs.models import Job
-from budwood.jobs.protocol import fine_tuned_model, registry_name, resolve_auto
+from budwood.jobs.protocol import fine_tuned_model, method_of, registry_name, resolve_auto
 from budwood.jobs.queue import Lease, LeaseLost, new_id
 from budwood.jobs.service import Service, ServiceConfig
 from budwood.jobs.states import EventLevel, FilePurpose, JobStatus
@@ -46,24 +46,36 @@ class JobFailed(BudwoodError):
 
 
 def train_config(config: ServiceConfig, job: Job, data_dir: Path, adapter_dir: Path, examples: int | None):
-    """The job as budwood train's config: the service's recipe, the job's data, seed and hyperparameters."""
+    """The job as budwood train's config: the service's recipe, the job's data, seed, method and
+    hyperparameters. Without a validation file, the service's validation_split of the training file is held
+    out (the validation loss, and the data the adapter is evaluated on)."""
     from budwood.config import load_config
 
     t, hp = config.training, job.hyperparameters
+    dpo = method_of(job) == "dpo"
     batch = hp.get("batch_size") if isinstance(hp.get("batch_size"), int) else 8
     epochs = hp.get("n_epochs") if isinstance(hp.get("n_epochs"), int) else 3
     multiplier = hp.get("learning_rate_multiplier")
-    lr = t.learning_rate * (multiplier if isinstance(multiplier, int | float) else 1.0)
+    lr = (t.dpo_learning_rate if dpo else t.learning_rate) * (multiplier if isinstance(multiplier, int | float)
+                                                              else 1.0)
     save_every = t.checkpoint_every or max(1, math.ceil((examples or batch) / batch))
+    held_out = {"validation": str(data_dir / "validation.jsonl")} if job.validation_file else \
+        {"validation_split": t.validation_split}
     raw = {"base_model": job.model, "lora": t.lora.model_dump(),
            "data": {"train": str(data_dir / "train.jsonl"), "format": "auto", "min_examples": t.min_examples,
-                    **({"validation": str(data_dir / "validation.jsonl")} if job.validation_file else {})},
+                    **held_out},
            "training": {"epochs": epochs, "batch_size": batch, "learning_rate": lr, "seed": job.seed,
                         "scheduler": t.scheduler, "warmup_ratio": t.warmup_ratio, "max_seq_len": t.max_seq_len,
                         "precision": t.precision, "device": t.device, "compile": t.compile,
-                        "save_every": save_every, "eval_every": save_every, "keep_checkpoints": 2},
+                        "save_every": save_every, "eval_every": save_every, "keep_checkpoints": 2,
+                        **({"method": "dpo", "dpo": _beta(hp)} if dpo else {})},
            "output_dir": str(adapter_dir)}
     return load_config(None, [], base=raw)
+
+
+def _beta(hp: dict) -> dict:
+    """training.dpo's settings: the job's beta, or budwood's default while it is still "auto"."""
+    return {"beta": hp["beta"]} if isinstance(hp.get("beta"), int | float) else {}
 
 
 class JobRun:
@@ -196,24 +208,36 @@ class JobRun:
                                            "and continues from its last checkpoint")
 
     def evaluate(self) -> None:
-        """The adapter (and, with compare_base, the base) by the service's quick suites; domain only when the
-        job has a validation file to measure it on."""
+        """The adapter (and, with compare_base, the base) by the service's quick suites, on the tenant's own
+        domain (jobs/evaluation.py), each part's progress in the job's events."""
+        from budwood.jobs.evaluation import plan_evaluation, tenant_data
         from budwood.pipeline import adapter_target, evaluate_sides
 
         ev = self.config.evaluation
-        suites = [s for s in ev.suites if s != "domain" or self.job.validation_file]
-        if not suites:
+        config = train_config(self.config, self.job, self.data_dir, self.adapter_dir, self.job.train_examples)
+        provenance = json.loads((self.adapter_dir / "budwood.json").read_text())
+        plan = plan_evaluation(ev.suites, ev.settings, tenant_data(config, provenance), self.workdir / "eval",
+                               self.job.seed)
+        for suite, why in plan.left_out.items():
+            self.beat.emit(f"Evaluation leaves out {suite}: {why}", data={"evaluation": {"left_out": suite}})
+        if not plan.suites:
             return
         targets = {"adapted": adapter_target(self.job.model, self.adapter_dir)}
         if ev.compare_base:
             targets["base"] = self.job.model
-        settings = {**ev.settings, "domain": {**ev.settings.get("domain", {}),
-                                              "data": str(self.data_dir / "validation.jsonl")},
-                    "suites": suites, "limit": ev.limit, "precision": "fp32", "device": self.config.training.device}
-        results = evaluate_sides(self.adapter_dir, targets, settings, stop=lambda: self.beat.reason)
+        self.beat.emit(f"Evaluating on the tenant's data ({'; '.join(plan.notes)}): {', '.join(plan.suites)}",
+                       data={"evaluation": {"suites": plan.suites, "sides": list(targets)}})
+        settings = {**plan.settings, "suites": plan.suites, "limit": ev.limit, "precision": "fp32",
+                    "device": self.config.training.device}
+        progress, results = JobEvalProgress(self.beat), {}
+        for side, target in targets.items():
+            progress.side = side
+            results |= evaluate_sides(self.adapter_dir, {side: target}, settings, progress)
+            if self.beat.reason:
+                break
         summary = ", ".join(f"{suite}.{name}={m.value:.3g}" for suite, r in results["adapted"].suites.items()
                             for name, m in list(r.metrics.items())[:2] if m.value is not None)
-        self.beat.emit(f"Evaluated: {summary}", data={"suites": suites})
+        self.beat.emit(f"Evaluated: {summary}", data={"suites": plan.suites})
 
     def share(self) -> None:
         """Card, signature, publish, then succeeded; a takeover after a publish finds its version there."""

@@ -6,12 +6,12 @@ The plan of an epoch (which examples form each micro-batch, in which order) is a
 """
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from budwood.config import TrainConfig
 from budwood.data.formats import Dataset, Example, Issue, data_fingerprint, read_dataset
+from budwood.data.split import split_validation
 from budwood.data.template import Encoded, EncodedPair, encode_conversations, encode_pairs
 from budwood.errors import DataError, TrainingError
 
@@ -66,12 +66,7 @@ def prepare_data(config: TrainConfig, tokenizer) -> PreparedData:
         issues += val_ds.issues
         val_convs = val_ds.examples
     elif dc.validation_split > 0:
-        order = list(range(len(convs)))
-        random.Random(config.training.seed).shuffle(order)
-        n_val = max(1, round(len(convs) * dc.validation_split))
-        held = set(order[:n_val])
-        val_convs = [c for i, c in enumerate(convs) if i in held]
-        convs = [c for i, c in enumerate(convs) if i not in held]
+        convs, val_convs = split_validation(convs, dc.validation_split, config.training.seed)
     reliability: dict = {}
     if {"abstention", "counterfactual", "format_augmentation"} & set(config.reliability.applied):
         from budwood.reliability import apply_recipes

@@ -9,6 +9,7 @@ once. SameSite=Strict keeps the cookie off cross-site requests, which is what gu
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from urllib.parse import quote
 
@@ -16,8 +17,8 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from budwood.errors import NotFoundError
-from budwood.jobs.protocol import checkpoint_model
+from budwood.errors import BudwoodError, NotFoundError
+from budwood.jobs.protocol import checkpoint_model, method_of
 from budwood.jobs.service import Service
 from budwood.jobs.states import TERMINAL
 from budwood.registry.names import RegistryError
@@ -42,6 +43,17 @@ def _environment() -> Environment:
     env.filters.update(when=views.when, number=views.number, size=views.size)
     env.globals.update(MISSING=views.MISSING, TERMINAL=TERMINAL, checkpoint_model=checkpoint_model)
     return env
+
+
+@functools.lru_cache(maxsize=512)
+def _results(path: Path) -> tuple[str | None, dict[str, tuple[float, float]]]:
+    """(the adapter fingerprint it measured, suite.metric -> interval) of a results blob; blobs are named by
+    their sha256 and never change, so this is cached."""
+    from budwood.eval.results import load_results
+
+    results = load_results(path)
+    return results.target.adapter_fingerprint, {f"{suite}.{name}": tuple(m.ci) for suite, r in results.suites.items()
+                                                 for name, m in r.metrics.items() if m.ci}
 
 
 def root_of(request: Request) -> str:
@@ -90,7 +102,9 @@ class Dashboard:
                     files.append((role, file_id, None))  # deleted since
         rows, series = [views.event_row(e) for e in reversed(events)], views.loss_series(events)
         latest = {name: views.number(points[-1][1], 4) if points else views.MISSING for name, points in series.items()}
-        return {"job": job, "live": views.live_state(job), "files": files, "latest": latest,
+        hyperparameters = {k: v for k, v in job.hyperparameters.items() if k != "method"}
+        return {"job": job, "method": method_of(job), "hyperparameters": hyperparameters,
+                "live": views.live_state(job), "files": files, "latest": latest,
                 "checkpoints": checkpoints, "events": rows[:LOG_ROWS], "hidden_events": max(0, len(rows) - LOG_ROWS),
                 "series": series, "after": events[-1].seq if events else 0, "poll_ms": POLL_MS,
                 "adapter_id": job.registry_ref.split("@")[0] if job.registry_ref else None}
@@ -132,4 +146,20 @@ class Dashboard:
         return views.render_card(text, files_url, {f.path for f in version.files})
 
     def leaderboard(self, tenant: str, sort: str, order: str) -> dict:
-        return views.leaderboard(self.registry.search(include_private=self.visible(tenant)), sort, order)
+        versions = self.registry.search(include_private=self.visible(tenant))
+        return views.leaderboard(versions, sort, order, {(v.id, v.version): self.intervals(v) for v in versions})
+
+    def intervals(self, version) -> dict[str, tuple[float, float]]:
+        """suite.metric -> 95% interval, from the version's own results files (those measured on its weights;
+        the registry keeps only the values)."""
+        out: dict[str, tuple[float, float]] = {}
+        for f in version.files:
+            if not (f.path.startswith("eval/") and f.path.endswith(".json")):
+                continue
+            try:
+                target, suites = _results(self.registry.store.path(f.sha256))
+            except BudwoodError:  # a blob the store no longer has: the values are shown without intervals
+                continue
+            if target == version.adapter_fingerprint:
+                out.update(suites)
+        return out

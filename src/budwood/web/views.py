@@ -46,6 +46,19 @@ COLUMNS = (
            "desc"),
 )
 OPTIONAL_COLUMNS = {"bbq_bias_ambig"}  # shown only when some adapter has it
+# the reliability table beside the leaderboard: what the reliability recipes move, each with its interval; a
+# column is shown when some adapter has the metric
+RELIABILITY = (
+    Column("hallucination_rate", "grounding.hallucination_rate", "Hallucination rate", "lower is better", "asc"),
+    Column("unanswerable_abstained", "grounding.unanswerable_abstained", "Abstains when unanswerable",
+           "higher is better", "desc"),
+    Column("answerable_correct", "grounding.answerable_correct", "Correct when answerable", "higher is better",
+           "desc"),
+    Column("format_spread", "reproducibility.format_spread", "Format spread", "accuracy max - min over prompt "
+           "formats; lower is better", "asc"),
+    Column("counterfactual_changed", "bias.counterfactual_changed", "Counterfactual change",
+           "answers that change with who asks; lower is better", "asc"),
+)
 
 
 # -- formatting ---------------------------------------------------------------------------------------------
@@ -152,8 +165,24 @@ def render_card(text: str, files_url: str, paths: set[str]) -> str:
     return md.renderer.render(tokens, md.options, {})
 
 
-def leaderboard(versions, sort: str, order: str) -> dict:
-    """Per base model, one row per adapter (its latest version), sorted by a column; missing values last."""
+def interval(ci) -> str:
+    """A 95% interval as the pages show it, or "" without one."""
+    return f"[{number(ci[0])}, {number(ci[1])}]" if ci else ""
+
+
+def reliability(rows, intervals: dict) -> dict:
+    """The reliability table of one base model's rows (in the leaderboard's order): the RELIABILITY columns
+    that some row has, each cell (value, interval); `intervals` maps (id, version) to {metric: (low, high)}."""
+    present = {m for v in rows for m in v.metrics}
+    columns = [c for c in RELIABILITY if c.metric in present]
+    table = [(v, [(number(v.metrics.get(c.metric)), interval(intervals.get((v.id, v.version), {}).get(c.metric)))
+                  for c in columns]) for v in rows]
+    return {"columns": columns, "rows": table}
+
+
+def leaderboard(versions, sort: str, order: str, intervals: dict | None = None) -> dict:
+    """Per base model, one row per adapter (its latest version), sorted by a column; missing values last.
+    With `intervals` ((id, version) -> {metric: (low, high)}), each base also gets its reliability table."""
     present = {m for v in versions for m in v.metrics}
     columns = [c for c in COLUMNS if c.key not in OPTIONAL_COLUMNS or c.metric in present]
     column = next((c for c in columns if c.key == sort), columns[0])
@@ -171,8 +200,10 @@ def leaderboard(versions, sort: str, order: str) -> dict:
 
     links = {c.key: f"?sort={c.key}&order={('desc' if order == 'asc' else 'asc') if c is column else c.best}"
              for c in columns}
-    return {"columns": columns, "sort": column.key, "order": order, "links": links,
-            "groups": [(base, sorted(rows, key=key)) for base, rows in sorted(groups.items())]}
+    ranked = [(base, sorted(rows, key=key)) for base, rows in sorted(groups.items())]
+    return {"columns": columns, "sort": column.key, "order": order, "links": links, "groups": ranked,
+            "reliability": {base: reliability(rows, intervals) for base, rows in ranked} if intervals is not None
+            else {}}
 
 
 def safe_next(value: str | None, root: str) -> str:
