@@ -294,37 +294,43 @@ class TrainingRun:
 
     def _setup_reference(self, checkpoint: Path | None) -> None:
         """DPO's reference log-probabilities of every pair's answers, training and validation: read from the
-        checkpoint a resume starts from, else computed now, before any update, by the policy itself (LoRA's
-        B = 0 makes it the base, or it is the init_adapter), in eval mode."""
-        pairs = self.data.train + self.data.validation
+        checkpoint a resume starts from, else computed now, before any update: by the base with the adapter
+        switched off (a fresh LoRA is the identity, so this is the policy at step 0, at less cost), or by base +
+        init_adapter. Training pairs go in the batches of the run's own first epoch, so that even in bf16, where
+        a sequence's numbers depend on its batch mates, the first step's loss is ln 2."""
+        t, train, validation = self.t, self.data.train, self.data.validation
         saved = ckpt.load_reference(checkpoint) if checkpoint is not None else None
-        if saved is not None and saved.shape == (len(pairs), 2):
+        if saved is not None and saved.shape == (len(train) + len(validation), 2):
             values = saved
         else:
-            self.progress.note(f"DPO: the reference's log-probabilities of {len(pairs)} pairs")
-            values = self._reference_logps(pairs)
-        for pair, (chosen, rejected) in zip(pairs, values.tolist(), strict=True):
+            self.progress.note(f"DPO: the reference's log-probabilities of {len(train) + len(validation)} pairs")
+            lengths = [len(p) for p in validation]
+            parts = [self._reference_logps(train, self._plan(0), self.chunking, t.batching)]
+            if validation:  # as validation_loss batches them
+                parts.append(self._reference_logps(
+                    validation, plan_epoch(lengths, "padded", t.batch_size, t.tokens_per_batch, 0, 0),
+                    Chunking(lengths, t.batch_size, t.tokens_per_batch), "padded"))
+            values = torch.cat(parts)
+        for pair, (chosen, rejected) in zip(train + validation, values.tolist(), strict=True):
             pair.reference = (chosen, rejected)
         self.reference = values
 
     @torch.no_grad()
-    def _reference_logps(self, pairs: list) -> torch.Tensor:
+    def _reference_logps(self, pairs: list, planned: list[list[int]], chunking: Chunking, batching: str
+                         ) -> torch.Tensor:
         """[pairs, 2]; the ranks share the pairs out and gather every part."""
-        t = self.t
-        lengths = [len(p) for p in pairs]
-        planned = plan_epoch(lengths, "padded", t.batch_size, t.tokens_per_batch, 0, 0)
-        micro = self.strategy.deal(planned, list(range(len(pairs))), Chunking(lengths, t.batch_size,
-                                                                                t.tokens_per_batch))
+        micro = self.strategy.deal(planned, list(range(len(pairs))), chunking)
         self.model.eval()
         self.loss_module.objective = ReferenceLogps()
         mine: dict[int, tuple[float, float]] = {}
         try:
-            for indices, weight in micro:
-                batch = self.objective.collate(pairs, indices, "padded", self.pad_id).to(self.device)
-                with self._autocast():
-                    logps = self.loss_module.run(batch).tolist()
-                if weight:
-                    mine.update(zip(indices, map(tuple, logps), strict=True))
+            with self.model.disable_adapter() if self.init is None else nullcontext():
+                for indices, weight in micro:
+                    batch = self.objective.collate(pairs, indices, batching, self.pad_id).to(self.device)
+                    with self._autocast():
+                        logps = self.loss_module.run(batch).tolist()
+                    if weight:
+                        mine.update(zip(indices, map(tuple, logps), strict=True))
         finally:
             self.loss_module.objective = self.objective
         self.model.train()
