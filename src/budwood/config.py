@@ -146,11 +146,14 @@ class FormatAugmentationConfig(_Recipe):
 
 class CalibrationConfig(_Recipe):
     score: Literal["mean_logprob", "min_logprob", "agreement"] = Field(
-        "mean_logprob", description="an answer's confidence: its tokens' mean or minimum log-probability, or the "
-        "share of k seeded samples that agree with the greedy answer")
+        "min_logprob", description="an answer's confidence: the probability of its least likely token (min_logprob: "
+        "the best calibrated on budwood-tiny), the geometric mean of its tokens' (mean_logprob), or the share of "
+        "k seeded samples that agree with the greedy answer (agreement: k more generations per answer)")
     target_precision: float = Field(0.9, gt=0, le=1, description="the threshold is the lowest confidence at which "
                                     "answers kept are at least this often correct on the validation split")
     samples: int = Field(5, ge=2, le=32, description="seeded samples per question (score agreement only)")
+    default: bool = Field(False, description="serve applies the threshold to requests that do not say "
+                          "(calibrated_abstention: null); false: only to requests that ask for it")
 
 
 class ReliabilityConfig(_Strict):
@@ -188,6 +191,9 @@ class TrainConfig(_Strict):
     def _split_or_file(self) -> TrainConfig:
         if self.data.validation is not None and self.data.validation_split > 0:
             raise ValueError("give data.validation or data.validation_split, not both")
+        if self.reliability.calibration.enabled and self.data.validation is None and not self.data.validation_split:
+            raise ValueError("reliability.calibration fits its threshold on held-out answers: give data.validation "
+                             "or data.validation_split")
         return self
 
     def resolved(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ app = typer.Typer(cls=BoundaryGroup, add_completion=False, no_args_is_help=True,
 app.add_typer(train.app)
 app.add_typer(train.data_app, name="data")
 app.add_typer(evaluate.app, name="eval")
+app.add_typer(evaluate.calibrate_app)
 app.add_typer(registry.app)
 app.add_typer(registry.keys_app, name="keys")
 app.add_typer(merge.app)

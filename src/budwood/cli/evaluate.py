@@ -10,6 +10,7 @@ from budwood.cli.console import EvalProgress, out, print_comparison
 from budwood.errors import BudwoodError
 
 app = typer.Typer(help="Evaluate a model, an adapter or an endpoint; compare results.")
+calibrate_app = typer.Typer()  # `budwood calibrate`, a root command
 
 
 def _print_results_table(results, title: str) -> None:
@@ -96,3 +97,60 @@ def eval_schema_cmd() -> None:
 
     out.print_json(json.dumps(json_schema()))
 
+
+@calibrate_app.command("calibrate")
+def calibrate_cmd(
+    adapter: Path = typer.Argument(..., help="adapter directory"),
+    base: str = typer.Option(None, help="base model (default: the one the adapter names)"),
+    data: Path = typer.Option(None, help="held-out chat JSONL (default: the adapter's validation split)"),
+    score: str = typer.Option(None, help="mean_logprob | min_logprob | agreement (default: the adapter's training "
+                                         "setting, else min_logprob)"),
+    target_precision: float = typer.Option(None, help="share of kept answers that must be right (default 0.9)"),
+    samples: int = typer.Option(None, help="seeded samples per answer, score agreement (default 5)"),
+    abstention: str = typer.Option(None, help="what to answer instead (default: the abstention recipe's answer)"),
+    default: bool = typer.Option(False, "--default/--no-default",
+                                 help="budwood serve applies it to requests that leave calibrated_abstention unset "
+                                      "(else only to requests that ask for it)"),
+    precision: str = typer.Option("fp32", help="fp32 (repeatable), bf16 or auto"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
+) -> None:
+    """Fit the confidence threshold below which the adapter abstains, on held-out data: calibration.json.
+
+    Examples: budwood calibrate runs/demo/adapter --target-precision 0.9
+              budwood calibrate my-adapter --data held_out.jsonl --score min_logprob
+    """
+    from pydantic import ValidationError
+
+    from budwood.artifacts import AdapterDir
+    from budwood.config import AbstentionConfig, CalibrationConfig
+    from budwood.eval.calibration import calibrate, read_calibration
+
+    folder = AdapterDir.open(adapter)
+    trained = folder.provenance.get("config", {}).get("reliability", {})
+    given = {k: v for k, v in (("score", score), ("target_precision", target_precision), ("samples", samples))
+             if v is not None}
+    try:
+        settings = CalibrationConfig.model_validate({**trained.get("calibration", {}), **given, "enabled": True})
+    except ValidationError as e:
+        first = e.errors()[0]
+        name = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "option"
+        raise BudwoodError(f"{name}: {first['msg']}") from None
+    text = abstention or trained.get("abstention", {}).get("answer") or AbstentionConfig().answer
+    with EvalProgress() as progress:
+        path = calibrate(folder.path, base or folder.base_model, settings, text, data, default=default,
+                         precision=precision, device=device, progress=progress)
+    _print_calibration(read_calibration(folder.path), path)
+
+
+def _print_calibration(cal, path: Path) -> None:
+    table = Table(title=f"calibration ({cal.score}, {cal.n} held-out questions)")
+    for col in ("", "value", "95% interval"):
+        table.add_column(col)
+    for name, m in (("precision", cal.precision), ("coverage", cal.coverage)):
+        table.add_row(name, "n/a" if m.value is None else f"{m.value:.3f}",
+                      f"[{m.ci[0]:.3f}, {m.ci[1]:.3f}]" if m.ci else "")
+    table.add_row("threshold", f"{cal.threshold:.4g}", f"target precision {cal.target_precision}")
+    out.print(table)
+    if cal.warning:
+        out.print(f"[yellow]warning:[/] {cal.warning}")
+    out.print(f"calibration: {path}")

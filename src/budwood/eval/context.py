@@ -9,6 +9,15 @@ from typing import Protocol
 import numpy as np
 
 from budwood.eval import scoring
+from budwood.eval.confidence import (
+    AGREEMENT_TEMPERATURE,
+    AbstentionPolicy,
+    Answer,
+    ScoreKind,
+    agreement,
+    agreement_seeds,
+    logprob_confidence,
+)
 from budwood.eval.results import Metric, Timing
 from budwood.eval.targets import Gen, LocalTarget, LogLik, OpenAITarget, Schedule
 
@@ -33,14 +42,38 @@ class EvalContext:
     max_tokens: int = 64
     chunk: int = 256  # requests handed to the target at once (bounds memory, paces the progress bar)
     progress: Progress = field(default_factory=NoProgress)
+    policy: AbstentionPolicy | None = None  # calibrated abstention: every generated answer is held to it
     requests: int = 0
     started: float = field(default_factory=time.perf_counter)
 
     # -- running work with progress --------------------------------------------------------------
     def chat(self, label: str, conversations: list[list[dict]], gen: Gen | None = None,
              schedule: Schedule = "together", chunk: int | None = None) -> list[str]:
+        """The target's answers; under a policy, those below its threshold replaced by its text."""
         gen = gen or Gen(max_tokens=self.max_tokens)
-        return self._chunked(label, conversations, lambda part: self.target.chat(part, gen, schedule), chunk)
+        if self.policy is None:
+            return self._chunked(label, conversations, lambda part: self.target.chat(part, gen, schedule), chunk)
+        answers = self.answers(label, conversations, self.policy.score, self.policy.samples, gen, schedule, chunk)
+        return [a.text for a in self.policy.apply(answers)]
+
+    def answers(self, label: str, conversations: list[list[dict]], score: ScoreKind, samples: int = 0,
+                gen: Gen | None = None, schedule: Schedule = "together", chunk: int | None = None) -> list[Answer]:
+        """The target's answers with their confidence (confidence.py), none replaced; a confidence is None
+        where the target returns no log-probabilities. Agreement costs `samples` extra generations."""
+        gen = gen or Gen(max_tokens=self.max_tokens)
+        if score.needs_logprobs:
+            asked = Gen(gen.temperature, gen.max_tokens, gen.seed, logprobs=True)
+            done = self._chunked(label, conversations, lambda part: self.target.generate(part, asked, schedule),
+                                 chunk)
+            return [Answer(c.text, None if c.token_logprobs is None else logprob_confidence(c.token_logprobs, score))
+                    for c in done]
+        texts = self._chunked(label, conversations, lambda part: self.target.chat(part, gen, schedule), chunk)
+        drawn = []
+        for i, seed in enumerate(agreement_seeds(samples)):
+            sampled = Gen(AGREEMENT_TEMPERATURE, gen.max_tokens, seed)
+            drawn.append(self._chunked(f"{label}: sample {i + 1}/{samples}", conversations,
+                                       lambda part, g=sampled: self.target.chat(part, g), chunk))
+        return [Answer(t, agreement(t, [d[i] for d in drawn])) for i, t in enumerate(texts)]
 
     def loglikelihood(self, label: str, pairs: list[tuple[str, str]]) -> list[LogLik]:
         return self._chunked(label, pairs, self.target.loglikelihood)

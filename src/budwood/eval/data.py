@@ -82,35 +82,70 @@ def read_csv(path: Path) -> list[dict]:
 @dataclass
 class Question:
     question: str
-    answers: list[str] | None  # acceptable answers, the full reference first; None: unanswerable (abstain)
+    answers: list[str] | None  # acceptable answers, the full reference first; None: see `reference`
     system: str | None = None
     group: str | None = None  # questions of one group ask for the same fact (paraphrases)
+    reference: str | None = None  # a free-text reference answer, scored by scoring.matches_reference
+
+    @property
+    def answerable(self) -> bool:
+        """Short answers or a reference given; neither marks a question the data cannot answer."""
+        return bool(self.answers) or self.reference is not None
 
 
 def read_questions(path: str | Path) -> list[Question]:
-    """A grounding JSONL: {"question", "answer": str | null, "answers"?: [str], "system"?, "fact"?}.
-    An answer of null marks an unanswerable question."""
+    """A grounding JSONL: {"question", "answer": str | null, "answers"?: [str], "reference"?: str, "system"?,
+    "fact"?}. `answer`/`answers` are short answers a right reply must contain; `reference` is instead a whole
+    reference answer (tenant data: scoring.matches_reference). Neither (or an answer of null) marks an
+    unanswerable question."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"{path}: no such file (grounding questions)")
-    out = []
-    for n, row in enumerate(read_jsonl(path), 1):
-        q = row.get("question")
-        if not isinstance(q, str) or not q.strip():
-            raise DataError(f"{path}:{n}: field 'question' must be a non-empty string")
-        answer = row.get("answer")
-        answers = row.get("answers")
-        if answer is not None and not isinstance(answer, str):
-            raise DataError(f"{path}:{n}: field 'answer' must be a string, or null for an unanswerable question")
-        if answers is not None and (not isinstance(answers, list) or not all(isinstance(a, str) for a in answers)):
-            raise DataError(f"{path}:{n}: field 'answers' must be a list of strings")
-        if answer is None and answers:
-            raise DataError(f"{path}:{n}: 'answers' given but 'answer' is null (null marks an unanswerable question)")
-        accepted = None if answer is None else [answer, *(answers or [])]
-        out.append(Question(q, accepted, row.get("system"), row.get("fact")))
+    out = [_question(row, f"{path}:{n}") for n, row in enumerate(read_jsonl(path), 1)]
     if not out:
         raise DataError(f"{path}: no questions")
     return out
+
+
+def _question(row: dict, where: str) -> Question:
+    q = row.get("question")
+    if not isinstance(q, str) or not q.strip():
+        raise DataError(f"{where}: field 'question' must be a non-empty string")
+    answer, answers, reference = row.get("answer"), row.get("answers"), row.get("reference")
+    if answer is not None and not isinstance(answer, str):
+        raise DataError(f"{where}: field 'answer' must be a string, or null for an unanswerable question")
+    if answers is not None and (not isinstance(answers, list) or not all(isinstance(a, str) for a in answers)):
+        raise DataError(f"{where}: field 'answers' must be a list of strings")
+    if answer is None and answers:
+        raise DataError(f"{where}: 'answers' given but 'answer' is null (null marks an unanswerable question)")
+    if reference is not None and (not isinstance(reference, str) or not reference.strip()):
+        raise DataError(f"{where}: field 'reference' must be a non-empty string (a reference answer)")
+    if reference is not None and answer is not None:
+        raise DataError(f"{where}: give 'answer' (short answers a reply must contain) or 'reference' (a whole "
+                        "reference answer), not both")
+    for key in ("system", "fact"):
+        if row.get(key) is not None and not isinstance(row[key], str):
+            raise DataError(f"{where}: field {key!r} must be a string")
+    accepted = None if answer is None else [answer, *(answers or [])]
+    return Question(q, accepted, row.get("system"), row.get("fact"), reference)
+
+
+def write_questions(path: str | Path, questions: list[Question]) -> Path:
+    """The grounding JSONL that read_questions reads back to the same questions (`grounding.data`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for q in questions:
+        row: dict = {"question": q.question, "answer": q.answers[0] if q.answers else None}
+        if q.answers and len(q.answers) > 1:
+            row["answers"] = q.answers[1:]
+        row.update({k: v for k, v in (("reference", q.reference), ("system", q.system), ("fact", q.group))
+                    if v is not None})
+        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(lines))
+    tmp.replace(path)
+    return path
 
 
 def company_questions(seed: int = 0) -> tuple[list[Question], DataRef]:

@@ -67,7 +67,7 @@ def _examples(ctx: EvalContext, cfg: DomainConfig) -> tuple[list[Conversation], 
     if cfg.data is not None:
         ds = read_dataset(cfg.data, cfg.format)
         return _usable(ds.conversations, str(cfg.data)), user_file(cfg.data, "domain eval set")
-    split = _adapter_validation(ctx)
+    split = adapter_validation(ctx.target.adapter_data() if isinstance(ctx.target, LocalTarget) else None)
     if split is not None:
         return split
     from budwood.eval.data import company_questions
@@ -78,29 +78,31 @@ def _examples(ctx: EvalContext, cfg: DomainConfig) -> tuple[list[Conversation], 
     return convs, ref
 
 
-def _adapter_validation(ctx: EvalContext) -> tuple[list[Conversation], DataRef] | None:
-    """The held-out split the adapter was trained beside, rebuilt as training built it and checked
-    against the fingerprint training recorded."""
-    prov = ctx.target.adapter_data() if isinstance(ctx.target, LocalTarget) else None
+def adapter_validation(prov: dict | None, hint: str = "--set domain.data=FILE"
+                       ) -> tuple[list[Conversation], DataRef] | None:
+    """The held-out split the adapter was trained beside, rebuilt from its provenance (budwood.json) as
+    training built it and checked against the fingerprint training recorded (None without an adapter or
+    a split). Preference pairs become their prompt followed by the preferred answer. `hint` says how to
+    pass the data instead when it is gone or changed."""
     val = (prov or {}).get("data", {}).get("validation")
     if not val:
         return None
     path = Path(val["path"])
     if not path.is_file():
-        raise DataError(f"the adapter's validation data {path} is gone; pass the domain set with "
-                        "--set domain.data=FILE")
+        raise DataError(f"the adapter's validation data {path} is gone; pass it with {hint}")
     data_cfg = prov["config"]["data"]
-    convs = read_dataset(path, data_cfg.get("format", "auto")).conversations
+    examples = read_dataset(path, data_cfg.get("format", "auto")).examples
     if val.get("split"):
-        order = list(range(len(convs)))
+        order = list(range(len(examples)))
         random.Random(prov["config"]["training"]["seed"]).shuffle(order)
-        held = set(order[:max(1, round(len(convs) * val["split"]))])
-        convs = [c for i, c in enumerate(convs) if i in held]
-    if data_fingerprint(convs) != val["fingerprint"]:
+        held = set(order[:max(1, round(len(examples) * val["split"]))])
+        examples = [c for i, c in enumerate(examples) if i in held]
+    if data_fingerprint(examples) != val["fingerprint"]:
         raise DataError(f"{path} changed since the adapter was trained (its fingerprint differs from the one in "
-                        "budwood.json); pass the domain set with --set domain.data=FILE")
+                        f"budwood.json); pass the data with {hint}")
     ref = user_file(path, "adapter validation split")
     ref.name += f" (split {val['split']})" if val.get("split") else ""
+    convs = [e if isinstance(e, Conversation) else e.conversations()[0] for e in examples]
     return _usable(convs, str(path)), ref
 
 

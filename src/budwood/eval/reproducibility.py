@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from budwood.eval import scoring
 from budwood.eval.context import EvalContext
 from budwood.eval.data import Question, read_jsonl, shipped
-from budwood.eval.grounding import GroundingConfig, conversation
+from budwood.eval.grounding import GroundingConfig, conversation, verdict
 from budwood.eval.grounding import load as load_questions
 from budwood.eval.results import SuiteResult
 from budwood.eval.targets import Gen
@@ -62,7 +62,7 @@ def run(ctx: EvalContext, cfg: ReproducibilityConfig, limit: int | None, records
     out = SuiteResult(name="reproducibility", version=VERSION, data=[ref], config=cfg.model_dump(mode="json"))
     recs: dict[str, list] = {}
     _determinism(ctx, cfg, questions[:limit or cfg.prompts], out, recs)
-    _formats(ctx, [q for q in questions if q.answers][:limit or cfg.format_questions], questions, out, recs)
+    _formats(ctx, [q for q in questions if q.answerable][:limit or cfg.format_questions], questions, out, recs)
     if ctx.target.can_score:
         _option_order(ctx, cfg, limit, out, recs)
         _pararel(ctx, cfg, limit, out, recs)
@@ -116,8 +116,7 @@ def _formats(ctx: EvalContext, questions: list[Question], pool: list[Question], 
     by_q: dict[int, dict[str, str]] = {}
     for (i, k, _), a in zip(flat, answers):
         by_q.setdefault(i, {})[k] = a
-    right = {i: {k: float(scoring.contains_answer(a, questions[i].answers or [])) for k, a in v.items()}
-             for i, v in by_q.items()}
+    right = {i: {k: float(verdict(questions[i], a, []) == "correct") for k, a in v.items()} for i, v in by_q.items()}
     acc = {k: [right[i][k] for i in right if k in right[i]] for k in names}
     agree = [scoring.pairwise_agreement(list(by_q[i].values())) for i in sorted(by_q)]
     out.metrics["format_agreement"] = ctx.mean(agree, note="pairwise agreement of normalised answers across formats")

@@ -47,6 +47,8 @@ class SuiteResult(BaseModel):
     skipped: dict[str, str] = Field({}, description="parts not run, with the reason")
     timing: Timing | None = None
     records: list[dict] | None = Field(None, description="per-example records (--records)")
+    curves: dict[str, dict] = Field({}, description="curves behind a metric, as lists of points: risk_coverage "
+                                    "(grounding: coverage, risk and threshold at each answer kept, and the score)")
 
 
 class EvalResults(BaseModel):

@@ -13,9 +13,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from budwood.config import load_settings
-from budwood.errors import did_you_mean
+from budwood.errors import ConfigError, did_you_mean
 from budwood.eval import bias, domain, grounding, reproducibility, truthfulqa
 from budwood.eval.bias import BiasConfig
+from budwood.eval.confidence import AbstentionPolicy
 from budwood.eval.context import EvalContext, NoProgress, Progress
 from budwood.eval.domain import DomainConfig
 from budwood.eval.grounding import GroundingConfig
@@ -44,6 +45,9 @@ class EvalConfig(BaseModel):
     max_tokens: int = Field(64, ge=1, description="answer length for generated answers")
     api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding a remote target's key")
     concurrency: int = Field(8, ge=1, description="requests in flight to a remote target")
+    calibrated_abstention: bool = Field(
+        False, description="answer with the adapter's abstention text wherever an answer's confidence is below the "
+        "threshold in its calibration.json (budwood calibrate); local BASE+ADAPTER targets")
     domain: DomainConfig = Field(default_factory=DomainConfig)
     grounding: GroundingConfig = Field(default_factory=GroundingConfig)
     truthfulqa: TruthfulQAConfig = Field(default_factory=TruthfulQAConfig)
@@ -66,6 +70,21 @@ def load_eval_config(path: Path | None, values: dict, overrides: list[str] | Non
     return load_settings(EvalConfig, path, overrides, values=values, labels=labels)
 
 
+def abstention_policy(spec: str) -> AbstentionPolicy:
+    """The calibrated abstention of a local BASE+ADAPTER target, checked to be fitted on its weights before
+    any weights are loaded."""
+    from budwood.eval.calibration import load_calibration
+    from budwood.models.fingerprint import adapter_fingerprint
+
+    _, _, adapter = spec.partition("+")
+    if spec.startswith("openai:") or not adapter:
+        raise ConfigError("calibrated_abstention needs a local BASE+ADAPTER target (its calibration.json); an "
+                          "adapter served by budwood serve applies it per request (field calibrated_abstention)",
+                          param="calibrated_abstention")
+    folder = Path(adapter).expanduser()
+    return load_calibration(folder, adapter_fingerprint(folder)).policy()
+
+
 def run_eval(config: EvalConfig, progress: Progress | None = None) -> EvalResults:
     import torch
     import transformers
@@ -73,11 +92,12 @@ def run_eval(config: EvalConfig, progress: Progress | None = None) -> EvalResult
     from budwood import __version__
 
     started = time.perf_counter()
+    policy = abstention_policy(config.target) if config.calibrated_abstention else None
     target = open_target(config.target, config.precision, config.device, config.api_key_env, config.concurrency)
     results = {}
     for name in config.suites:
         ctx = EvalContext(target, seed=config.seed, bootstrap=config.bootstrap, max_tokens=config.max_tokens,
-                          progress=progress or NoProgress())
+                          progress=progress or NoProgress(), policy=policy)
         suite = SUITES[name].run(ctx, getattr(config, name), config.limit, config.records)
         suite.timing = ctx.timing()
         results[name] = suite

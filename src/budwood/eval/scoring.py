@@ -80,15 +80,65 @@ def is_abstention(prediction: str, extra_phrases: Sequence[str] = ()) -> bool:
     return any(p and f" {p} " in pred for p in phrases)
 
 
-def grounding_verdict(prediction: str, answers: Sequence[str] | None, extra_phrases: Sequence[str] = ()) -> str:
-    """'correct', 'wrong' or 'abstained' for an answerable question (answers given); 'abstained' or
-    'answered' for an unanswerable one (answers None). An answer that names an acceptable answer is
-    correct even when hedged; otherwise an abstention phrase makes it an abstention."""
-    if answers:
-        if contains_answer(prediction, answers):
+def grounding_verdict(prediction: str, answers: Sequence[str] | None, extra_phrases: Sequence[str] = (),
+                      reference: str | None = None, question: str = "") -> str:
+    """'correct', 'wrong' or 'abstained' for an answerable question (short `answers` given, or a free-text
+    `reference` scored by `matches_reference`); 'abstained' or 'answered' for an unanswerable one (neither).
+    An answer that names an acceptable answer is correct even when hedged; otherwise an abstention phrase
+    makes it an abstention."""
+    if answers or reference is not None:
+        if contains_answer(prediction, answers or ()) or (
+                reference is not None and matches_reference(prediction, reference, question)):
             return "correct"
         return "abstained" if is_abstention(prediction, extra_phrases) else "wrong"
     return "abstained" if is_abstention(prediction, extra_phrases) else "answered"
+
+
+# -- free-text references ---------------------------------------------------------------------------
+REFERENCE_SHARE = 0.5  # share of the reference's new words a reply without key words must say
+_WORD = re.compile(r"\S+")
+_EDGE = "\"'()[]{}<>,;:!?*\u2018\u2019\u201c\u201d"
+
+
+def reference_keys(reference: str, question: str = "") -> list[str]:
+    """The words a right answer must name: the reference's numbers (any word with a digit) and names
+    (capitalised words that do not start a sentence), less those the question already says.
+
+    Reference answers are whole sentences ("Quillfeather was founded in 1987."), and a wrong answer in
+    the same template shares most of their words ("... founded in 1992." has token F1 0.8), so word
+    overlap alone credits it; the facts that tell answers apart are numbers and names."""
+    keys, start = [], True
+    for raw in _WORD.findall(reference):
+        word = raw.strip(_EDGE).removesuffix("'s").removesuffix("\u2019s").rstrip(".")
+        if word and (any(ch.isdigit() for ch in word) or (not start and word[0].isupper() and len(word) > 1)):
+            if not contains_answer(question, [word]) and word not in keys:
+                keys.append(word)
+        start = raw.endswith((".", "!", "?", ":"))
+    return keys
+
+
+def matches_reference(prediction: str, reference: str, question: str = "") -> bool:
+    """budwood's criterion for an answer against a free-text reference (`REFERENCE_CRITERION`), in order:
+    the answer contains the whole normalised reference; else, where the reference has key words
+    (`reference_keys`), it names every one; else it says at least half of the reference's *new* words
+    (normalised words the question does not contain: "Paris" of "Paris is the capital of France." for
+    "What is the capital of France?", which "Lyon is the capital of France." does not say); a reference
+    that adds no word to the question needs token F1 >= 0.5. Imperfect where a wrong reply repeats most of
+    a reference's wording and the facts that differ are neither numbers nor names."""
+    if contains_answer(prediction, [reference]):
+        return True
+    keys = reference_keys(reference, question)
+    if keys:
+        return all(contains_answer(prediction, [k]) for k in keys)
+    asked = set(normalize(question).split())
+    new = [w for w in normalize(reference).split() if w not in asked]
+    if not new:
+        return token_f1(prediction, reference) >= REFERENCE_SHARE
+    said = set(normalize(prediction).split())
+    return sum(w in said for w in new) / len(new) >= REFERENCE_SHARE
+
+
+REFERENCE_CRITERION = "budwood.matches_reference/1"
 
 
 def mc1(logliks: Sequence[float]) -> float:
@@ -160,3 +210,52 @@ def pairwise_agreement(answers: Sequence[str]) -> float:
     norm = [normalize(a) for a in answers]
     pairs = [(i, j) for i in range(len(norm)) for j in range(i + 1, len(norm))]
     return sum(norm[i] == norm[j] for i, j in pairs) / len(pairs) if pairs else 1.0
+
+
+# -- selective prediction (answer only when confident) ------------------------------------------------
+# Each function takes `confidence` in [0, 1], `correct` (1 right, 0 wrong) and `answered` (False where the
+# model abstained by itself: such an answer has nothing to rank and is never kept), one value per question,
+# plus an index matrix `idx` (rows = bootstrap resamples, as bootstrap_ci passes; np.arange(n)[None] = the data).
+
+def _ranked(confidence: np.ndarray, correct: np.ndarray, answered: np.ndarray, idx: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the losses (1 - correct) of the answers ordered from most to least confident (abstentions
+    last, as -inf), and how many answers each row has."""
+    conf = np.where(answered, confidence, -np.inf)[idx]
+    order = np.argsort(-conf, axis=1, kind="stable")
+    loss = np.take_along_axis((1.0 - correct)[idx], order, axis=1)
+    return loss, answered[idx].sum(axis=1)
+
+
+def aurc(confidence: np.ndarray, correct: np.ndarray, answered: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Area under the risk-coverage curve (Geifman et al. 2019), empirical: the mean over k = 1..m of the
+    error rate of the k most confident answers (m = answers given). Lower is better; a score that ranks
+    every right answer above every wrong one reaches the least possible for its error rate."""
+    loss, m = _ranked(confidence, correct, answered, idx)
+    k = np.arange(1, loss.shape[1] + 1)
+    risk = np.cumsum(loss, axis=1) / k
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(k <= m[:, None], risk, 0.0).sum(axis=1) / m
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, answered: np.ndarray, idx: np.ndarray,
+                               bins: int = 10) -> np.ndarray:
+    """ECE (Guo et al. 2017) over the answers given: equal-width confidence bins, sum over bins of
+    (answers in bin / answers) * |accuracy in bin - mean confidence in bin|."""
+    which = np.minimum((np.clip(confidence, 0, 1) * bins).astype(int), bins - 1)[idx]
+    gap = (np.where(answered, correct - confidence, 0.0))[idx]
+    per_bin = np.stack([np.abs(np.where(which == b, gap, 0.0).sum(axis=1)) for b in range(bins)], axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return per_bin.sum(axis=1) / answered[idx].sum(axis=1)
+
+
+def risk_coverage(confidence: np.ndarray, correct: np.ndarray, answered: np.ndarray) -> dict[str, list[float]]:
+    """The curve: keeping the k most confident answers (k = 1..m), the share of all questions answered
+    (coverage), the share of kept answers that are wrong (risk), and the confidence of the k-th (threshold)."""
+    loss, m = _ranked(confidence, correct, answered, np.arange(len(confidence))[None])
+    m = int(m[0])
+    k = np.arange(1, m + 1)
+    conf = np.sort(np.where(answered, confidence, -np.inf))[::-1][:m]
+    return {"coverage": (k / len(confidence)).round(6).tolist(),
+            "risk": (np.cumsum(loss[0, :m]) / k).round(6).tolist(),
+            "threshold": conf.round(6).tolist()}

@@ -55,6 +55,15 @@ class Gen:
     temperature: float = 0.0
     max_tokens: int = 64
     seed: int | None = None
+    logprobs: bool = False  # ask for the answer's token log-probabilities (Completion.token_logprobs)
+
+
+@dataclass
+class Completion:
+    """One generated answer; `token_logprobs` (one per generated token) when asked for and the target
+    returns them, else None."""
+    text: str
+    token_logprobs: list[float] | None = None
 
 
 class LocalTarget:
@@ -102,11 +111,16 @@ class LocalTarget:
         return json.loads(prov.read_text()) if prov.exists() else None
 
     def chat(self, conversations: list[list[dict]], gen: Gen, schedule: Schedule = "together") -> list[str]:
+        return [c.text for c in self.generate(conversations, gen, schedule)]
+
+    def generate(self, conversations: list[list[dict]], gen: Gen, schedule: Schedule = "together"
+                 ) -> list[Completion]:
         from budwood.engine import SamplingParams, merge_outputs
 
         eng, lora = self.engine, self.engine.adapter(self.adapter)
         prompts = [eng.chat_prompt(c, lora) for c in conversations]
-        params = SamplingParams(max_tokens=gen.max_tokens, temperature=gen.temperature, seed=gen.seed)
+        params = SamplingParams(max_tokens=gen.max_tokens, temperature=gen.temperature, seed=gen.seed,
+                                logprobs=0 if gen.logprobs else None)
         if schedule == "one-by-one":
             return [self._texts(eng.generate([p], params, [self.adapter]))[0] for p in prompts]
         if schedule == "together":
@@ -125,8 +139,9 @@ class LocalTarget:
         return self._texts([merged[r] for r in order])
 
     @staticmethod
-    def _texts(outputs) -> list[str]:
-        return [o.choices[0].text for o in outputs]
+    def _texts(outputs) -> list[Completion]:
+        return [Completion(c.text, [lp.logprob for lp in c.logprobs] if c.logprobs else None)
+                for c in (o.choices[0] for o in outputs)]
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """lm-evaluation-harness's _encode_pair."""
@@ -201,6 +216,7 @@ class OpenAITarget:
                                   f"it serves {', '.join(ids[:10])}")
         self.info = TargetInfo(spec=spec, kind="openai", model=model, endpoint=url)
         self.can_score = self._probe_logprobs()
+        self.refuses_logprobs = False  # set when a chat request with logprobs was refused
 
     def _probe_logprobs(self) -> bool:
         """Log-likelihood suites need completions with echo + logprobs (as lm-evaluation-harness uses)."""
@@ -217,16 +233,32 @@ class OpenAITarget:
             return list(pool.map(fn, items))
 
     def chat(self, conversations: list[list[dict]], gen: Gen, schedule: Schedule = "together") -> list[str]:
+        return [c.text for c in self.generate(conversations, gen, schedule)]
+
+    def generate(self, conversations: list[list[dict]], gen: Gen, schedule: Schedule = "together"
+                 ) -> list[Completion]:
+        """With gen.logprobs, the API's `logprobs` are asked for; an endpoint that does not return them
+        gives completions with token_logprobs None (their confidence is unavailable, never guessed)."""
         import openai
 
-        def one(conv: list[dict]) -> str:
+        def one(conv: list[dict]) -> Completion:
+            asked = gen.logprobs and not self.refuses_logprobs
             try:
-                r = self.client.chat.completions.create(model=self.model, messages=conv, max_tokens=gen.max_tokens,
-                                                        temperature=gen.temperature, seed=gen.seed)
+                try:
+                    r = self.client.chat.completions.create(
+                        model=self.model, messages=conv, max_tokens=gen.max_tokens, temperature=gen.temperature,
+                        seed=gen.seed, **({"logprobs": True} if asked else {}))
+                except openai.BadRequestError:
+                    if not asked:
+                        raise
+                    self.refuses_logprobs = True  # the same request without them: answers, no confidence
+                    return one(conv)
             except openai.APIError as e:
                 raise EvalTargetError(f"{self.info.endpoint}: chat completion failed: {e}") from e
             self.info.system_fingerprint = r.system_fingerprint or self.info.system_fingerprint
-            return r.choices[0].message.content or ""
+            choice = r.choices[0]
+            content = choice.logprobs.content if asked and choice.logprobs else None
+            return Completion(choice.message.content or "", [t.logprob for t in content] if content else None)
 
         if schedule == "one-by-one":
             return [one(c) for c in conversations]
@@ -234,7 +266,7 @@ class OpenAITarget:
             rng = random.Random(len(conversations))
             jitter = [(rng.random() * 0.05, c) for c in conversations]
 
-            def delayed(item: tuple[float, list[dict]]) -> str:
+            def delayed(item: tuple[float, list[dict]]) -> Completion:
                 time.sleep(item[0])
                 return one(item[1])
             return self._map(delayed, jitter, len(conversations))

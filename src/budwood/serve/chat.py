@@ -1,7 +1,9 @@
 """/v1/chat/completions: messages through the chat template, then one generation with n choices.
 
 Streamed, each chunk carries one choice's new text (its first one the assistant role); with
-`stream_options.include_usage` a last chunk with no choices carries the usage.
+`stream_options.include_usage` a last chunk with no choices carries the usage. Under calibrated
+abstention (request field `calibrated_abstention`) the answer is judged whole before it is sent, so a
+stream gets each choice in one chunk, with its `calibrated_abstention` verdict.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from budwood.engine import merge_outputs
 from budwood.errors import BudwoodError
 from budwood.serve.auth import Caller
 from budwood.serve.protocol import (
+    AbstentionVerdict,
     AssistantMessage,
     ChatChoice,
     ChatCompletionRequest,
@@ -56,13 +59,16 @@ async def create_chat_completion(serving: OpenAIServing, body: ChatCompletionReq
     top = (body.top_logprobs or 0) if body.logprobs else None
     if body.top_logprobs and not body.logprobs:
         raise BudwoodError("top_logprobs needs logprobs=true", param="top_logprobs")
-    params = serving.sampling_params(body, body.max_completion_tokens or body.max_tokens, top, None,
+    policy = await serving.abstention_policy(adapter, body.calibrated_abstention)
+    params = serving.sampling_params(body, body.max_completion_tokens or body.max_tokens,
+                                     serving.internal_logprobs(top, policy), None,
                                      await serving.grammar(body.response_format), caller.tenant)
     head = {"id": new_id("chatcmpl"), "created": now(), "model": body.model,
             "system_fingerprint": serving.engine.system_fingerprint}
-    outputs = serving.generate(prompt_ids, params, adapter)
+    verdicts: dict[int, AbstentionVerdict] = {}
+    outputs = serving.generate_held(prompt_ids, params, adapter, policy, verdicts)
     if body.stream:
-        return await stream_response(_chunks(serving, body, head, outputs, started))
+        return await stream_response(_chunks(serving, body, head, outputs, started, verdicts))
     with serving.metrics.track(body.model, "chat", started) as track:
         final = None
         for out in await serving.collect(request, outputs):
@@ -70,12 +76,14 @@ async def create_chat_completion(serving: OpenAIServing, body: ChatCompletionReq
         track.tokens(final.prompt_tokens, final.completion_tokens)
     choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text),
                           logprobs={"content": serving.chat_logprobs(c.logprobs)} if body.logprobs else None,
-                          finish_reason=c.finish_reason) for c in final.choices]
+                          finish_reason=c.finish_reason, calibrated_abstention=verdicts.get(c.index))
+               for c in final.choices]
     return ChatCompletionResponse(**head, choices=choices, usage=Usage.of(final.prompt_tokens, final.completion_tokens))
 
 
 async def _chunks(serving: OpenAIServing, body: ChatCompletionRequest, head: dict,
-                  outputs: AsyncIterator[RequestOutput], started: float) -> AsyncIterator[dict]:
+                  outputs: AsyncIterator[RequestOutput], started: float,
+                  verdicts: dict[int, AbstentionVerdict]) -> AsyncIterator[dict]:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     chunk = {**head, "object": "chat.completion.chunk"}
     usage_slot = {"usage": None} if include_usage else {}
@@ -94,6 +102,8 @@ async def _chunks(serving: OpenAIServing, body: ChatCompletionRequest, head: dic
                 choice = {"index": c.index, "delta": delta,
                           "logprobs": {"content": serving.chat_logprobs(c.logprobs)} if body.logprobs else None,
                           "finish_reason": c.finish_reason}
+                if c.index in verdicts:
+                    choice["calibrated_abstention"] = verdicts[c.index].model_dump()
                 yield {**chunk, "choices": [choice], **usage_slot}
             if out.finished:
                 track.tokens(out.prompt_tokens, out.completion_tokens)

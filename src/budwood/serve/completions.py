@@ -2,13 +2,16 @@
 
 Choice `i` of prompt `p` has index `p * n + i`, as OpenAI numbers them. With `echo`, a choice's text
 starts with its prompt, and its logprobs with the prompt's (the first token has none): what
-lm-evaluation-harness's `local-completions` reads to score continuations.
+lm-evaluation-harness's `local-completions` reads to score continuations. Calibrated abstention
+(`calibrated_abstention`) judges each generated text as chat does (serve/chat.py); an echoed prompt
+stays in front of the abstention text.
 """
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fastapi import Request
@@ -16,11 +19,20 @@ from fastapi import Request
 from budwood.engine import merge_outputs
 from budwood.errors import BudwoodError
 from budwood.serve.auth import Caller
-from budwood.serve.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage, new_id, now
+from budwood.serve.protocol import (
+    AbstentionVerdict,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    Usage,
+    new_id,
+    now,
+)
 from budwood.serve.sse import stream_response
 
 if TYPE_CHECKING:
     from budwood.engine import RequestOutput, SamplingParams
+    from budwood.eval.confidence import AbstentionPolicy
     from budwood.serve.serving import OpenAIServing
 
 
@@ -51,41 +63,55 @@ async def create_completion(serving: OpenAIServing, body: CompletionRequest, cal
         raise BudwoodError("max_tokens=0 only makes sense with echo=true", param="max_tokens")
     if body.stream and body.echo and body.logprobs is not None:
         raise BudwoodError("echo with logprobs is not supported when streaming", param="echo")
-    params = serving.sampling_params(body, body.max_tokens, body.logprobs,
+    policy = await serving.abstention_policy(adapter, body.calibrated_abstention)
+    if policy is not None and body.max_tokens == 0:
+        raise BudwoodError("calibrated_abstention judges generated text; max_tokens=0 generates none (set "
+                           "calibrated_abstention=false)", param="calibrated_abstention")
+    params = serving.sampling_params(body, body.max_tokens, serving.internal_logprobs(body.logprobs, policy),
                                      body.logprobs if body.echo and body.logprobs is not None else None,
                                      await serving.grammar(body.response_format), caller.tenant)
     head = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": body.model,
             "system_fingerprint": serving.engine.system_fingerprint}
+    held = Held(policy, [{} for _ in prompts])
     if body.stream:
-        return await stream_response(_chunks(serving, body, head, prompts, params, adapter, started))
+        return await stream_response(_chunks(serving, body, head, prompts, params, adapter, started, held))
     with serving.metrics.track(body.model, "completions", started) as track:
-        finals = await _generate_all(serving, request, prompts, params, adapter)
+        finals = await _generate_all(serving, request, prompts, params, adapter, held)
         prompt_tokens, generated = sum(f.prompt_tokens for f in finals), sum(f.completion_tokens for f in finals)
         track.tokens(prompt_tokens, generated)
     choices = [choice for pi, (ids, final) in enumerate(zip(prompts, finals))
-               for choice in _choices(serving, body, pi, ids, final)]
+               for choice in _choices(serving, body, pi, ids, final, held.verdicts[pi])]
     return CompletionResponse(**head, choices=choices, usage=Usage.of(prompt_tokens, generated))
 
 
+@dataclass
+class Held:
+    """A request's calibrated abstention: its policy (None: off) and each prompt's verdicts by choice index."""
+
+    policy: AbstentionPolicy | None
+    verdicts: list[dict[int, AbstentionVerdict]]
+
+
 async def _generate_all(serving: OpenAIServing, request: Request, prompts: list[list[int]], params: SamplingParams,
-                        adapter) -> list[RequestOutput]:
+                        adapter, held: Held) -> list[RequestOutput]:
     """Every prompt's merged output; one prompt failing cancels (aborts) the others."""
-    async def one(ids: list[int]) -> RequestOutput:
+    async def one(pi: int, ids: list[int]) -> RequestOutput:
         final = None
-        for out in await serving.collect(request, serving.generate(ids, params, adapter)):
+        outputs = serving.generate_held(ids, params, adapter, held.policy, held.verdicts[pi])
+        for out in await serving.collect(request, outputs):
             final = merge_outputs(final, out)
         return final
 
     try:
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(one(ids)) for ids in prompts]
+            tasks = [group.create_task(one(pi, ids)) for pi, ids in enumerate(prompts)]
     except* BudwoodError as errors:
         raise errors.exceptions[0] from None
     return [t.result() for t in tasks]
 
 
-def _choices(serving: OpenAIServing, body: CompletionRequest, pi: int, ids: list[int], final: RequestOutput
-             ) -> list[CompletionChoice]:
+def _choices(serving: OpenAIServing, body: CompletionRequest, pi: int, ids: list[int], final: RequestOutput,
+             verdicts: dict[int, AbstentionVerdict]) -> list[CompletionChoice]:
     """Prompt `pi`'s choices; with echo, its text and (when asked) its logprobs come first."""
     prompt_text = serving.engine.tokenizer.decode(ids) if body.echo else ""
     echoed = (serving.completion_logprobs(final.prompt_logprobs or [None] * len(ids), ids, 0)
@@ -98,12 +124,12 @@ def _choices(serving: OpenAIServing, body: CompletionRequest, pi: int, ids: list
             if echoed is not None:
                 logprobs = {k: echoed[k] + logprobs[k] for k in echoed}
         choices.append(CompletionChoice(index=pi * body.n + c.index, text=prompt_text + c.text, logprobs=logprobs,
-                                        finish_reason=c.finish_reason))
+                                        finish_reason=c.finish_reason, calibrated_abstention=verdicts.get(c.index)))
     return choices
 
 
 async def _chunks(serving: OpenAIServing, body: CompletionRequest, head: dict, prompts: list[list[int]],
-                  params: SamplingParams, adapter, started: float) -> AsyncIterator[dict]:
+                  params: SamplingParams, adapter, started: float, held: Held) -> AsyncIterator[dict]:
     """The prompts one after another; with echo, each choice's prompt text is its first chunk."""
     n, usage_slot = body.n, {"usage": None} if body.stream_options and body.stream_options.include_usage else {}
     prompt_tokens = generated = 0
@@ -114,12 +140,15 @@ async def _chunks(serving: OpenAIServing, body: CompletionRequest, head: dict, p
                 for i in range(n):
                     yield {**head, "choices": [{"index": pi * n + i, "text": text, "logprobs": None,
                                                 "finish_reason": None}], **usage_slot}
-            async for out in serving.generate(ids, params, adapter):
+            async for out in serving.generate_held(ids, params, adapter, held.policy, held.verdicts[pi]):
                 for c in out.choices:
                     logprobs = (serving.completion_logprobs(c.logprobs, c.token_ids, 0)
                                 if body.logprobs is not None else None)
-                    yield {**head, "choices": [{"index": pi * n + c.index, "text": c.text, "logprobs": logprobs,
-                                                "finish_reason": c.finish_reason}], **usage_slot}
+                    choice = {"index": pi * n + c.index, "text": c.text, "logprobs": logprobs,
+                              "finish_reason": c.finish_reason}
+                    if c.index in held.verdicts[pi]:
+                        choice["calibrated_abstention"] = held.verdicts[pi][c.index].model_dump()
+                    yield {**head, "choices": [choice], **usage_slot}
                 if out.finished:
                     prompt_tokens += out.prompt_tokens
                     generated += out.completion_tokens

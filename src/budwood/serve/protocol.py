@@ -1,8 +1,10 @@
 """OpenAI request and response shapes for the routes budwood serves (chat, completions, models).
 
 Field names, defaults and limits follow the OpenAI API; vLLM's extra sampling fields (top_k, min_p,
-repetition_penalty, ignore_eos, stop_token_ids) are accepted too. Unknown fields are ignored, as
-vLLM does, except features budwood does not implement, which are refused by name.
+repetition_penalty, ignore_eos, stop_token_ids) are accepted too, and budwood's own
+`calibrated_abstention` (a choice then says whether it abstained, in its `calibrated_abstention`
+object). Unknown fields are ignored, as vLLM does, except features budwood does not implement, which
+are refused by name.
 """
 from __future__ import annotations
 
@@ -37,6 +39,9 @@ class _Sampling(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0, le=2)
     ignore_eos: bool = False
     stop_token_ids: list[int] = Field(default_factory=list)
+    # budwood extension (send it as extra_body): answer with the adapter's abstention text where the answer's
+    # confidence is below its calibrated threshold (calibration.json); null: the adapter's default
+    calibrated_abstention: bool | None = None
 
 
 class ChatMessage(BaseModel):
@@ -138,11 +143,22 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class AbstentionVerdict(BaseModel):
+    """budwood's extra field on a choice when calibrated abstention applied to it: whether the answer
+    was replaced by the abstention text, its confidence, and the threshold it was held to."""
+
+    abstained: bool
+    confidence: float
+    threshold: float
+    score: str
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: dict[str, Any] | None
     finish_reason: str | None
+    calibrated_abstention: AbstentionVerdict | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -160,6 +176,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: dict[str, Any] | None
     finish_reason: str | None
+    calibrated_abstention: AbstentionVerdict | None = None
 
 
 class CompletionResponse(BaseModel):

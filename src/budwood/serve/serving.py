@@ -17,13 +17,33 @@ from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
-from budwood.engine import AsyncEngine, Engine, EngineConfig, QueueFull, SamplingParams, UnknownAdapter
-from budwood.engine.adapters import ADAPTER_NAME, AdapterError
+from budwood.engine import (
+    AsyncEngine,
+    Engine,
+    EngineConfig,
+    FinishReason,
+    QueueFull,
+    SamplingParams,
+    UnknownAdapter,
+    merge_outputs,
+)
+from budwood.engine.adapters import ADAPTER_NAME, AdapterError, file_stamp
 from budwood.errors import BudwoodError, ErrorKind, ForbiddenError, LimitExceeded, NotFoundError, did_you_mean
+from budwood.eval.calibration import CALIBRATION_FILE, Calibration, load_calibration
+from budwood.eval.confidence import (
+    AGREEMENT_TEMPERATURE,
+    AbstentionPolicy,
+    ScoreKind,
+    agreement,
+    agreement_seeds,
+    logprob_confidence,
+)
+from budwood.models.fingerprint import adapter_fingerprint
 from budwood.serve import chat, completions
 from budwood.serve.auth import Caller, ModelAccess
 from budwood.serve.metrics import Metrics
 from budwood.serve.protocol import (
+    AbstentionVerdict,
     ChatCompletionRequest,
     CompletionRequest,
     Health,
@@ -61,6 +81,7 @@ class OpenAIServing:
         self.access = access
         self.metrics_token = metrics_token
         self._grammar = None  # GrammarCompiler, built on the first response_format that needs one
+        self._calibrations: dict[Path, tuple[tuple, Calibration | None]] = {}  # by adapter folder, with its stamp
 
     @classmethod
     async def start(cls, options: ServeOptions) -> OpenAIServing:
@@ -164,6 +185,76 @@ class OpenAIServing:
                 yield out
         except QueueFull as e:
             raise LimitExceeded(str(e), code="rate_limit_exceeded") from None
+
+    # -- calibrated abstention ------------------------------------------------------------------------
+    async def abstention_policy(self, adapter, asked: bool | None) -> AbstentionPolicy | None:
+        """The policy a request gets from the request field `calibrated_abstention`: true needs the model's
+        calibration.json (else a 400 naming the field), null follows the calibration's `default`, false
+        none. A calibration fitted on other weights than the adapter's now is refused either way."""
+        if asked is False or (adapter is None and asked is None):
+            return None
+        calibration = await asyncio.to_thread(self._calibration, adapter.path) if adapter is not None else None
+        if calibration is None:
+            if asked:
+                raise BudwoodError("calibrated_abstention: this model has no calibration (calibration.json in its "
+                                   "adapter folder, made by `budwood calibrate`)", param="calibrated_abstention",
+                                   code="calibration_not_found")
+            return None
+        return calibration.policy() if asked or calibration.default else None
+
+    def _calibration(self, path: Path) -> Calibration | None:
+        """The adapter folder's calibration, checked against its weights once per change of either file."""
+        cal = path / CALIBRATION_FILE
+        stamp = (cal.stat().st_mtime_ns if cal.exists() else None, file_stamp(path))
+        hit = self._calibrations.get(path)
+        if hit is None or hit[0] != stamp:
+            found = load_calibration(path, adapter_fingerprint(path)) if stamp[0] is not None else None
+            self._calibrations[path] = hit = (stamp, found)
+        return hit[1]
+
+    async def generate_held(self, prompt_ids: list[int], params: SamplingParams, adapter,
+                            policy: AbstentionPolicy | None, verdicts: dict[int, AbstentionVerdict]
+                            ) -> AsyncIterator[RequestOutput]:
+        """`generate` under calibrated abstention: the whole answer first (a stream gets it in one piece),
+        then each choice below the threshold replaced by the abstention text (its logprobs emptied: it
+        was not sampled; finish_reason stop). `verdicts` gets each choice's AbstentionVerdict by index."""
+        if policy is None:
+            async for out in self.generate(prompt_ids, params, adapter):
+                yield out
+            return
+        final = None
+        async for out in self.generate(prompt_ids, params, adapter):
+            final = merge_outputs(final, out)
+        for c, confidence in zip(final.choices, await self._confidences(prompt_ids, params, adapter, final, policy)):
+            abstained = policy.abstains(confidence)
+            verdicts[c.index] = AbstentionVerdict(abstained=abstained, confidence=confidence,
+                                                  threshold=policy.threshold, score=str(policy.score))
+            if abstained:
+                c.text, c.token_ids, c.logprobs, c.finish_reason = policy.text, [], [], FinishReason.STOP
+        yield final
+
+    async def _confidences(self, prompt_ids: list[int], params: SamplingParams, adapter, final: RequestOutput,
+                           policy: AbstentionPolicy) -> list[float]:
+        """Each choice's confidence as budwood eval scores it (eval/confidence.py)."""
+        if policy.score is not ScoreKind.AGREEMENT:
+            return [logprob_confidence([lp.logprob for lp in c.logprobs], policy.score) for c in final.choices]
+
+        async def sample(seed: int) -> str:
+            drawn = SamplingParams(max_tokens=params.max_tokens, temperature=AGREEMENT_TEMPERATURE, seed=seed,
+                                   cache_salt=params.cache_salt)
+            merged = None
+            async for out in self.generate(prompt_ids, drawn, adapter):
+                merged = merge_outputs(merged, out)
+            return merged.choices[0].text
+
+        samples = await asyncio.gather(*(sample(s) for s in agreement_seeds(policy.samples)))
+        return [agreement(c.text, list(samples)) for c in final.choices]
+
+    @staticmethod
+    def internal_logprobs(asked: int | None, policy: AbstentionPolicy | None) -> int | None:
+        """The logprobs to ask the engine for: the client's, or none but the sampled token's where the policy
+        scores them (the client sees only what it asked for)."""
+        return 0 if asked is None and policy is not None and policy.score.needs_logprobs else asked
 
     async def collect(self, request: Request, outputs: AsyncIterator[RequestOutput]) -> list[RequestOutput]:
         """Drain a generation, aborting it if the client goes away."""
