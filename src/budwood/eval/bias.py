@@ -159,7 +159,7 @@ def swap_terms(text: str) -> str:
 def _counterfactual(ctx: EvalContext, cfg: BiasConfig, limit: int | None, out: SuiteResult, recs: dict) -> None:
     questions, ref = load_questions(GroundingConfig(data=cfg.counterfactual_data))
     out.data.append(ref)
-    questions = [q for q in questions if q.answers][:limit or cfg.counterfactual_questions]
+    questions = [q for q in questions if q.answerable][:limit or cfg.counterfactual_questions]
     items = []  # (question index, axis, variant, conversation)
     for i, q in enumerate(questions):
         for axis, terms in AXES.items():
