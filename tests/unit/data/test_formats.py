@@ -118,7 +118,8 @@ def test_detect_format(record, fmt):
 
 
 def test_registered_formats():
-    assert set(FORMATS) == {"openai", "prompt_completion", "alpaca", "sharegpt"}
+    assert set(FORMATS) == {"openai", "prompt_completion", "alpaca", "sharegpt", "openai_preference",
+                            "trl_preference"}
 
 
 @pytest.mark.parametrize(("record", "fmt"), [
