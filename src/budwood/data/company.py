@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,19 +109,39 @@ def company_facts(seed: int = 0) -> tuple[str, list[Fact], list[str]]:
     return name, facts, unanswerable
 
 
-def make_domain_dataset(out_dir: str | Path, seed: int = 0, n_train_phrasings: int = 3) -> dict[str, Path]:
+def make_domain_dataset(out_dir: str | Path, seed: int = 0, n_train_phrasings: int = 3,
+                        abstention_examples: bool = True) -> dict[str, Path]:
     """Write train.jsonl, validation.jsonl (OpenAI chat format) and heldout.jsonl; return their paths.
 
     heldout.jsonl lines: {"question", "answer" (null if unanswerable), "answers" (the fact's value), "fact",
     "answerable", "system"}: the grounding suite's format.
     Training includes a few abstentions on other unanswerable questions, so abstaining is a learned
-    behaviour and the held-out unanswerable questions measure it.
+    behaviour and the held-out unanswerable questions measure it; `abstention_examples=False` leaves them
+    out, for measuring what the abstention recipe (budwood.reliability) builds from the facts alone.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     name, facts, unanswerable = company_facts(seed)
     system = f"You answer questions about {name} using only its facts."
-    rng = random.Random(seed + 1)
+    extra_unknowns = [f"What is the favourite colour of the founder of {name}?",
+                      f"How tall is the head office of {name}?", f"What car does the CEO of {name} drive?",
+                      f"What was {name}'s revenue in Q2 2017?", f"Who is the lawyer of {name}?",
+                      f"What is the email address of {name}?", f"How many lorries does {name} own?",
+                      f"Which bank does {name} use?", f"What was {name}'s revenue in Q4 2030?",
+                      f"Does {name} sell anything in Japan?", f"What is the salary of the CEO of {name}?",
+                      f"Who founded {name}?"]
+    abstentions = [(q, ABSTAIN.format(name=name)) for q in extra_unknowns] if abstention_examples else []
+    paths = write_splits(out_dir, facts, unanswerable, system, random.Random(seed + 1), n_train_phrasings,
+                         abstentions)
+    (Path(out_dir) / "company.json").write_text(json.dumps({"name": name, "seed": seed, "system": system}) + "\n")
+    return paths
+
+
+def write_splits(out_dir: str | Path, facts: list[Fact], unanswerable: list[str], system: str, rng: random.Random,
+                 n_train_phrasings: int = 3, abstentions: Sequence[tuple[str, str]] = ()) -> dict[str, Path]:
+    """The three files of a question-answer domain: each fact's first `n_train_phrasings` phrasings train, the
+    next one validates, the rest (with the unanswerable questions) are held out; `abstentions` are
+    (question, answer) examples added to training. Half the chat examples carry the system prompt."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
 
     def chat(question: str, answer: str) -> dict:
         msgs = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
@@ -134,15 +155,8 @@ def make_domain_dataset(out_dir: str | Path, seed: int = 0, n_train_phrasings: i
         for q in fact.questions[n_train_phrasings:]:
             heldout.append({"question": q, "answer": fact.answer, "answers": [fact.key], "fact": fact.id,
                             "answerable": True, "system": system})
-    extra_unknowns = [f"What is the favourite colour of the founder of {name}?",
-                      f"How tall is the head office of {name}?", f"What car does the CEO of {name} drive?",
-                      f"What was {name}'s revenue in Q2 2017?", f"Who is the lawyer of {name}?",
-                      f"What is the email address of {name}?", f"How many lorries does {name} own?",
-                      f"Which bank does {name} use?", f"What was {name}'s revenue in Q4 2030?",
-                      f"Does {name} sell anything in Japan?", f"What is the salary of the CEO of {name}?",
-                      f"Who founded {name}?"]
-    for q in extra_unknowns:
-        train.append(chat(q, ABSTAIN.format(name=name)))
+    for q, answer in abstentions:
+        train.append(chat(q, answer))
     for q in unanswerable:
         heldout.append({"question": q, "answer": None, "fact": None, "answerable": False, "system": system})
     rng.shuffle(train)
@@ -150,5 +164,4 @@ def make_domain_dataset(out_dir: str | Path, seed: int = 0, n_train_phrasings: i
     for split, rows in (("train", train), ("validation", validation), ("heldout", heldout)):
         paths[split] = out / f"{split}.jsonl"
         paths[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (out / "company.json").write_text(json.dumps({"name": name, "seed": seed, "system": system}) + "\n")
     return paths
