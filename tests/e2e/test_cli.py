@@ -1,47 +1,73 @@
 """The `budwood` command as a user runs it (a real subprocess, so the tcmalloc re-exec is included)."""
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 from conftest import write_jsonl
 
+from budwood.models.fingerprint import adapter_fingerprint
 
-def budwood(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+
+def budwood(*args: str, cwd: Path | None = None, columns: int | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": str(columns)} if columns else None  # rich's width when not on a terminal
     return subprocess.run([sys.executable, "-m", "budwood", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
+                          cwd=cwd, timeout=600, env=env)
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    r = budwood("demo", "--workdir", str(tmp_path / "demo"), "--set", "training.epochs=4")
+    r = budwood("demo", "--workdir", str(tmp_path / "demo"), "--set", "training.epochs=4", "--eval-set", "limit=8",
+                columns=160)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "held-out questions" in r.stdout and "loss curve:" in r.stdout
-    assert "hallucination_rate" in r.stdout and "determinism_greedy" in r.stdout and "B = budwood-tiny + adapter" \
-        in r.stdout
-    adapter = tmp_path / "demo" / "adapter"
+    assert "vs plain" in r.stdout and "determinism_greedy" in r.stdout
+    for metric in ("hallucination_rate", "unanswerable_abstained", "answerable_correct", "format_spread",
+                   "exact_match"):
+        row = next(line for line in r.stdout.splitlines() if f" {metric} " in line)
+        assert len(re.findall(r"(?<![\d.,\[])-?\d+\.\d\d\b", row)) == 4, row  # base, plain, reliable, the difference
+    row = next(line for line in r.stdout.splitlines() if " hallucination_rate " in line)
+    assert row.count("[") == 3, row  # each with its 95% interval (n = 8 here; one-question metrics have none)
+    demo = tmp_path / "demo"
+    adapter, plain = demo / "adapter", demo / "plain"
     results = {side: json.loads((adapter / "eval" / f"{side}.json").read_text())
-               for side in ("base", "adapted")}
-    assert results["adapted"]["target"]["adapter_fingerprint"] and not results["base"]["target"]["adapter"]
+               for side in ("base", "baseline-plain", "adapted")}
+    assert not results["base"]["target"]["adapter"]
+    assert results["baseline-plain"]["target"]["adapter_fingerprint"] == adapter_fingerprint(plain)
+    assert results["adapted"]["target"]["adapter_fingerprint"] == adapter_fingerprint(adapter)
     for res in results.values():
         assert set(res["suites"]) == {"domain", "grounding", "reproducibility"}
-        # both sides scored the same data
+        # every side scored the same data
         assert res["suites"]["domain"]["data"] == results["base"]["suites"]["domain"]["data"]
+        assert res["suites"]["grounding"]["data"] == results["base"]["suites"]["grounding"]["data"]
         assert res["suites"]["reproducibility"]["metrics"]["determinism_greedy"]["value"] == 1.0
-    assert (tmp_path / "demo" / "compare.png").stat().st_size > 10_000
+    assert (demo / "compare.png").stat().st_size > 10_000
     assert (adapter / "loss.png").stat().st_size > 10_000
-    prov = json.loads((adapter / "budwood.json").read_text())
+    prov, plain_prov = (json.loads((d / "budwood.json").read_text()) for d in (adapter, plain))
     assert prov["final"]["val_loss"] is not None and prov["final"]["train_loss"] < 6
+    assert prov["steps"] == plain_prov["steps"]  # the same step budget
+    assert prov["reliability"]["abstention"]["examples_added"] > 0 and not plain_prov["reliability"]
+    assert prov["data"]["train"]["fingerprint"] == plain_prov["data"]["train"]["fingerprint"]  # and data
     for split in ("train", "validation", "heldout"):
-        assert (tmp_path / "demo" / "data" / f"{split}.jsonl").exists()
+        assert (demo / "data" / f"{split}.jsonl").exists()
     # card -> signed -> published -> served by its registry id
     card = (adapter / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: peft" in card and "hallucination_rate" in card
-    assert "published:  demo/company-support@1.0.0" in r.stdout and "\n  A: " in r.stdout
-    answer = r.stdout.split("\n  A: ")[1].split("\n")[0]
-    assert answer.strip()
+    assert "| abstention |" in card and "| suite | metric | base | plain | this adapter |" in card
+    assert "published:  demo/company-support@1.0.0" in r.stdout
+    # the served answers are the table's: the same messages (system prompt + question) as the grounding suite's
+    records = {rec["question"]: rec for rec in results["adapted"]["suites"]["grounding"]["records"]}
+    served = r.stdout.split("with the table's messages:\n")[1].split("\nadapter:")[0]
+    asked = re.findall(r"  system: (.*)\n  Q: (.*)\n  A: (.*)\n  \((.*?);", served)
+    assert len(asked) == 2, served
+    for system, question, answer, same in asked:
+        assert system.startswith("You answer questions about ") and question in records
+        assert answer == records[question]["answer"].strip() and same == "the same as the table's answer", served
+    assert {records[q]["answers"] is None for _, q, _, _ in asked} == {True, False}  # one of each kind
     v = budwood("verify", str(adapter))
     assert v.returncode == 0 and "files match" in v.stdout, v.stdout + v.stderr
-    s = budwood("show", "demo/company-support", "--registry", str(tmp_path / "demo" / "registry"))
+    s = budwood("show", "demo/company-support", "--registry", str(demo / "registry"))
     assert s.returncode == 0 and "1.0.0" in s.stdout and "ed25519:" in s.stdout, s.stdout + s.stderr
 
     g = budwood("generate", "--adapter", str(adapter), "--max-new-tokens", "20", "Who runs the company?")

@@ -518,6 +518,32 @@ def test_cli_sign_verify_publish_search_show_yank_pull_export(evaluated_adapter,
     assert verify(tmp_path / "exact", {key_id}).ok
 
 
+def test_search_where_filters_on_the_reliability_metrics_and_names_a_typo(evaluated_adapter, tmp_path, budwood_home):
+    from budwood.eval.results import load_results
+
+    registry = str(tmp_path / "registry")
+    publish(copy_adapter(evaluated_adapter, tmp_path / "adapter"), "acme/reliable@1.0.0", "MIT",
+            registry=open_registry(registry))
+    reg = open_registry(registry)
+    grounding = load_results(evaluated_adapter / "eval" / "adapted.json").suites["grounding"].metrics
+    aurc, ece = grounding["aurc"].value, grounding["ece"].value
+
+    def ids(*where: str) -> list[str]:
+        return [v.id for v in reg.search(where=list(where))]
+
+    assert ids(f"aurc<={aurc}", f"grounding.ece<={ece}", "unanswerable_abstained>=0", "answerable_correct>=0",
+               "hallucination_rate<=1") == ["acme/reliable"]
+    assert ids(f"aurc<{aurc}") == [] and ids(f"grounding.ece>{ece}") == []
+    assert ids("format_spread<1") == []  # a reliability metric no version records yet: no match, not an error
+    with pytest.raises(RegistryError, match=r"'halucination_rate<0.5': no published version records a metric "
+                                            r"'halucination_rate' \(did you mean 'hallucination_rate'\?\)"):
+        reg.search(where=["halucination_rate<0.5"])
+    with pytest.raises(RegistryError, match=r"no suite 'grundig' \(did you mean 'grounding'\?\)"):
+        reg.search(where=["grundig.aurc<0.5"])
+    [typo] = budwood(["search", "--where", "grounding.aurcc<0.5", "--registry", registry], env=cli_env(budwood_home))
+    assert_refused(typo, "no published version records a metric 'aurcc' (did you mean 'aurc'?)")
+
+
 def test_cli_refuses_bad_input_with_exit_2_and_no_traceback(evaluated_adapter, tmp_path):
     env, registry = cli_env(tmp_path / "home"), str(tmp_path / "registry")
     adapter = copy_adapter(evaluated_adapter, tmp_path / "adapter")

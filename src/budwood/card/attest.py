@@ -227,30 +227,23 @@ class Rerun:
 
 
 def rerun(adapter_dir: str | Path, progress=None) -> Rerun:
-    """Run every recorded evaluation of this adapter (and of its bare base, if recorded) again with
-    its recorded configuration, here, and compare each number exactly. Exact equality is only
+    """Run every recorded evaluation of this adapter, of its bare base and of the baseline adapters it is
+    compared with (eval/baseline-LABEL.json, where their weights are still at the recorded folder) again
+    with its recorded configuration, here, and compare each number exactly. Exact equality is only
     expected on the same hardware and software class (the target's system_fingerprint)."""
     from budwood.eval.results import load_results
     from budwood.eval.run import EvalConfig, run_eval
 
     adapter = AdapterDir.open(adapter_dir)
-    mine = adapter.fingerprint
     rows, notes = [], []
     for name in (f for f in adapter.files() if f.startswith("eval/")):
         recorded = load_results(adapter.path / name)
+        spec, why_not = _rerun_target(adapter, Path(name), recorded.target)
+        if spec is None:
+            notes.append(f"{name}: {why_not}; not re-run")
+            continue
         target = recorded.target
-        if target.kind != "local":
-            notes.append(f"{name}: measured on a remote endpoint ({target.endpoint}); not re-run")
-            continue
-        if target.adapter_fingerprint == mine:
-            spec = f"{target.base}+{adapter.path}"
-        elif target.adapter is None and target.base_fingerprint == adapter.base_fingerprint:
-            spec = target.base
-        else:
-            notes.append(f"{name}: measured on other weights than this adapter's; not re-run")
-            continue
-        config = EvalConfig.model_validate({**recorded.config, "target": spec})
-        again = run_eval(config, progress)
+        again = run_eval(EvalConfig.model_validate({**recorded.config, "target": spec}), progress)
         if again.target.system_fingerprint != target.system_fingerprint:
             notes.append(f"{name}: recorded on {target.system_fingerprint} ({target.device}, {target.precision}), "
                          f"re-run on {again.target.system_fingerprint} ({again.target.device}, "
@@ -260,3 +253,26 @@ def rerun(adapter_dir: str | Path, progress=None) -> Rerun:
                 now = again.suites.get(suite).metrics.get(metric) if suite in again.suites else None
                 rows.append(RerunRow(name, suite, metric, value.value, now.value if now else None))
     return Rerun(rows, notes)
+
+
+def _rerun_target(adapter: AdapterDir, name: Path, target) -> tuple[str | None, str | None]:
+    """(the target spec to evaluate again, None) or (None, why it cannot be)."""
+    from budwood.card.facts import baseline_label
+    from budwood.models.fingerprint import adapter_fingerprint
+
+    if target.kind != "local":
+        return None, f"measured on a remote endpoint ({target.endpoint})"
+    if target.adapter_fingerprint == adapter.fingerprint:
+        return f"{target.base}+{adapter.path}", None
+    if target.base_fingerprint != adapter.base_fingerprint:
+        return None, "measured on another base than this adapter's"
+    if target.adapter is None:
+        return target.base, None
+    if not baseline_label(name):
+        return None, "measured on other weights than this adapter's"
+    folder = Path(target.adapter).expanduser()
+    if not (folder / "adapter_config.json").is_file():
+        return None, f"its baseline adapter is not at {folder} here"
+    if adapter_fingerprint(folder) != target.adapter_fingerprint:
+        return None, f"the adapter at {folder} is no longer the baseline that was measured (other weights)"
+    return f"{target.base}+{folder}", None

@@ -18,6 +18,7 @@ from budwood.eval.results import EvalResults, SuiteResult, load_results
 from budwood.models.names import TINY_NAME, resolve_model_path
 
 LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md")
+BASELINE_PREFIX = "baseline-"  # eval/baseline-LABEL.json: another adapter's results, a comparison column LABEL
 
 # Energy model: nominal board power (TDP, from the vendors' datasheets) of the accelerator, drawn for the
 # whole training time, plus a constant per CPU thread torch used. First pattern that matches the device
@@ -88,9 +89,17 @@ def results_base_fingerprint(adapter_dir: Path, adapter_fp: str) -> str | None:
     return None
 
 
-def _role(results: EvalResults, adapter_fp: str, base_fp: str | None) -> tuple[str, str]:
-    """(kind, label): ("adapter", ""), ("base", "base") or ("openai", model id); ValueError for results about
-    other weights."""
+def baseline_label(path: Path) -> str | None:
+    """LABEL for a results file named eval/baseline-LABEL.json (another adapter on the same base, measured to
+    compare with this one, e.g. the same data without a reliability recipe); None for any other name."""
+    label = path.stem.removeprefix(BASELINE_PREFIX) if path.stem.startswith(BASELINE_PREFIX) else None
+    return label if label and label not in ("base", "") else None
+
+
+def _role(results: EvalResults, path: Path, adapter_fp: str, base_fp: str | None) -> tuple[str, str]:
+    """(kind, label): ("adapter", ""), ("base", "base"), ("baseline", LABEL) or ("openai", model id);
+    ValueError for results about other weights. Another adapter's results are a comparison only when their
+    file says so by its name (baseline-LABEL.json): any other file with other weights is stale."""
     t = results.target
     if t.kind == "openai":
         return "openai", t.model or t.spec
@@ -98,9 +107,12 @@ def _role(results: EvalResults, adapter_fp: str, base_fp: str | None) -> tuple[s
         raise ValueError(f"its base has fingerprint {t.base_fingerprint}, this adapter's base {base_fp}")
     if t.adapter is None and t.adapter_fingerprint is None:
         return "base", "base"
-    if t.adapter_fingerprint != adapter_fp:
-        raise ValueError(f"it evaluated adapter {t.adapter_fingerprint}, this adapter is {adapter_fp}")
-    return "adapter", ""
+    if t.adapter_fingerprint == adapter_fp:
+        return "adapter", ""
+    if baseline_label(path):
+        return "baseline", baseline_label(path)
+    raise ValueError(f"it evaluated adapter {t.adapter_fingerprint}, this adapter is {adapter_fp} (a results file "
+                     f"about another adapter, kept to compare with, is named {BASELINE_PREFIX}LABEL.json)")
 
 
 def _why_not_comparable(a: Run, b: Run) -> str | None:
@@ -115,20 +127,25 @@ def _why_not_comparable(a: Run, b: Run) -> str | None:
 
 def read_evaluations(adapter_dir: Path, adapter_fp: str, base_fp: str | None, order: list[str]) -> dict[str, SuiteRun]:
     """Every eval/*.json, by suite in `order` (then by name). Where several files ran one suite for the
-    same target, the latest `created` wins; the base and endpoint runs become comparison columns when
-    they ran the same suite version on the same data with the same settings."""
+    same target, the latest `created` wins; the base, baseline adapters' (baseline-LABEL.json) and endpoint
+    runs become comparison columns when they ran the same suite version on the same data with the same
+    settings."""
     runs: dict[tuple[str, str], dict[str, Run]] = {}  # role -> suite -> run
     loaded = [(load_results(p), p) for p in sorted((adapter_dir / "eval").glob("*.json"))]
     for results, path in sorted(loaded, key=lambda rp: (rp[0].created, rp[1].name)):
         try:
-            role = _role(results, adapter_fp, base_fp)
+            role = _role(results, path, adapter_fp, base_fp)
         except ValueError as e:
             raise BudwoodError(f"{path}: results for other weights ({e}); stale results must not go in a card: "
                                "evaluate this adapter again or remove the file") from None
         for name, suite in results.suites.items():
             runs.setdefault(role, {})[name] = Run(results, suite, f"eval/{path.name}")
     mine = runs.pop(("adapter", ""), {})
-    roles = sorted(runs)  # the base first, then endpoints by model id
+    roles = sorted(runs)  # the base first, then baseline adapters and endpoints by label
+    twice = sorted({label for _, label in roles if [r[1] for r in roles].count(label) > 1})
+    if twice:
+        raise BudwoodError(f"{adapter_dir / 'eval'}: two kinds of results are labelled {', '.join(twice)} (a baseline "
+                           "adapter's file and an endpoint's model id); rename the baseline-LABEL.json file")
     out = {}
     for name in sorted(mine, key=lambda s: (order.index(s) if s in order else len(order), s)):
         run = out[name] = SuiteRun(name, mine[name])

@@ -9,6 +9,7 @@ No clock is read: the same inputs give a byte-identical card.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -31,6 +32,7 @@ from budwood.card.facts import (
     results_base_fingerprint,
     training_log,
 )
+from budwood.card.reliability import ReliabilityFacts, reliability_facts
 from budwood.config import load_settings
 from budwood.errors import BudwoodError
 from budwood.eval.results import Metric
@@ -103,6 +105,7 @@ class CardFacts:
     base_licence: BaseLicence
     energy: Energy | None
     loss_plot: bool
+    reliability: ReliabilityFacts
 
     @property
     def dirname(self) -> str:
@@ -151,7 +154,8 @@ def collect_facts(adapter_dir: str | Path, info: CardInfo | None = None) -> Card
         training_log=training_log(adapter_dir / "metrics.jsonl"), suites=suites,
         absent_suites=[s for s in SUITES if s not in suites], base_licence=base_licence(base),
         energy=energy_estimate(provenance.get("hardware") or {}, provenance.get("train_time_s")),
-        loss_plot=(adapter_dir / "loss.png").exists())
+        loss_plot=(adapter_dir / "loss.png").exists(),
+        reliability=reliability_facts(adapter_dir, provenance, fingerprint, suites))
 
 
 def card_data(facts: CardFacts) -> ModelCardData:
@@ -191,6 +195,13 @@ def _num(value: object) -> str:
     return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
 
 
+def _measured(m: Metric | None) -> str:
+    """A before/after cell: the value and its 95% interval, or n/a where that side did not measure it."""
+    if m is None or m.value is None:
+        return "n/a"
+    return f"{m.value:.3g} [{m.ci[0]:.3g}, {m.ci[1]:.3g}]" if m.ci else f"{m.value:.3g}"
+
+
 def _setting(value: object) -> str:
     """A config value as YAML writes it, so the table reads like the config file."""
     return yaml.safe_dump(value, default_flow_style=True, width=10_000).removesuffix("\n...\n").strip()
@@ -200,7 +211,8 @@ _ENV = jinja2.Environment(loader=jinja2.PackageLoader("budwood.card", "templates
                           undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                           keep_trailing_newline=True)
 _ENV.filters.update(
-    cell=_cell, num=_num, setting=_setting,
+    cell=_cell, num=_num, setting=_setting, measured=_measured,
+    json=lambda v: json.dumps(v, ensure_ascii=False),  # a setting's value, strings quoted: no ambiguous "; "
     pct=lambda v: "n/a" if v is None else f"{100 * v:.0f}%",
     points=lambda v: "n/a" if v is None else f"{100 * v:.0f} percentage points",
     interval=lambda ci: f"[{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "",

@@ -222,14 +222,17 @@ def search_cmd(
     base: str = typer.Option(None, help="base model id or fingerprint"),
     tag: str = typer.Option(None, help="a tag of the card"),
     license: str = typer.Option(None, help="SPDX licence"),
-    where: list[str] = typer.Option([], help="metric condition, e.g. 'hallucination_rate<0.1' or "
-                                             "'domain.exact_match>=0.5' (repeatable)"),
+    where: list[str] = typer.Option([], help="metric condition, e.g. 'hallucination_rate<0.1', "
+                                             "'unanswerable_abstained>=0.8', 'grounding.aurc<0.3', "
+                                             "'format_spread<=0.1' or 'domain.exact_match>=0.5' (repeatable; every "
+                                             "metric of the adapter's own eval results)"),
     registry: str = RegistryOption,
     api_key: str = ApiKeyOption,
 ) -> None:
     """Find adapters by text, base model, tag, licence and evaluation results.
 
-    Example: budwood search support --base budwood-tiny --where 'hallucination_rate<0.6'
+    A metric that no version records (nor the card's reliability table) is refused, naming the closest one.
+    Example: budwood search support --base budwood-tiny --where 'hallucination_rate<0.6' --where 'aurc<0.3'
     """
 
     found = _registry(registry, api_key).search(text, base, tag, license, where)

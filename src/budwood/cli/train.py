@@ -9,14 +9,11 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from budwood.cli.console import EvalProgress, RichProgress, console, out, print_comparison, sigterm_as_interrupt
+from budwood.cli.console import EvalProgress, RichProgress, console, out, sigterm_as_interrupt
 
 app = typer.Typer()
 data_app = typer.Typer(no_args_is_help=True, help="Inspect training data.")
 
-DEMO_METRICS = {"exact_match", "token_f1", "rouge_l", "loss", "hallucination_rate", "answerable_correct",
-                "unanswerable_abstained", "determinism_greedy", "determinism_seeded", "format_agreement",
-                "format_spread", "option_order_agreement", "pararel_consistency"}
 
 
 @app.command("train")
@@ -124,42 +121,91 @@ def data_check_cmd(
 
 @app.command("demo")
 def demo_cmd(
-    workdir: Path = typer.Option(Path("runs/demo"), help="where data, adapter and plot go"),
-    set_: list[str] = typer.Option([], "--set", help="override a training key, e.g. training.epochs=5"),
+    workdir: Path = typer.Option(Path("runs/demo"), help="where data, adapters and plot go"),
+    set_: list[str] = typer.Option([], "--set", help="override a training key of both adapters, e.g. "
+                                   "training.epochs=5; reliability.* keys go to the reliable adapter only"),
+    eval_set: list[str] = typer.Option([], "--eval-set", help="override an evaluation setting of every side, "
+                                       "e.g. limit=10 for a quick look (as budwood eval --set)"),
 ) -> None:
-    """The end-to-end demo, offline: data -> adapter -> evaluation -> card -> signed -> published -> served.
+    """The end-to-end demo, offline: data -> a plain and a reliable adapter -> base, plain and reliable
+    evaluated side by side -> card -> signed -> published -> served.
 
     Example: budwood demo --workdir runs/demo
     """
     from budwood.pipeline import run_demo
-    from budwood.train.metrics import read_metrics, sparkline
 
     sigterm_as_interrupt()
     t0 = time.time()
     with RichProgress() as progress, EvalProgress() as eval_progress:
-        result = run_demo(workdir, set_, progress, eval_progress=eval_progress)
-    table = Table(title="held-out questions: base budwood-tiny vs + adapter", show_lines=True)
-    for col in ("question", "reference", "base", "adapted"):
+        result = run_demo(workdir, set_, progress, eval_progress=eval_progress, eval_overrides=eval_set)
+    table = Table(title="held-out questions: base budwood-tiny, plain SFT and the reliable adapter", show_lines=True)
+    for col in ("question", "reference", "base", "plain SFT", "reliable"):
         table.add_column(col, overflow="fold")
     for r in result.rows:
-        table.add_row(r["question"], r["reference"] or "(not in the data: should abstain)", r["base"], r["adapted"])
+        table.add_row(r["question"], r["reference"] or "(not in the data: should abstain)", r["base"], r["plain"],
+                      r["reliable"])
     out.print(table)
-    losses = [m["loss"] for m in read_metrics(result.adapter_dir / "metrics.jsonl") if "loss" in m]
+    for name, adapter in (("plain SFT", result.plain_dir), ("reliable ", result.adapter_dir)):
+        out.print(_loss_line(name, adapter), highlight=False, soft_wrap=True)
+    _print_sides(result.table)
+    _print_shared(result)
     p = result.provenance
-    val = p["final"]["val_loss"]
-    out.print(f"loss  {losses[0]:.2f} {sparkline(losses)} {losses[-1]:.2f}" +
-              (f"   (val {val:.2f})" if val is not None else ""), highlight=False, soft_wrap=True)
-    print_comparison([r for r in result.comparison if r["metric"] in DEMO_METRICS], "base budwood-tiny",
-                      "budwood-tiny + adapter")
-    out.print(f"evaluation: {result.results['base']}, {result.results['adapted']}  (all metrics; "
-              f"budwood eval compare them)  plot: {result.comparison_plot}", soft_wrap=True)
-    out.print(f"loss curve: {result.loss_plot}")
-    sh = result.shared
-    out.print(f"card:       {sh.card}\nsigned:     by {sh.signer} (budwood verify {result.adapter_dir})\n"
-              f"published:  {sh.ref} in {sh.registry} (budwood show {sh.ref.split('@')[0]} --registry {sh.registry})\n"
-              f"served:     {sh.ref} through the openai client\n  Q: {sh.question}\n  A: {sh.answer}\n"
-              f"  (reference: {sh.reference or 'none: the data does not say'})",
-              soft_wrap=True, highlight=False, markup=False)
     out.print(f"adapter:    {result.adapter_dir}  ({p['steps']} steps, {p['tokens_seen']:,} tokens, "
-              f"{p['train_time_s']:.0f} s training, {time.time() - t0:.0f} s in all)", soft_wrap=True)
+              f"{p['train_time_s'] + result.plain_provenance['train_time_s']:.0f} s training both, "
+              f"{time.time() - t0:.0f} s in all)", soft_wrap=True)
 
+
+def _loss_line(name: str, adapter: Path) -> str:
+    from budwood.train.metrics import read_metrics, sparkline
+
+    losses = [m["loss"] for m in read_metrics(adapter / "metrics.jsonl") if "loss" in m]
+    val = [m["val_loss"] for m in read_metrics(adapter / "metrics.jsonl") if "val_loss" in m]
+    return f"loss {name}  {losses[0]:.2f} {sparkline(losses)} {losses[-1]:.2f}" + \
+        (f"   (val {val[-1]:.2f})" if val else "")
+
+
+def _print_sides(rows: list[dict]) -> None:
+    """The demo's three columns, each value with its 95% interval, a section per suite; * where reliable and
+    plain differ beyond both intervals (green where that is better, red where worse)."""
+    table = Table(title="the same suites on the same data, with 95% intervals\n(vs plain: reliable - plain; * where "
+                        "they differ beyond both intervals)")
+    table.add_column("metric", no_wrap=True)
+    for col in ("base", "plain SFT", "reliable", "vs plain"):
+        table.add_column(col, justify="right")
+    suite = None
+    for r in rows:
+        if r["suite"] != suite:
+            suite = r["suite"]
+            table.add_row(f"[bold]{suite}[/]", end_section=False)
+        plain, mine = r["plain"], r["reliable"]
+        delta = "" if plain is None or plain.value is None else f"{mine.value - plain.value:+.2f}"
+        better = r["higher_is_better"]
+        if r["significant"] and better is not None:
+            delta = f"[{'green' if (mine.value > plain.value) == better else 'red'}]{delta} *[/]"
+        arrow = {True: " ↑", False: " ↓"}.get(better, "")
+        table.add_row(f"  {r['metric']}{arrow}", *(_with_interval(r[s]) for s in ("base", "plain", "reliable")), delta)
+    out.print(table)
+
+
+def _with_interval(m) -> str:
+    if m is None or m.value is None:
+        return "n/a"
+    return f"{m.value:.2f} [{m.ci[0]:.2f},{m.ci[1]:.2f}]" if m.ci else f"{m.value:.2f}"
+
+
+def _print_shared(result) -> None:
+    sh = result.shared
+    out.print(f"evaluation: {', '.join(str(p) for p in result.results.values())}  (all metrics; budwood eval "
+              f"compare them)  plot: {result.comparison_plot}", soft_wrap=True)
+    out.print(f"loss curve: {result.loss_plot}\ncard:       {sh.card}\n"
+              f"signed:     by {sh.signer} (budwood verify {result.adapter_dir} --rerun)\n"
+              f"published:  {sh.ref} in {sh.registry} (budwood show {sh.ref.split('@')[0]} --registry {sh.registry})\n"
+              f"served:     {sh.ref} through the openai client, with the table's messages:",
+              soft_wrap=True, highlight=False, markup=False)
+    for a in sh.asked:
+        system = next((m["content"] for m in a.messages if m["role"] == "system"), None)
+        same = "the same as the table's answer" if a.answer == a.table_answer else \
+            f"NOT the table's answer: {a.table_answer!r}"
+        out.print((f"  system: {system}\n" if system else "") + f"  Q: {a.question}\n  A: {a.answer}\n"
+                  f"  ({same}; reference: {a.reference or 'none: the data does not say'})",
+                  soft_wrap=True, highlight=False, markup=False)

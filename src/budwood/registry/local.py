@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from budwood.artifacts import ARTIFACT_PATH, ATTESTATION, AdapterDir, staged_dir
 from budwood.db import budwood_home, default_url, open_database, session_makers
-from budwood.errors import BudwoodError
+from budwood.errors import BudwoodError, did_you_mean
 from budwood.eval.results import own_results
 from budwood.registry import models as m
 from budwood.registry.names import (
@@ -77,6 +77,21 @@ def parse_condition(text: str) -> tuple[str | None, str, str, float]:
                             "< <= > >= =, e.g. grounding.hallucination_rate<0.1")
     suite, metric, op, value = match.groups()
     return suite, metric, "=" if op == "==" else op, float(value)
+
+
+def check_condition(text: str, suite: str | None, name: str, recorded: set[str]) -> None:
+    """Refuse a condition whose suite budwood does not run, or whose metric no visible version records and
+    the card's reliability table does not show either: a typo would otherwise find nothing, silently."""
+    from budwood.card.reliability import RELIABILITY_METRICS
+    from budwood.eval.run import SUITES
+
+    if suite is not None and suite not in SUITES:
+        raise RegistryError(f"{text!r}: no suite {suite!r}{did_you_mean(suite, SUITES)}; suites: {', '.join(SUITES)}",
+                            param="where")
+    known = recorded | {n for names in RELIABILITY_METRICS.values() for n in names}
+    if name not in known:
+        raise RegistryError(f"{text!r}: no published version records a metric {name!r}{did_you_mean(name, known)}; "
+                            f"recorded: {', '.join(sorted(recorded)) or 'none yet'}", param="where")
 
 
 class LocalRegistry:
@@ -255,8 +270,13 @@ class LocalRegistry:
             query = query.where(m.Version.id.in_(select(m.Tag.version_id).where(m.Tag.tag == tag)))
         if license:
             query = query.where(func.lower(m.Version.license) == license.lower())
-        for condition in where or []:
-            suite, name, op, value = parse_condition(condition)
+        conditions = [(c, *parse_condition(c)) for c in where or []]
+        if conditions:
+            with self.sessions() as s:
+                recorded = set(s.scalars(_visible(select(m.Metric.name).join(m.Version).join(m.Adapter),
+                                                  include_private).distinct()))
+        for condition, suite, name, op, value in conditions:
+            check_condition(condition, suite, name, recorded)
             column = m.Metric.value
             test = {"<": column < value, "<=": column <= value, ">": column > value, ">=": column >= value,
                     "=": column == value}[op]

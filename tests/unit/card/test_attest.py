@@ -13,7 +13,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from conftest import copy_adapter
+from conftest import copy_adapter, make_random_adapter
 from cryptography.hazmat.primitives import serialization
 
 from budwood.card.attest import (
@@ -258,3 +258,29 @@ def test_rerun_reports_an_edited_number(evaluated_adapter, tmp_path):
     assert [(r.file, r.suite, r.metric, r.recorded, r.now) for r in changed] == [
         ("eval/adapted.json", "domain", "token_f1", original + 0.25, original)]
     assert len(result.rows) > 1 and not result.ok
+
+
+def test_rerun_repeats_a_baseline_adapter_while_its_weights_are_there(evaluated_adapter, tmp_path):
+    """eval/baseline-LABEL.json (another adapter, the card's comparison column) is re-run from the folder it
+    names, checked by fingerprint; where that folder is gone or holds other weights it is a note, not a pass."""
+    from budwood.eval.results import load_results, write_results
+    from budwood.eval.run import EvalConfig, run_eval
+
+    adapter = copy_adapter(evaluated_adapter, tmp_path / "adapter")
+    (adapter / "eval" / "base.json").unlink()  # the base's re-run is tested above
+    plain = make_random_adapter(tmp_path / "plain", seed=11, r=8)
+    recorded = load_results(adapter / "eval" / "adapted.json").config
+    write_results(run_eval(EvalConfig.model_validate({**recorded, "suites": ["grounding"],
+                                                      "target": f"budwood-tiny+{plain}"})),
+                  adapter / "eval" / "baseline-plain.json")
+    result = rerun(adapter)
+    again = [r for r in result.rows if r.file == "eval/baseline-plain.json"]
+    assert {r.metric for r in again} >= {"hallucination_rate", "answerable_correct", "unanswerable_abstained"}
+    assert all(r.same for r in again) and result.ok and result.notes == []
+    make_random_adapter(tmp_path / "other", seed=12, r=8)
+    (plain / "adapter_model.safetensors").write_bytes((tmp_path / "other" / "adapter_model.safetensors").read_bytes())
+    (adapter / "eval" / "adapted.json").unlink()
+    result = rerun(adapter)
+    assert result.rows == [] and not result.ok
+    assert result.notes == [f"eval/baseline-plain.json: the adapter at {plain} is no longer the baseline that was "
+                            "measured (other weights); not re-run"]
