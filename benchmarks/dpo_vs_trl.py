@@ -9,6 +9,9 @@ sides see the same pairs and tokens. Neither has a separate reference model: TRL
 reference forward in every step (or, with --trl-precompute, runs one pass before training), budwood computes
 the reference log-probabilities once, before step 1, with the policy itself (LoRA's B = 0). That pass is
 counted in budwood's time, and TRL's precompute pass in TRL's.
+budwood runs a pair's prompt once for both answers (training.dpo.share_prompt, its default; --budwood-share-prompt
+off runs two separate sequences as TRL does); tok/s count the pairs' sequence tokens on both sides, so they scale
+as pairs/s do.
 
 Each side runs in its own subprocess; TRL, budwood alternate; medians of --repeats. By default TRL reads the
 pairs in budwood's plan, so both train on the same batches and the loss curves compare step by step (the first
@@ -109,7 +112,8 @@ def _budwood_config(spec: dict, max_steps: int):
         "lora": {"r": LORA["r"], "alpha": LORA["alpha"], "dropout": LORA["dropout"],
                  "target_modules": LORA_TARGETS},
         "training": {
-            "method": "dpo", "dpo": {"beta": spec["beta"], "loss_type": "sigmoid", "sft_weight": 0.0},
+            "method": "dpo", "dpo": {"beta": spec["beta"], "loss_type": "sigmoid", "sft_weight": 0.0,
+                                     "share_prompt": spec.get("share_prompt", True)},
             "max_steps": max_steps, "learning_rate": LR, "scheduler": "linear", "warmup_steps": 0,
             "weight_decay": 0.0, "max_grad_norm": 1.0, "batch_size": BATCH, "gradient_accumulation": 1,
             "max_seq_len": MAX_SEQ_LEN, "seed": SEED, "precision": spec["precision"], "batching": "padded",
@@ -128,23 +132,26 @@ def child_budwood_plan(spec: dict) -> None:
     """budwood's tokens of every pair (to check against TRL's) and its plan of each epoch (a pure function of the
     seed and the epoch), which --trl-order budwood hands to TRL: both sides then train on the same batches in the
     same order."""
-    from budwood.data.pack import collate_pairs, plan_epoch
+    from budwood.data.pack import plan_epoch
     from budwood.data.template import IGNORE
     from budwood.models.load import load_tokenizer
     from budwood.train.data import prepare_data
+    from budwood.train.loss import objective_for
 
     config = _budwood_config(spec, 1)
     tok = load_tokenizer(config.base_model)
     data = prepare_data(config, tok)
     digests = [pair_digest([(e.input_ids, [int(x != IGNORE) for x in e.labels]) for e in (p.chosen, p.rejected)])
                for p in data.train]
-    lengths = [len(p) for p in data.train]
+    objective = objective_for(config)  # the recipe plans by the tokens a pair runs (its prompt once when shared)
+    lengths = [objective.length(p) for p in data.train]
     plan = [plan_epoch(lengths, "padded", BATCH, None, SEED, epoch) for epoch in range(spec["epochs"])]
-    padded = sum(collate_pairs(data.train, idx, "padded", tok.pad_token_id).input_ids.numel()
+    padded = sum(objective.collate(data.train, idx, "padded", tok.pad_token_id).input_ids.numel()
                  for epoch in plan for idx in epoch)
     seq = sorted(len(e) for p in data.train for e in (p.chosen, p.rejected))
     q = lambda f: seq[min(len(seq) - 1, int(f * len(seq)))]  # noqa: E731
-    _emit({"pairs": len(data.train), "plan": plan, "tokens": sum(lengths), "padded_tokens": padded,
+    _emit({"pairs": len(data.train), "plan": plan, "tokens": sum(len(p) for p in data.train),
+           "run_tokens": sum(lengths), "padded_tokens": padded,
            "answer_tokens": sum(sum(1 for x in e.labels[1:] if x != IGNORE) for p in data.train
                                 for e in (p.chosen, p.rejected)),
            "digest": data_digest(digests), "warnings": len(data.issues),
@@ -285,9 +292,9 @@ def child_budwood(spec: dict) -> None:
     ref_s, cpu_s = [], []
     reference_logps, loop = recipe.TrainingRun._reference_logps, recipe.TrainingRun.train
 
-    def timed_reference(self, pairs):  # the one reference pass before step 1: part of the run's time
+    def timed_reference(self, *args, **kwargs):  # the one reference pass before step 1: part of the run's time
         t, c = time.perf_counter(), time.process_time()
-        out = reference_logps(self, pairs)
+        out = reference_logps(self, *args, **kwargs)
         ref_s.append(time.perf_counter() - t)
         cpu_s.append(time.process_time() - c)
         return out
@@ -318,6 +325,7 @@ def child_budwood(spec: dict) -> None:
         tokens = recs[-1]["tokens"] - recs[1]["tokens"]
         share = reference_s * tokens / recs[-1]["tokens"]
         steady = tokens / max(recs[-1]["elapsed_s"] - recs[1]["elapsed_s"] + share, 1e-9)
+        steady *= spec["sequence_tokens"] / recs[-1]["tokens"]  # in sequence tokens, as TRL's (shared prompts run once)
     from budwood.models.load import load_base
     from budwood.train.recipe import build_lora_model
 
@@ -326,9 +334,12 @@ def child_budwood(spec: dict) -> None:
     n_lora = sum(p.numel() for p in build_lora_model(base.model, config).parameters() if p.requires_grad)
     _emit({
         "side": "budwood", "precision": spec["precision"],
-        "variant": "padded, reference once" + (", compile" if spec["budwood_compile"] == "on" else ""),
+        "variant": "padded, reference once" + (", shared prompt" if spec.get("share_prompt", True) else "")
+        + (", compile" if spec["budwood_compile"] == "on" else ""),
         "base_dtype": prov["hardware"]["dtype"], "steps": prov["steps"], "pairs": prov["method"]["pairs_seen"],
-        "real_tokens": prov["tokens_seen"], "padded_tokens": spec.get("predicted_padded_tokens"),
+        # tokens of the pairs' sequences, as TRL counts them (so tok/s compare); run_tokens: what budwood ran
+        "real_tokens": spec["sequence_tokens"], "run_tokens": prov["tokens_seen"],
+        "padded_tokens": spec.get("predicted_padded_tokens"),
         "loop_s": loop_s, "reference_s": round(reference_s, 3), "timed_s": round(loop_s + reference_s, 3),
         "timed_cpu_s": round(sum(cpu_s), 2),
         "train_time_s": prov["train_time_s"], "wall_time_s": prov["wall_time_s"], "train_call_s": round(wall, 2),
@@ -451,7 +462,7 @@ def derive(r: dict, peak_gflops: float) -> dict:
     r["tokens_per_s"] = round(r["real_tokens"] / r["timed_s"], 1)
     r["pairs_per_cpu_s"] = round(r["pairs"] / max(r["timed_cpu_s"], 1e-9), 3)  # less sensitive to others' load
     if r.get("padded_tokens"):
-        r["pad_fraction"] = round(1 - r["real_tokens"] / max(r["padded_tokens"], 1), 4)
+        r["pad_fraction"] = round(1 - r.get("run_tokens", r["real_tokens"]) / max(r["padded_tokens"], 1), 4)
     # policy forward + backward (4N + 6N_lora) and one reference forward (2N) per token, on both sides
     fpt = 6 * r["base_params"] + 6 * r["lora_params"]
     r["model_flops_per_token"] = fpt
@@ -527,6 +538,9 @@ def main_parent(argv: list[str]) -> None:
     ap.add_argument("--budwood-compile", choices=["on", "off", "auto"], default="auto",
                     help="budwood training.compile (auto, its default, stays off below 5 M tokens); compile time "
                          "falls inside the timed loop")
+    ap.add_argument("--budwood-share-prompt", choices=["on", "off"], default="on",
+                    help="budwood training.dpo.share_prompt (on, its default: a pair's prompt runs once for both "
+                         "answers; off: two separate sequences per pair, as TRL runs them)")
     ap.add_argument("--trl-order", choices=["budwood", "random"], default="budwood",
                     help="budwood: TRL reads the pairs in budwood's epoch plan, sequentially, so both sides train "
                          "on the same batches (same padding; the losses compare step by step); random: TRL's "
@@ -587,14 +601,16 @@ def main_parent(argv: list[str]) -> None:
     meta = ensure_work(work, env, args)
     common = {"model": args.model, "model_path": meta["model_path"], "precision": args.precision,
               "device": args.device, "beta": args.beta, "data": str(work / "pairs.jsonl")}
-    bw_spec = dict(common, budwood_compile=args.budwood_compile, out=str(work / "budwood_out"), epochs=args.epochs)
+    bw_spec = dict(common, budwood_compile=args.budwood_compile, out=str(work / "budwood_out"), epochs=args.epochs,
+                   share_prompt=args.budwood_share_prompt == "on")
     plan = run_child("budwood_plan", bw_spec, env, logs / "budwood_plan.log", args.verbose)
     if plan["pairs"] != meta["recipe"]["pairs"] or any(len(b) != BATCH for e in plan["plan"] for b in e):
         raise SystemExit(f"budwood kept {plan['pairs']} pairs in {len(plan['plan'][0])} batches; expected "
                          f"{meta['recipe']['pairs']} pairs in batches of {BATCH}")
     print(f"model {args.model} ({meta['model_path']}); data: {plan['pairs']} pairs from {meta['companies']} "
           f"company data sets, {plan['tokens']} tokens ({plan['answer_tokens']} answer tokens), sequence lengths "
-          f"{plan['sequence_lengths']}", flush=True)
+          f"{plan['sequence_lengths']}; budwood runs {plan['run_tokens']} tokens per epoch (share_prompt "
+          f"{args.budwood_share_prompt})", flush=True)
     print(f"allocator: {args.allocator}{' (' + tcmalloc + ')' if args.allocator == 'tcmalloc' else ''}; "
           f"precision {args.precision}; device {args.device}; logs in {logs}", flush=True)
     print("reference policy: no second model on either side. budwood computes the reference log-probabilities "
@@ -624,7 +640,8 @@ def main_parent(argv: list[str]) -> None:
             print(f"[{rep + 1}/{args.repeats}] {side}, {args.steps} steps of {BATCH} pairs (load "
                   f"{os.getloadavg()[0]:.2f}) ...", flush=True)
             spec = trl_spec if side == "trl" else dict(bw_spec, max_steps=args.steps,
-                                                        predicted_padded_tokens=plan["padded_tokens"])
+                                                        predicted_padded_tokens=plan["padded_tokens"],
+                                                        sequence_tokens=plan["tokens"] * args.epochs)
             if side == "trl":  # a cold start each time: datasets would reuse the precomputed reference otherwise
                 shutil.rmtree(work / "hf_datasets_cache", ignore_errors=True)
             r = run_child(side, spec, env, logs / f"{side}_{rep}.log", args.verbose)
@@ -655,7 +672,8 @@ def main_parent(argv: list[str]) -> None:
             "ratio_steady": (round(med_steady["budwood"] / med_steady["trl"], 3)
                              if med_steady["budwood"] and med_steady["trl"] else None),
             "same_tokens": t["digest"] == plan["digest"], "same_pairs_and_tokens_seen":
-                (t["pairs"], t["real_tokens"]) == (b["pairs"], b["real_tokens"]),
+                (t["pairs"], t["real_tokens"]) == (b["pairs"], b["real_tokens"])
+                and b["run_tokens"] == plan["run_tokens"] * args.epochs,
             "losses": losses, "peak_rss_mb": {"trl": t["peak_rss_mb"], "budwood": b["peak_rss_mb"]},
             "reference_s_median": {s: statistics.median([r["reference_s"] for r in rows if r["side"] == s])
                                    for s in sides},
@@ -685,9 +703,10 @@ def main_parent(argv: list[str]) -> None:
     setup = {"bench": "dpo_vs_trl", "run_id": run_id, "allocator": args.allocator, "device": args.device,
              "gemm": gemm, "peak_gflops": peak, "steps_arg": args.steps, "model": args.model, "beta": args.beta,
              "trl_order": args.trl_order, "trl_precompute": args.trl_precompute, "epochs": args.epochs,
-             "budwood_compile": args.budwood_compile, "threads": args.threads, "note": args.note,
+             "budwood_compile": args.budwood_compile, "budwood_share_prompt": args.budwood_share_prompt,
+             "threads": args.threads, "note": args.note,
              "cpu_count": os.cpu_count(),
-             "git": git_state(), "data": {k: plan[k] for k in ("pairs", "tokens", "answer_tokens",
+             "git": git_state(), "data": {k: plan[k] for k in ("pairs", "tokens", "run_tokens", "answer_tokens",
                                                                 "sequence_lengths", "digest")}}
     print()
     emit_records([dict(setup, **r) for r in rows] + [dict(setup, **summary)], args.results,

@@ -60,6 +60,9 @@ class DPOConfig(_Strict):
         "on length-averaged log-probabilities (Azar et al. 2023)")
     sft_weight: float = Field(0.0, ge=0, description="weight of an SFT term (mean NLL of the preferred answer's "
                               "tokens) added to each pair's loss: RPO, TRL's rpo_alpha")
+    share_prompt: bool = Field(True, description="run a pair's prompt through the model once for both answers "
+                               "(one segment, masked so that neither answer sees the other): the same "
+                               "log-probabilities as two separate sequences, from fewer tokens")
 
 
 class TrainingConfig(_Strict):

@@ -56,7 +56,7 @@ def test_first_step_is_ln2_and_the_pairs_are_learned(straight):
     assert len(val) == 2 and val[-1] < math.log(2)
     prov = json.loads((adapter / "budwood.json").read_text())
     assert prov["method"]["type"] == "dpo"
-    assert prov["method"]["dpo"] == {"beta": 0.1, "loss_type": "sigmoid", "sft_weight": 0.0}
+    assert prov["method"]["dpo"] == {"beta": 0.1, "loss_type": "sigmoid", "sft_weight": 0.0, "share_prompt": True}
     assert 12 * 6 < prov["method"]["pairs_seen"] <= 12 * 8  # an epoch's last micro-batch may be short
     assert prov["data"]["train"]["format"] == "openai_preference"
     assert (list_checkpoints(adapter / "checkpoints")[0] / "reference.safetensors").exists()
@@ -84,6 +84,19 @@ def test_packed_batches_train_like_padded_ones(straight, preference_data, tmp_pa
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
     # the same first step's pairs? packed plans rows differently, so compare the log-probabilities' scale
     assert first["logps/chosen"] < 0 and first["logps/rejected"] < 0
+
+
+def test_separate_sequences_when_prompt_sharing_is_off(straight, preference_data, tmp_path):
+    """share_prompt false: each answer its own sequence (the prompt run twice), the same start, more tokens."""
+    adapter, _ = straight
+    off = train(dpo_config(preference_data, tmp_path / "off", "training.dpo.share_prompt=false",
+                           "training.max_steps=2"))
+    assert steps(off)[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    per_pair = {}
+    for name, out in (("on", adapter), ("off", off)):
+        prov = json.loads((out / "budwood.json").read_text())
+        per_pair[name] = prov["tokens_seen"] / prov["method"]["pairs_seen"]
+    assert per_pair["on"] < 0.8 * per_pair["off"]  # the prompts are most of a pair's tokens
 
 
 def test_ipo_and_rpo_start_where_their_formulas_say(preference_data, tmp_path):

@@ -7,6 +7,12 @@ packed: examples are concatenated into one row; position ids restart at every ex
         transformers build a block-diagonal causal mask, so attention never crosses examples.
 Both are exact: an example's loss does not depend on its batch mates (tested to 1e-5 in fp32).
 The plan for an epoch is a pure function of (seed, epoch), which is what makes resume exact.
+
+Preference pairs can share their prompt (`collate_pairs(share_prompt=True)`): a pair is one segment
+[chosen sequence, rejected sequence minus the prefix it shares], with an explicit attention mask in which
+the rejected answer sees the shared prefix and itself, never the chosen answer, another pair or padding.
+The prompt (most of a pair's tokens) then runs through the decoder once instead of twice, and each answer's
+log-probabilities are those of its own separate sequence (tested to 1e-5 in fp32).
 """
 from __future__ import annotations
 
@@ -29,6 +35,9 @@ class Batch:
     # preference pairs only: the reference policy's log-probability of each sequence ([2 * pairs], chosen then
     # rejected for each pair, in the order of example_index), and its answer-token count
     reference: torch.Tensor | None = None
+    # shared-prompt pairs only: which tokens each token attends to ([rows, 1, T, T] bool, True = attend); None
+    # means causal within each example, which lets attention run its fast causal kernel
+    attention_mask: torch.Tensor | None = None
 
     @property
     def n_label_tokens(self) -> int:
@@ -37,7 +46,7 @@ class Batch:
     def to(self, device) -> Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.input_ids), move(self.labels), move(self.position_ids),
-                     self.example_index, self.n_tokens, move(self.reference))
+                     self.example_index, self.n_tokens, move(self.reference), move(self.attention_mask))
 
 
 def plan_epoch(lengths: list[int], strategy: str, batch_size: int, tokens_per_batch: int | None,
@@ -102,12 +111,77 @@ def collate(examples: list[Encoded], indices: list[int], strategy: str, pad_id: 
     return Batch(ids, labels, None, owner, sum(len(e) for e in chosen))
 
 
-def collate_pairs(pairs: list[EncodedPair], indices: list[int], strategy: str, pad_id: int) -> Batch:
+def shared_prefix(pair: EncodedPair) -> int:
+    """How many leading tokens the pair's rejected sequence can take from its chosen one: k tokens that are
+    identical on both sides, such that none of the rejected tokens 1..k is trained on (the rejected segment then
+    starts at token k, whose hidden state predicts the first answer token, and sees the chosen segment's first k
+    tokens as its past). Usually the prompt minus its last token; less when the tokenizer merged text across the
+    end of the prompt differently on the two sides, and 0 (two separate sequences) when the first tokens differ."""
+    a, b = pair.chosen.input_ids, pair.rejected.input_ids
+    first_label = next((t for t in range(1, len(b)) if pair.rejected.labels[t] != IGNORE), len(b))
+    k = 0
+    while k < min(len(a), len(b), first_label - 1) and a[k] == b[k]:
+        k += 1
+    return k
+
+
+def pair_length(pair: EncodedPair, share_prompt: bool) -> int:
+    """The tokens a pair puts through the decoder: what planning packs and the run counts."""
+    return len(pair) - (shared_prefix(pair) if share_prompt else 0)
+
+
+def collate_pairs(pairs: list[EncodedPair], indices: list[int], strategy: str, pad_id: int,
+                  share_prompt: bool = False) -> Batch:
     """The pairs' sequences side by side (rows when padded, segments when packed), numbered in the batch:
     pair k's preferred answer is example 2k, its non-preferred one 2k + 1. The reference log-probabilities
-    come along once they are known."""
-    flat = [side for i in indices for side in (pairs[i].chosen, pairs[i].rejected)]
-    batch = collate(flat, list(range(len(flat))), strategy, pad_id)
+    come along once they are known. With `share_prompt`, each pair is one segment that runs its prompt once
+    (see the module's docstring); the numbering is the same."""
+    if share_prompt:
+        batch = _collate_shared(pairs, indices, strategy, pad_id)
+    else:
+        flat = [side for i in indices for side in (pairs[i].chosen, pairs[i].rejected)]
+        batch = collate(flat, list(range(len(flat))), strategy, pad_id)
     if all(pairs[i].reference is not None for i in indices):
         batch.reference = torch.tensor([x for i in indices for x in pairs[i].reference], dtype=torch.float32)
     return batch
+
+
+def _collate_shared(pairs: list[EncodedPair], indices: list[int], strategy: str, pad_id: int) -> Batch:
+    """One segment per pair: the chosen sequence (positions 0..), then the rejected one from token k on
+    (positions k..), k = shared_prefix. Rows: one per pair when padded, one in all when packed."""
+    units = []  # per pair: ids, labels, positions, owner, segment (0 chosen, 1 rejected), k
+    for j, i in enumerate(indices):
+        c, r = pairs[i].chosen, pairs[i].rejected
+        k = shared_prefix(pairs[i])
+        units.append((c.input_ids + r.input_ids[k:],
+                      [IGNORE] + c.labels[1:] + [IGNORE] + r.labels[k + 1:],  # a segment's first token: no label
+                      list(range(len(c))) + list(range(k, len(r))),
+                      [2 * j] * len(c) + [2 * j + 1] * (len(r) - k),
+                      [0] * len(c) + [1] * (len(r) - k), k))
+    rows = [units] if strategy == "packed" else [[u] for u in units]
+    if strategy not in ("packed", "padded"):
+        raise ValueError(f"unknown batching strategy {strategy!r}")
+    width = max(sum(len(u[0]) for u in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    owner = torch.full((len(rows), width), -1, dtype=torch.long)
+    seg = torch.full((len(rows), width), -1, dtype=torch.long)  # unit * 2 + side within the row; -1 padding
+    sees = torch.zeros((len(rows), width), dtype=torch.long)  # rejected tokens: how many chosen tokens they see
+    for r, row in enumerate(rows):
+        at = 0
+        for u, (i_, l_, p_, o_, s_, k) in enumerate(row):
+            n = len(i_)
+            ids[r, at:at + n], labels[r, at:at + n] = torch.tensor(i_), torch.tensor(l_)
+            pos[r, at:at + n], owner[r, at:at + n] = torch.tensor(p_), torch.tensor(o_)
+            seg[r, at:at + n] = 2 * u + torch.tensor(s_)
+            sees[r, at:at + n] = k * torch.tensor(s_)
+            at += n
+    # token q attends to key t (t <= q): same segment, or q rejected and t among its pair's first k chosen tokens
+    q_seg, t_seg = seg[:, :, None], seg[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same = (q_seg == t_seg) & (q_seg >= 0)
+    prompt = (t_seg == q_seg - 1) & (q_seg % 2 == 1) & (pos[:, None, :] < sees[:, :, None])
+    mask = (same | prompt) & causal
+    mask |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no all-masked row (nan) anywhere
+    return Batch(ids, labels, pos, owner, int((owner >= 0).sum()), attention_mask=mask[:, None])

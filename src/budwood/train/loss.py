@@ -13,16 +13,19 @@ import torch
 import torch.nn.functional as F
 
 from budwood.config import TrainConfig
-from budwood.data.pack import Batch, collate, collate_pairs
+from budwood.data.pack import Batch, collate, collate_pairs, pair_length
 from budwood.data.template import IGNORE, Encoded, EncodedPair
 
 
 def token_losses(lm: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 cross-entropy per trained token, and the example index of each ([N], [N]).
 
-    `lm` is a transformers causal LM (with LoRA layers injected, or not).
+    `lm` is a transformers causal LM (with LoRA layers injected, or not). A batch's 4D attention mask (shared-prompt
+    preference pairs) is used as given (transformers does not rebuild a 4D mask); without one the decoder runs
+    causally (the fast kernel), packed rows masked by their position ids.
     """
-    out = lm.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+    masked = {} if batch.attention_mask is None else {"attention_mask": batch.attention_mask}
+    out = lm.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **masked)
     hidden = out.last_hidden_state[:, :-1]
     targets = batch.labels[:, 1:]
     mask = targets != IGNORE
@@ -59,6 +62,10 @@ class Objective(Protocol):
         """How many units `example` adds to a step."""
         ...
 
+    def length(self, example) -> int:
+        """The tokens `example` puts through the decoder: what batches are planned (and tokens counted) by."""
+        ...
+
     def collate(self, examples: list, indices: list[int], batching: str, pad_id: int) -> Batch:
         """The micro-batch of these examples."""
         ...
@@ -76,6 +83,9 @@ class SFT:
     def units(self, example: Encoded) -> int:
         return sum(1 for x in example.labels[1:] if x != IGNORE)
 
+    def length(self, example: Encoded) -> int:
+        return len(example)
+
     def collate(self, examples: list[Encoded], indices: list[int], batching: str, pad_id: int) -> Batch:
         return collate(examples, indices, batching, pad_id)
 
@@ -88,20 +98,24 @@ class DPO:
     plus sft_weight times the preferred answer's mean token NLL (RPO). The reference log-probabilities come
     with the batch (computed once, before the first step, by the policy itself: LoRA starts as the identity, or
     as the frozen init_adapter), so no second model is kept. At the first step margin = 0: the sigmoid loss is
-    ln 2. The statistics are TRL's DPOTrainer's, under its names, so the curves compare."""
+    ln 2. The statistics are TRL's DPOTrainer's, under its names, so the curves compare. With `share_prompt` a
+    pair's prompt runs through the decoder once for both answers (data/pack.py), with the same log-probabilities."""
 
     name = "dpo"
     columns = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                "logps/rejected")
 
-    def __init__(self, beta: float, loss_type: str = "sigmoid", sft_weight: float = 0.0):
-        self.beta, self.loss_type, self.sft_weight = beta, loss_type, sft_weight
+    def __init__(self, beta: float, loss_type: str = "sigmoid", sft_weight: float = 0.0, share_prompt: bool = True):
+        self.beta, self.loss_type, self.sft_weight, self.share_prompt = beta, loss_type, sft_weight, share_prompt
 
     def units(self, example: EncodedPair) -> int:
         return 1
 
+    def length(self, example: EncodedPair) -> int:
+        return pair_length(example, self.share_prompt)
+
     def collate(self, examples: list[EncodedPair], indices: list[int], batching: str, pad_id: int) -> Batch:
-        return collate_pairs(examples, indices, batching, pad_id)
+        return collate_pairs(examples, indices, batching, pad_id, self.share_prompt)
 
     def losses(self, lm: torch.nn.Module, batch: Batch) -> torch.Tensor:
         if batch.reference is None:
@@ -140,7 +154,7 @@ def objective_for(config: TrainConfig) -> Objective:
     """The objective training.method names."""
     if config.training.method == "dpo":
         d = config.training.dpo
-        return DPO(d.beta, d.loss_type, d.sft_weight)
+        return DPO(d.beta, d.loss_type, d.sft_weight, d.share_prompt)
     return SFT()
 
 
@@ -153,9 +167,12 @@ class LossModule(torch.nn.Module):
         self.lm = lm
         self.objective = objective
 
-    def forward(self, input_ids, labels, position_ids, example_index, reference=None) -> torch.Tensor:
-        return self.objective.losses(self.lm, Batch(input_ids, labels, position_ids, example_index, 0, reference))
+    def forward(self, input_ids, labels, position_ids, example_index, reference=None, attention_mask=None
+                ) -> torch.Tensor:
+        return self.objective.losses(self.lm, Batch(input_ids, labels, position_ids, example_index, 0, reference,
+                                                    attention_mask))
 
     def run(self, batch: Batch) -> torch.Tensor:
         """The losses (and statistics) of a collated batch."""
-        return self(batch.input_ids, batch.labels, batch.position_ids, batch.example_index, batch.reference)
+        return self(batch.input_ids, batch.labels, batch.position_ids, batch.example_index, batch.reference,
+                    batch.attention_mask)

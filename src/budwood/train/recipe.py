@@ -199,7 +199,7 @@ class TrainingRun:
     clock: Clock
     # set up once
     data: PreparedData
-    lengths: list[int]  # tokens per training example (both sequences of a preference pair)
+    lengths: list[int]  # tokens per training example through the decoder (objective.length)
     units: list[int]  # the objective's units per training example (SFT: trained tokens; DPO: 1 pair)
     chunking: Chunking
     total_steps: int
@@ -263,7 +263,8 @@ class TrainingRun:
         if self.init is not None:  # a resume must continue from the very same starting adapter
             fingerprints["init_adapter"] = {"path": self.init.ref, "fingerprint": self.init.fingerprint}
         self.identity = RunIdentity(fingerprints, model_fingerprint(self.config.base_model), resume_hash(self.config))
-        self.lengths = [len(e) for e in self.data.train]
+        self.objective = objective_for(self.config)
+        self.lengths = [self.objective.length(e) for e in self.data.train]
         self.chunking = Chunking(self.lengths, t.batch_size, t.tokens_per_batch, t.batching == "packed")
         self.micro_per_epoch = len(self._plan(0))
         self.total_steps = count_steps(t, self.micro_per_epoch)
@@ -284,7 +285,6 @@ class TrainingRun:
             compile_layers(self.model.get_base_model())
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.objective = objective_for(self.config)
         # several ranks: the same LoRA init everywhere (the seed above), then each rank its own dropout stream
         self.loss_module = LossModule(self.model.get_base_model(), self.objective)
         self.train_module = self.strategy.wrap(self.loss_module, self.device, self.params)
@@ -304,7 +304,7 @@ class TrainingRun:
             values = saved
         else:
             self.progress.note(f"DPO: the reference's log-probabilities of {len(train) + len(validation)} pairs")
-            lengths = [len(p) for p in validation]
+            lengths = [self.objective.length(p) for p in validation]
             parts = [self._reference_logps(train, self._plan(0), self.chunking, t.batching)]
             if validation:  # as validation_loss batches them
                 parts.append(self._reference_logps(
@@ -399,7 +399,7 @@ class TrainingRun:
             with self.strategy.accumulate(last=j == len(micro) - 1):
                 with self._autocast():  # through the data-parallel wrapper, if any
                     out = self.train_module(batch.input_ids, batch.labels, batch.position_ids, batch.example_index,
-                                            batch.reference)
+                                            batch.reference, batch.attention_mask)
                     loss = out[:, 0].sum() * (weight * self.strategy.grad_scale / n_units)
                 loss.backward()
             sums += out.detach().sum(0).double().cpu() * weight
@@ -455,7 +455,7 @@ class TrainingRun:
         """Mean loss per unit over the validation set, through the unwrapped module (a forward alone
         through DDP would wait for a backward). Several ranks share the examples out and sum their parts."""
         t, examples = self.t, self.data.validation
-        lengths = [len(e) for e in examples]
+        lengths = [self.objective.length(e) for e in examples]
         planned = plan_epoch(lengths, "padded", t.batch_size, t.tokens_per_batch, 0, 0)
         micro = self.strategy.deal(planned, list(range(len(examples))),
                                    Chunking(lengths, t.batch_size, t.tokens_per_batch))

@@ -96,6 +96,9 @@ def resume_hash(config: TrainConfig) -> str:
     # keys added since checkpoints were first written, at their defaults: those checkpoints still resume
     if resolved["training"].get("method") == "sft" and resolved["training"].get("dpo") is None:
         resolved["training"].pop("method"), resolved["training"].pop("dpo")
+    dpo = resolved["training"].get("dpo") or {}
+    if dpo.get("share_prompt") is False:  # what DPO checkpoints written before the key did
+        dpo.pop("share_prompt")
     if not any(recipe.get("enabled") for recipe in resolved.get("reliability", {}).values()):
         resolved.pop("reliability", None)
     return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:16]
