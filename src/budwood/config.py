@@ -129,7 +129,8 @@ class _Recipe(_Strict):
 class AbstentionConfig(_Recipe):
     answer: str = Field("I don't know; that is not in the information I have.",
                         description="what the adapter says when the data does not answer a question")
-    ratio: float = Field(0.3, ge=0, le=2, description="built unanswerable questions per answerable training example")
+    ratio: float = Field(1.0, ge=0, le=2, description="built unanswerable questions per answerable training example "
+                         "(0.3 did too little on budwood-tiny: docs/reliability.md)")
     questions: Path | None = Field(None, description="your own unanswerable questions (JSONL, one {\"question\"} "
                                    "per line), used besides the built ones")
 

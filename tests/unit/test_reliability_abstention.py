@@ -110,7 +110,7 @@ def test_built_examples_keep_the_source_system_prompt_and_earlier_turns(tmp_path
 def test_the_datas_own_abstentions_are_not_perturbed_or_counted(tmp_path, company):
     with_own = company + [chat("What is the fax number of Acme in 2030?", "I don't know.")]
     _, report = build(config(tmp_path), with_own)
-    assert report["requested"] == round(0.3 * len(company))
+    assert report["requested"] == round(config(tmp_path).reliability.abstention.ratio * len(company))
 
 
 def test_nothing_to_perturb_is_a_clear_error(tmp_path):
@@ -181,14 +181,15 @@ def test_dpo_when_the_reference_always_abstains_is_a_clear_error(tmp_path, compa
 def test_an_unseen_domain_gets_questions_too(tmp_path):
     items = read_dataset(make_dataset("library", tmp_path / "lib", seed=0)["train"]).conversations
     built, report = build(config(tmp_path), items)
-    assert report["built_questions"] == round(0.3 * len(items)) and len(set(built_questions(built))) == len(built)
+    assert report["built_questions"] == round(config(tmp_path).reliability.abstention.ratio * len(items))
+    assert len(set(built_questions(built))) == len(built)
     corpus = Corpus(items)
     assert not any(corpus.mentions(c["replaced"][1]) for c in report["examples"])
 
 
 def test_shipped_attribute_sets_are_disjoint():
     seen: dict[str, int] = {}
-    for g, group in enumerate(abstention.attribute_groups()):
+    for g, group in abstention.attribute_groups().items():
         for synonyms in group:
             for phrase in synonyms:
                 assert phrase.lower() not in seen, phrase

@@ -47,6 +47,11 @@ _SENTENCE_START = re.compile(r"(?:^|[.!?:]\s+|\n)\s*$")
 _STARTERS = frozenset("What Who Whom Whose Where When Why How Which Does Do Did Is Are Was Were Can Could Would Will "
                       "Should Shall May Might Must Has Have Had Name Tell Please Give List Show The A An In On At "
                       "For Of From To By With If And Or But Hi Hello Thanks Yes No".split())
+# question frames whose noun belongs to an attribute group even when the list does not know the noun
+_FRAMES = ((re.compile(r"\bhow many ([a-z]+s)\b", re.IGNORECASE), "counts"),
+           (re.compile(r"\bwho (?:is|are) the ([a-z]+(?: [a-z]+)?) (?:of|at|in)\b", re.IGNORECASE), "roles"))
+_UNITS = frozenset("seconds minutes hours days weeks months years times pounds pence dollars euros cents miles "
+                   "kilometres metres kilos grams litres percent".split())  # "how many days": a measure, not a thing
 _CALENDAR = frozenset("Monday Tuesday Wednesday Thursday Friday Saturday Sunday January February March April May "
                       "June July August September October November December".split())
 
@@ -90,17 +95,17 @@ class Corpus:
 
 
 @cache
-def attribute_groups() -> tuple[tuple[tuple[str, ...], ...], ...]:
+def attribute_groups() -> dict[str, tuple[tuple[str, ...], ...]]:
     """Groups of attribute sets; a set's phrases are synonyms, its first the one written into a question."""
     groups = json.loads((DATA / "attributes.json").read_text())
-    return tuple(tuple(tuple(s) for s in sets) for key, sets in groups.items() if not key.startswith("_"))
+    return {key: tuple(tuple(s) for s in sets) for key, sets in groups.items() if not key.startswith("_")}
 
 
 @cache
-def _attribute_patterns() -> tuple[tuple[int, int, re.Pattern], ...]:
+def _attribute_patterns() -> tuple[tuple[str, int, re.Pattern], ...]:
     """(group, set, a regex matching any of the set's phrases as whole words, longest first)."""
     out = []
-    for g, group in enumerate(attribute_groups()):
+    for g, group in attribute_groups().items():
         for k, synonyms in enumerate(group):
             alts = "|".join(re.escape(p) for p in sorted(synonyms, key=len, reverse=True))
             out.append((g, k, re.compile(rf"(?<![\w-])(?:{alts})(?![\w-])", re.IGNORECASE)))
@@ -116,33 +121,41 @@ def made_up_names() -> tuple[str, ...]:
 # -- perturbations: each yields (old span, new text, (start, end)) for one question ------------------------------
 
 def _draw(options: list, rng: random.Random) -> list:
-    """Up to PER_SLOT different replacements for one span, so a small data set still offers enough questions."""
+    """Up to PER_SLOT different replacements for one span (so a small data set still offers enough questions);
+    each is then kept only if the data does not mention it."""
     return rng.sample(options, min(PER_SLOT, len(options)))
 
 
-def _numbers(question: str, corpus: Corpus, rng: random.Random) -> list[tuple[str, str, tuple[int, int]]]:
+def _numbers(question: str, corpus: Corpus, rng: random.Random) -> list[tuple[str, str, tuple[int, int], bool]]:
     out = []
     years = {m.span() for m in _YEAR.finditer(question)}
     for m in _NUMBER.finditer(question):
         value = int(m.group(1))
         steps = range(1, 13) if m.span() in years else (1, 2, 3, 5, 10, value, 2 * value + 1)
-        options = [value + s * sign for s in steps for sign in (1, -1) if value + s * sign > 0]
-        options = [str(o) for o in options if not corpus.mentions_number(str(o))]
-        if options:
-            out += [(m.group(1), new, m.span()) for new in _draw(options, rng)]
+        options = sorted({value + s * sign for s in steps for sign in (1, -1) if value + s * sign > 0} - {value})
+        out += [(m.group(1), str(new), m.span(), not corpus.mentions_number(str(new)))
+                for new in _draw(options, rng)]
     return out
 
 
-def _attributes(question: str, corpus: Corpus, rng: random.Random) -> list[tuple[str, str, tuple[int, int]]]:
-    out = []
+def _attributes(question: str, corpus: Corpus, rng: random.Random
+                ) -> list[tuple[str, str, tuple[int, int], bool]]:
+    out, known = [], []
     groups = attribute_groups()
+
+    def unused(synonyms: tuple[str, ...]) -> bool:
+        return not any(corpus.mentions_noun(p) for p in synonyms)
     for g, k, pattern in _attribute_patterns():
         m = pattern.search(question)
         if not m:
             continue
-        free = [s for j, s in enumerate(groups[g]) if j != k and not any(corpus.mentions_noun(p) for p in s)]
-        if free:
-            out += [(m.group(0), _like(m.group(0), new[0]), m.span()) for new in _draw(free, rng)]
+        known.append(m.span())
+        others = [s for j, s in enumerate(groups[g]) if j != k]
+        out += [(m.group(0), _like(m.group(0), new[0]), m.span(), unused(new)) for new in _draw(others, rng)]
+    for frame, g in _FRAMES:  # a noun the list does not know, in a frame that says which group it is from
+        m = frame.search(question)
+        if m and m.group(1).lower() not in _UNITS and not any(a <= m.start(1) < b for a, b in known):
+            out += [(m.group(1), new[0], m.span(1), unused(new)) for new in _draw(list(groups[g]), rng)]
     return out
 
 
@@ -169,14 +182,18 @@ def name_spans(question: str) -> list[tuple[str, int, int]]:
 
 
 def _names(question: str, corpus: Corpus, subjects: set[str], rng: random.Random
-           ) -> list[tuple[str, str, tuple[int, int]]]:
+           ) -> list[tuple[str, str, tuple[int, int], bool]]:
+    """A made-up name for the whole span, or for the first word of a longer one ("Knitting Circle" ->
+    "Fenwick Circle": a thing of the same kind the data never mentions)."""
     out = []
     for span, start, end in name_spans(question):
         if span in subjects:
             continue
-        free = [n for n in made_up_names() if not corpus.mentions(n) and len(n.split()) <= max(2, len(span.split()))]
-        if free:
-            out += [(span, new, (start, end)) for new in _draw(free, rng)]
+        words = span.split(" ")
+        names = [n for n in made_up_names() if len(n.split()) <= max(2, len(words))]
+        options = names + [f"{n} {' '.join(words[1:])}" for n in names if " " not in n and len(words) > 1]
+        out += [(span, new, (start, end), not corpus.mentions(new) and not corpus.mentions(new.split()[0]))
+                for new in _draw(options, rng)]
     return out
 
 
@@ -201,13 +218,13 @@ def candidates(items: list[Example], seed: int, answer: str = "") -> tuple[list[
         spans = [("number", *p) for p in _numbers(q, corpus, rng)] + \
                 [("attribute", *p) for p in _attributes(q, corpus, rng)] + \
                 [("name", *p) for p in _names(q, corpus, subjects, rng)]
-        for kind, old, new, (start, end) in spans:
+        for kind, old, new, (start, end), unsupported in spans:
             text = q[:start] + new + q[end:]
-            if normalize(text) in seen or corpus.mentions(new):
-                rejected[kind] += 1
-                continue
-            seen.add(normalize(text))
-            out.append(Candidate(i, kind, text, old, new))
+            if not unsupported:
+                rejected[kind] += 1  # the data mentions the new key: it might answer the question
+            elif normalize(text) not in seen:
+                seen.add(normalize(text))
+                out.append(Candidate(i, kind, text, old, new))
     return out, {"sources": len(sources), "subjects_kept": sorted(subjects), "rejected": dict(rejected)}
 
 

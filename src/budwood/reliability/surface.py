@@ -29,13 +29,14 @@ Transform = Callable[[str, random.Random], str]
 TRIES = 12  # draws per variant before giving up on finding a new surface form
 
 
-def _words(text: str, rng: random.Random, fn: Callable[[str, int], str]) -> str:
+def _words(text: str, fn: Callable[[str, int], str]) -> str:
+    """`fn(word, position)` applied to each word (positions count the spaces between too), spacing kept."""
     parts = re.split(r"(\s+)", text)
     return "".join(fn(p, i) if i % 2 == 0 else p for i, p in enumerate(parts))
 
 
 def _title(text: str, rng: random.Random) -> str:
-    return _words(text, rng, lambda w, _: w[:1].upper() + w[1:])
+    return _words(text, lambda w, _: w[:1].upper() + w[1:])
 
 
 def _lower_first(text: str, rng: random.Random) -> str:
@@ -43,12 +44,12 @@ def _lower_first(text: str, rng: random.Random) -> str:
 
 
 def _some_upper(text: str, rng: random.Random) -> str:
-    return _words(text, rng, lambda w, _: w.upper() if rng.random() < 0.35 else w.lower())
+    return _words(text, lambda w, _: w.upper() if rng.random() < 0.35 else w.lower())
 
 
 def _shout_start(text: str, rng: random.Random) -> str:
     k = rng.randint(1, 3) * 2
-    return _words(text, rng, lambda w, i: w.upper() if i < k else w)
+    return _words(text, lambda w, i: w.upper() if i < k else w)
 
 
 def _end_mark(text: str) -> tuple[str, str]:
