@@ -30,6 +30,9 @@ def serve_cmd(
                                  help="serve registry ids ORG/NAME@VERSION from this registry (a folder, database "
                                       "URL or http(s)://server); a local one is also offered at /v1/registry"),
     registry_key: str = typer.Option(None, envvar="BUDWOOD_REGISTRY_API_KEY", help="key of a remote --registry"),
+    limit: list[str] = typer.Option([], "--limit", help="a request limit NAME=VALUE, repeatable (e.g. "
+                                    "max_body_bytes=16777216, max_stop=8); the limits, their defaults and "
+                                    "errors: docs/serving.md, Limits"),
 ) -> None:
     """Serve the base and every adapter behind an OpenAI-compatible API.
 
@@ -37,6 +40,11 @@ def serve_cmd(
     Registry ids: budwood serve --registry ~/.budwood then model="acme/support@1.0.0"
     then: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-").chat.completions.create(model="my-adapter", ...)
     """
+    from budwood.serve.limits import ServeLimits
+
+    limits = ServeLimits.from_options(limit)  # checked first: a typo is refused before a model is loaded
+    if engine == "vllm" and limit:
+        raise BudwoodError("--limit applies to --engine budwood; vLLM has its own options")
     if engine == "vllm" and registry:
         raise BudwoodError("--registry works with --engine budwood; for vLLM, budwood pull the adapters into the "
                            "--adapters folder")
@@ -58,4 +66,4 @@ def serve_cmd(
     from budwood.registry import open_registry
     from budwood.serve import serve
 
-    serve(config, host, port, api_key, open_registry(registry, registry_key) if registry else None)
+    serve(config, host, port, api_key, open_registry(registry, registry_key) if registry else None, limits)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +28,23 @@ from pathlib import Path
 from budwood.errors import DataError, did_you_mean
 
 ROLES = ("system", "user", "assistant")
+MAX_JSON_DEPTH = 64  # a record nested deeper is refused before json.loads recurses into it
+
+# a JSON string, escapes included; an unterminated one runs to the end, so every match attempt succeeds (linear)
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\[\s\S][^"\\]*)*(?:"|\\?\Z)')
+_BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_depth(text: bytes) -> int:
+    """How deeply arrays and objects nest in a JSON text (brackets inside strings skipped), found by a
+    linear scan without parsing: json.loads and the code that walks its result recurse once per level."""
+    if b"[" not in text and b"{" not in text:
+        return 0
+    import numpy as np
+
+    steps = _JSON_STRING.sub(b"", text).translate(_BRACKET_STEPS, _NOT_BRACKETS)  # +1 per opener, -1 per closer
+    return int(np.frombuffer(steps, np.int8).cumsum(dtype=np.int64).max(initial=0))
 
 
 @dataclass
@@ -471,6 +489,9 @@ def read_dataset(path: str | Path, format: str = "auto", min_examples: int = 1, 
             line = line_bytes.decode("utf-8-sig" if lineno == 1 else "utf-8")
         except UnicodeDecodeError as e:
             rec.error("invalid_encoding", f"not UTF-8 at byte {e.start + 1}")
+            continue
+        if json_depth(line_bytes) > MAX_JSON_DEPTH:
+            rec.error("too_deep", f"arrays and objects nested deeper than {MAX_JSON_DEPTH} levels")
             continue
         try:
             obj = json.loads(line)

@@ -4,10 +4,12 @@ Callers outside the engine import from here (and from `sampling`, `adapters` and
 own names); the other modules are the engine's parts."""
 from budwood.engine.adapters import AdapterCache, AdapterError, AdapterResolver, FolderResolver, UnknownAdapter
 from budwood.engine.async_engine import AsyncEngine, EngineFailed, QueueFull
+from budwood.engine.chat_template import TemplateBudget, TemplateBudgetExceeded
 from budwood.engine.engine import ContinuationScore, Engine, EngineConfig, RequestTooLong
 from budwood.engine.output import ChoiceDelta, FinishReason, RequestOutput, merge_outputs
 from budwood.engine.sampling import ParamError, SamplingParams, TokenLogprob
 
 __all__ = ["AdapterCache", "AdapterError", "AdapterResolver", "AsyncEngine", "ChoiceDelta", "ContinuationScore",
            "Engine", "EngineConfig", "EngineFailed", "FinishReason", "FolderResolver", "ParamError", "QueueFull",
-           "RequestOutput", "RequestTooLong", "SamplingParams", "TokenLogprob", "UnknownAdapter", "merge_outputs"]
+           "RequestOutput", "RequestTooLong", "SamplingParams", "TemplateBudget",
+           "TemplateBudgetExceeded", "TokenLogprob", "UnknownAdapter", "merge_outputs"]

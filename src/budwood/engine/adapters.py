@@ -106,12 +106,13 @@ def load_adapter(name: str, path: Path, shapes: dict[str, tuple[int, int]], num_
         found = sorted(p.name for p in path.glob("adapter_model.*"))
         raise AdapterError(f"adapter {name!r}: {path} has no adapter_model.safetensors"
                            + (f" (found {', '.join(found)}; only safetensors weights are loaded)" if found else ""))
+    stamp = file_stamp(path)  # before reading: an edit while loading makes the next use reload
     r, scale = _read_lora_config(name, cfg_path)
     _check_base(name, path, base_fingerprint)
     modules = _read_lora_weights(name, weights, r, scale, shapes, num_layers, device)
     digest = hashlib.sha256(weights.read_bytes() + cfg_path.read_bytes()).hexdigest()[:16]
     return LoadedAdapter(name, path, f"{name}:{digest}", r, modules, _chat_template(name, path), base_fingerprint,
-                         file_stamp(path))
+                         stamp)
 
 
 def _read_lora_config(name: str, cfg_path: Path) -> tuple[int, float]:
@@ -186,12 +187,24 @@ def _chat_template(name: str, path: Path) -> str | None:
 
 
 def file_stamp(path: Path) -> tuple:
-    """Changes when the adapter's files are replaced or edited in place."""
+    """Changes when any file a loaded adapter was read from is replaced or edited in place (weights,
+    config, chat_template.jinja, tokenizer_config.json), or a template appears or goes: the adapter
+    cache then reloads it on its next use."""
     try:
-        return tuple((s.st_mtime_ns, s.st_size) for s in
-                     ((path / "adapter_model.safetensors").stat(), (path / "adapter_config.json").stat()))
+        required = tuple((s.st_mtime_ns, s.st_size) for s in
+                         ((path / "adapter_model.safetensors").stat(), (path / "adapter_config.json").stat()))
     except OSError:
         return ()
+    try:  # by content: a template copied over another with its time kept (cp -p) is still seen
+        template = hashlib.sha256((path / "chat_template.jinja").read_bytes()).hexdigest()
+    except OSError:
+        template = None
+    try:
+        s = (path / "tokenizer_config.json").stat()
+        tokenizer_config = (s.st_mtime_ns, s.st_size)
+    except OSError:
+        tokenizer_config = None
+    return required + (template, tokenizer_config)
 
 
 def _check_base(name: str, path: Path, base_fingerprint: str | None) -> None:

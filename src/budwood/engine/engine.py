@@ -30,6 +30,7 @@ from budwood.engine.adapters import (
     load_adapter,
 )
 from budwood.engine.cache import BlockPool
+from budwood.engine.chat_template import TemplateBudget, bounded_rendering, check_rendered
 from budwood.engine.output import FinishReason, IncrementalDetokenizer, RequestOutput, merge_outputs
 from budwood.engine.runner import Runner, StepItem
 from budwood.engine.sampling import ParamError, SamplingParams, make_generator, sample_row, top_logprobs
@@ -151,12 +152,17 @@ class Engine:
 
     # -- prompts ----------------------------------------------------------------------------------
     def chat_prompt(self, messages: list[dict], adapter: LoadedAdapter | None = None,
-                    add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a conversation through the chat template (the adapter's own if it ships one)."""
+                    add_generation_prompt: bool = True, budget: TemplateBudget | None = None) -> list[int]:
+        """Token ids of a conversation through the chat template (the adapter's own if it ships one),
+        rendered within `budget` (an adapter's template is its publisher's code): a template that runs
+        too long or renders too much raises TemplateBudgetExceeded naming it."""
         template = adapter.chat_template if adapter is not None and adapter.chat_template else None
-        text = self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        budget = budget or TemplateBudget()
+        name = f"the chat template of adapter {adapter.name!r}" if template else "the base model's chat template"
+        with bounded_rendering(budget, name):
+            text = self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        return self.tokenizer(check_rendered(text, budget, name), add_special_tokens=False)["input_ids"]
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]

@@ -132,5 +132,19 @@ class IncrementalDetokenizer:
         return out
 
     def _held_back(self) -> int:
-        """Characters at the end of the text that may be the start of a stop string."""
-        return max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        """Characters at the end of the text that may be the start of a stop string: the longest suffix
+        of the text that is a proper prefix of one. Only the last len(stop) - 1 characters are looked at,
+        and only where the stop's first character occurs, so a token costs about the stops' total length
+        whatever the text's (the server bounds their number and length: serve/limits.py)."""
+        held = 0
+        for s in self.stop:
+            if len(s) < 2:
+                continue
+            tail = self.text[-(len(s) - 1):]
+            i = tail.find(s[0])
+            while 0 <= i < len(tail) - held:  # a start further right gives a shorter suffix than `held`
+                if s.startswith(tail[i:]):
+                    held = len(tail) - i
+                    break
+                i = tail.find(s[0], i + 1)
+        return held

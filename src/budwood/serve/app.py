@@ -19,6 +19,7 @@ from budwood.engine import Engine, EngineConfig
 from budwood.errors import BudwoodError
 from budwood.serve.auth import Authenticator, AuthMiddleware, ModelAccess, NoKey, RegistryAccess, SingleKey
 from budwood.serve.errors import install_error_handlers
+from budwood.serve.limits import ServeLimits
 from budwood.serve.routes import OPENAI_ROUTERS
 from budwood.serve.serving import OpenAIServing, ServeOptions
 
@@ -37,8 +38,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(config: EngineConfig | None = None, api_key: str | None = None, engine: Engine | None = None,
                registry=None, pull_dir: Path | None = None, auth: Authenticator | None = None,
                access: ModelAccess | None = None, resolvers: list | None = None, routers: list | None = None,
-               title: str = "budwood", metrics_token: str | None = None, accept_private_terms: bool = False
-               ) -> FastAPI:
+               title: str = "budwood", metrics_token: str | None = None, accept_private_terms: bool = False,
+               limits: ServeLimits | None = None) -> FastAPI:
     """The server app; pass `engine` to share an already loaded one (tests, the service).
 
     `registry` (budwood.registry.open_registry): its ids `org/name@version` are served as model names,
@@ -49,7 +50,8 @@ def create_app(config: EngineConfig | None = None, api_key: str | None = None, e
     asks for (its labels name the models callers used; "" turns /metrics off), and
     `accept_private_terms`: a private registry adapter's terms are its owner's, accepted when the owner
     uses it. Tenants' prompts are cached apart (a cache salt per tenant), so no timing tells one tenant
-    what another asked. Every route of the app, `routers` included, answers errors through serve/errors.py."""
+    what another asked. Every route of the app, `routers` included, answers errors through serve/errors.py.
+    `limits` bounds each inference request (serve/limits.py; default ServeLimits())."""
     resolvers = list(resolvers or [])
     if registry is not None:
         from budwood.registry.resolver import RegistryResolver
@@ -57,8 +59,9 @@ def create_app(config: EngineConfig | None = None, api_key: str | None = None, e
         resolvers.append(RegistryResolver(registry, pull_dir, include_private=True,  # access decides who sees
                                           accept_private_terms=accept_private_terms))
     app = FastAPI(title=title, lifespan=lifespan)
+    app.state.serve_limits = limits = limits or ServeLimits()
     app.state.serve_options = ServeOptions(config, engine, resolvers, access or RegistryAccess(registry),
-                                           metrics_token)
+                                           metrics_token, limits)
     app.add_middleware(AuthMiddleware, authenticator=auth or (SingleKey(api_key) if api_key else NoKey()))
     install_error_handlers(app)
     if registry is not None:
@@ -102,7 +105,8 @@ def serving(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[st
 
 
 def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          registry=None) -> None:
+          registry=None, limits: ServeLimits | None = None) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(config, api_key, registry=registry), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(config, api_key, registry=registry, limits=limits), host=host, port=port,
+                log_level="info")

@@ -7,6 +7,7 @@ stream gets each choice in one chunk, with its `calibrated_abstention` verdict.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -16,6 +17,7 @@ from fastapi import Request
 from budwood.engine import merge_outputs
 from budwood.errors import BudwoodError
 from budwood.serve.auth import Caller
+from budwood.serve.limits import check_chat, check_prompt_tokens
 from budwood.serve.protocol import (
     AbstentionVerdict,
     AssistantMessage,
@@ -50,12 +52,17 @@ def template_messages(body: ChatCompletionRequest) -> list[dict]:
 async def create_chat_completion(serving: OpenAIServing, body: ChatCompletionRequest, caller: Caller,
                                  request: Request):
     started = time.perf_counter()
-    adapter = await serving.resolve(caller, body.model)
     messages = template_messages(body)
-    try:
-        prompt_ids = serving.engine.chat_prompt(messages, adapter, body.add_generation_prompt)
+    check_chat(serving.limits, body, messages)  # counts and lengths first, before anything is loaded
+    adapter = await serving.resolve(caller, body.model)
+    try:  # rendering and tokenising take a while for a long conversation: off the event loop
+        prompt_ids = await asyncio.to_thread(serving.engine.chat_prompt, messages, adapter,
+                                             body.add_generation_prompt, serving.limits.template_budget)
+    except BudwoodError:
+        raise
     except Exception as e:  # a template that rejects the conversation (jinja raise_exception)
         raise BudwoodError(f"messages: the chat template rejected them: {e}", param="messages") from None
+    check_prompt_tokens(serving.limits, "messages", [prompt_ids])
     top = (body.top_logprobs or 0) if body.logprobs else None
     if body.top_logprobs and not body.logprobs:
         raise BudwoodError("top_logprobs needs logprobs=true", param="top_logprobs")

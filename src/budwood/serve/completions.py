@@ -19,6 +19,7 @@ from fastapi import Request
 from budwood.engine import merge_outputs
 from budwood.errors import BudwoodError
 from budwood.serve.auth import Caller
+from budwood.serve.limits import check_completion, check_prompt_tokens
 from budwood.serve.protocol import (
     AbstentionVerdict,
     CompletionChoice,
@@ -57,8 +58,10 @@ def prompt_ids(serving: OpenAIServing, body: CompletionRequest) -> list[list[int
 
 async def create_completion(serving: OpenAIServing, body: CompletionRequest, caller: Caller, request: Request):
     started = time.perf_counter()
+    check_completion(serving.limits, body)  # counts and lengths first, before anything is loaded
     adapter = await serving.resolve(caller, body.model)
-    prompts = prompt_ids(serving, body)
+    prompts = await asyncio.to_thread(prompt_ids, serving, body)  # tokenising takes a while: off the event loop
+    check_prompt_tokens(serving.limits, "prompt", prompts)
     if body.max_tokens == 0 and not body.echo:
         raise BudwoodError("max_tokens=0 only makes sense with echo=true", param="max_tokens")
     if body.stream and body.echo and body.logprobs is not None:

@@ -41,6 +41,7 @@ from budwood.eval.confidence import (
 from budwood.models.fingerprint import adapter_fingerprint
 from budwood.serve import chat, completions
 from budwood.serve.auth import Caller, ModelAccess
+from budwood.serve.limits import ServeLimits
 from budwood.serve.metrics import Metrics
 from budwood.serve.protocol import (
     AbstentionVerdict,
@@ -68,13 +69,16 @@ class ServeOptions:
     resolvers: list = field(default_factory=list)
     access: ModelAccess | None = None
     metrics_token: str | None = None  # None: /metrics open; "": /metrics off; else its bearer token
+    limits: ServeLimits = field(default_factory=ServeLimits)
 
 
 class OpenAIServing:
     """One per app, built by the lifespan: everything the /v1 inference routes, /health and /metrics do."""
 
-    def __init__(self, engine: Engine, access: ModelAccess, metrics_token: str | None = None):
+    def __init__(self, engine: Engine, access: ModelAccess, metrics_token: str | None = None,
+                 limits: ServeLimits | None = None):
         self.engine = engine
+        self.limits = limits or ServeLimits()
         self.async_engine = AsyncEngine(engine)
         self.metrics = Metrics(self.async_engine)
         self.async_engine.on_step = self.metrics.observe_step
@@ -91,7 +95,7 @@ class OpenAIServing:
         else:
             engine = options.engine
             engine.adapters.resolvers.extend(options.resolvers)
-        return cls(engine, options.access, options.metrics_token)
+        return cls(engine, options.access, options.metrics_token, options.limits)
 
     def shutdown(self) -> None:
         self.async_engine.shutdown()
@@ -312,7 +316,13 @@ class OpenAIServing:
             raise BudwoodError("runtime adapter loading needs the server started with --adapters DIR; "
                                "adapter paths must lie inside it", param="lora_path")
         root = Path(e.config.adapters).expanduser().resolve()
-        path = (root / body.lora_path).resolve()
+        if "\x00" in body.lora_path or "\x00" in body.lora_name:  # no file name holds one; os calls raise on it
+            raise BudwoodError("lora_path and lora_name must not contain a NUL character",
+                               param="lora_path" if "\x00" in body.lora_path else "lora_name")
+        try:
+            path = (root / body.lora_path).resolve()
+        except (OSError, ValueError, RuntimeError) as err:  # a path the OS cannot resolve (too long, a loop)
+            raise BudwoodError(f"lora_path {body.lora_path!r}: {err}", param="lora_path") from None
         if root != path and root not in path.parents:
             raise BudwoodError(f"lora_path {body.lora_path!r} is outside the adapters folder {root}",
                                param="lora_path")

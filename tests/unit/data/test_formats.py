@@ -328,3 +328,26 @@ def test_assistant_first_turn_does_not_label_bos_and_header(tok):
     # so <|bos|><|assistant|>\n are trained on. The openai format accepts such a record.
     (enc,) = encode_conversations(tok, [conv(("assistant", "Hello"))], max_seq_len=512)
     assert labelled_runs(tok, enc) == ["Hello<|end|>\n"]
+
+
+def test_a_line_nested_too_deep_is_an_issue_not_a_recursion_error(tmp_path):
+    from budwood.data.formats import MAX_JSON_DEPTH
+
+    good = {"messages": [{"role": "user", "content": "[[[[" * 100}, {"role": "assistant", "content": "ok"}]}
+    path = tmp_path / "deep.jsonl"
+    path.write_text(json.dumps(good) + "\n" + "[" * 45_000 + "\n" + '{"a":' * (MAX_JSON_DEPTH + 1) + "1"
+                    + "}" * (MAX_JSON_DEPTH + 1) + "\n")
+    ds = read_dataset(path, raise_errors=False)
+    assert len(ds.conversations) == 1  # the brackets inside a string do not count
+    assert [str(i) for i in ds.errors] == [
+        f"{path}:2: too_deep: arrays and objects nested deeper than {MAX_JSON_DEPTH} levels",
+        f"{path}:3: too_deep: arrays and objects nested deeper than {MAX_JSON_DEPTH} levels"]
+
+
+@pytest.mark.parametrize("text, depth", [
+    (b"{}", 1), (b'[[1], {"a": [2]}]', 3), (b'"[[[["', 0), (b'{"a": "x\\"[[", "b": [[]]}', 3),
+    (b'["a\\\\"]', 1), (b'"unterminated [[[', 0), (b"[" * 1000, 1000), (b"plain", 0)])
+def test_json_depth_skips_brackets_inside_strings(text, depth):
+    from budwood.data.formats import json_depth
+
+    assert json_depth(text) == depth

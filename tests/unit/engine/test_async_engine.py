@@ -21,7 +21,8 @@ from budwood.errors import ErrorKind, NotFoundError, Unavailable
 
 
 class Countdown:
-    """Each request emits its prompt's tokens one per step, then finishes; a prompt token 0 breaks the step."""
+    """Each request emits its prompt's tokens one per step, then finishes; a prompt token 0 breaks the step, and
+    a negative one is emitted at every step from then on (a request that only an abort ends)."""
 
     def __init__(self, max_queue: int = 8):
         self.config = SimpleNamespace(max_queue=max_queue)
@@ -43,7 +44,7 @@ class Countdown:
     def step(self):
         outs = []
         for rid, left in list(self.requests.items()):
-            token = left.pop(0)
+            token = left[0] if left[0] < 0 else left.pop(0)
             if token == 0:
                 raise RuntimeError("boom")
             reason = None if left else FinishReason.LENGTH
@@ -85,10 +86,10 @@ def test_leaving_a_stream_early_aborts_its_request(stand_in):
     inner, engine = stand_in
 
     async def main():
-        stream = engine.submit(list(range(1, 500)), SamplingParams(), None)
+        stream = engine.submit([1, 2, -1], SamplingParams(), None)  # endless: it cannot finish before the abort
         await anext(stream)
         await stream.aclose()
-        for _ in range(100):
+        for _ in range(3000):
             if inner.aborted:
                 return
             await asyncio.sleep(0.01)
@@ -101,7 +102,7 @@ def test_a_full_queue_is_unavailable(stand_in):
     _, engine = stand_in
 
     async def main():
-        streams = [engine.submit(list(range(1, 500)), SamplingParams(), None) for _ in range(2)]
+        streams = [engine.submit([1, -1], SamplingParams(), None) for _ in range(2)]
         for s in streams:
             await anext(s)
         with pytest.raises(QueueFull, match="max_queue 2") as caught:

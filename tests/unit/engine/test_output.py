@@ -2,6 +2,8 @@
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from budwood.engine import ChoiceDelta, FinishReason, RequestOutput, merge_outputs
 from budwood.engine.output import IncrementalDetokenizer
@@ -84,3 +86,17 @@ def test_merge_outputs_concatenates_each_choice():
 @pytest.mark.parametrize("reason, word", [(FinishReason.STOP, "stop"), (FinishReason.LENGTH, "length")])
 def test_finish_reasons_are_openai_strings(reason, word):
     assert reason == word and json.dumps({"finish_reason": reason}) == f'{{"finish_reason": "{word}"}}'
+
+
+def _held_back_reference(text: str, stop: list[str]) -> int:
+    """The definition: the longest suffix of the text that is a proper prefix of a stop string."""
+    return max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet="ab c", max_size=30), stop=st.lists(st.text(alphabet="ab c", max_size=8), max_size=4))
+def test_held_back_text_is_the_longest_suffix_that_starts_a_stop_string(text, stop):
+    detok = IncrementalDetokenizer(ByteTokenizer(), [], stop=stop)
+    detok.text = text
+    assert detok._held_back() == _held_back_reference(text, stop)
+

@@ -5,10 +5,11 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import PlainTextResponse
 
 from budwood.serve.auth import operator_only
+from budwood.serve.limits import LimitedRoute
 from budwood.serve.protocol import LoadAdapterRequest, UnloadAdapterRequest
 from budwood.serve.serving import ServingDep
 
-router = APIRouter(dependencies=[Depends(operator_only)])
+router = APIRouter(dependencies=[Depends(operator_only)], route_class=LimitedRoute)
 
 
 @router.post("/v1/load_lora_adapter")

@@ -4,10 +4,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from budwood.serve.auth import CallerDep
+from budwood.serve.limits import LimitedRoute
 from budwood.serve.protocol import CompletionRequest
 from budwood.serve.serving import ServingDep
 
-router = APIRouter()
+router = APIRouter(route_class=LimitedRoute)  # bodies read under ServeLimits
 
 
 @router.post("/v1/completions")
