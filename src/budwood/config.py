@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from budwood import safeyaml
 from budwood.errors import ConfigError, did_you_mean
 
 SettingsT = TypeVar("SettingsT", bound=BaseModel)
@@ -254,8 +254,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. training.max_steps=20")
         key, value = item.split("=", 1)
         try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError:
+            parsed = safeyaml.load(value, f"--set {item!r}")
+        except safeyaml.YamlTooLarge as e:
+            raise ConfigError(str(e)) from None
+        except safeyaml.YamlError:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
         _set_key(raw, key, parsed, item)
     return raw
@@ -265,13 +267,13 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """A config file's top-level mapping, or a ConfigError that names the file and what is wrong."""
     path = Path(path)
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        loaded = safeyaml.load(path.read_text(encoding="utf-8"), str(path))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except (IsADirectoryError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not a UTF-8 YAML file ({e.__class__.__name__})") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except safeyaml.YamlError as e:
+        raise ConfigError(str(e)) from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level")
     return loaded

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ValidationError
 
-from budwood.artifacts import ATTESTATION, AdapterDir
+from budwood.artifacts import ATTESTATION, AdapterDir, check_regular, confined_path
 from budwood.errors import BudwoodError
 
 SCHEMA = "budwood.attestation/1"
@@ -155,13 +155,18 @@ def sign(adapter_dir: str | Path, key: str = "default") -> Path:
     att.signature = base64.b64encode(private.sign(att.payload())).decode()
     path = adapter.path / ATTESTATION
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(att.model_dump_json(indent=1) + "\n")
+    tmp.unlink(missing_ok=True)  # a symlink planted there would have the write land on its target
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(att.model_dump_json(indent=1) + "\n")
     os.replace(tmp, path)
     return path
 
 
 def read_attestation(path: Path) -> Attestation:
     try:
+        if os.path.lexists(path):
+            check_regular(path)
         return Attestation.model_validate_json(path.read_text())
     except FileNotFoundError:
         raise AttestationError(f"{path.parent}: not signed (no {ATTESTATION}); sign it: budwood sign {path.parent}") \
@@ -191,13 +196,19 @@ def verify(adapter_dir: str | Path, trusted: set[str] | None = None) -> Verifica
         result.problems.append(f"key id {att.key_id} does not belong to the public key in the attestation")
     if trusted is not None and att.key_id not in trusted:
         result.problems.append(f"signed by {att.key_id}, which is not among the trusted keys {sorted(trusted)}")
+    outside = [name for name in att.files if not confined_path(name)]
+    if outside:  # never look at them: the answer would say whether a file outside the adapter exists
+        result.problems += [f"{name!r}: not a file inside the adapter; an attestation may name only the adapter's "
+                            "own files" for name in outside]
+        return result
+    files = adapter.files()
     for name, digest in att.files.items():
         path = adapter.path / name
-        if not path.is_file():
+        if not os.path.lexists(path):
             result.problems.append(f"{name}: signed but missing")
         elif _sha256(path) != digest:
             result.problems.append(f"{name}: changed since it was signed (sha256 differs)")
-    result.unsigned = [f for f in adapter.files() if f not in att.files]
+    result.unsigned = [f for f in files if f not in att.files]
     return result
 
 

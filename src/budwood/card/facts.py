@@ -11,8 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from budwood import safeyaml
 from budwood.errors import BudwoodError, ModelError
 from budwood.eval.results import EvalResults, SuiteResult, load_results
 from budwood.models.names import TINY_NAME, resolve_model_path
@@ -164,7 +163,7 @@ def read_evaluations(adapter_dir: Path, adapter_fp: str, base_fp: str | None, or
 def base_licence(name: str) -> BaseLicence:
     """The licence the base model's own card states: a local folder's README.md, or a hub model's card
     if it is already in the local Hugging Face cache (a card is never fetched over the network)."""
-    from huggingface_hub import metadata_load, try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache
 
     try:
         where = resolve_model_path(name)
@@ -185,11 +184,9 @@ def base_licence(name: str) -> BaseLicence:
             return BaseLicence(license_file=has_file, card=card,
                                unknown_because="its card is not in the local Hugging Face cache")
         readme = Path(cached)
-    try:
-        meta = metadata_load(readme) or {}
-        if not isinstance(meta, dict):
-            raise ValueError("not a mapping")
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+    try:  # with budwood's YAML limits: a base's card is someone else's file
+        meta = safeyaml.front_matter(readme.read_text(encoding="utf-8"), str(readme))
+    except (OSError, UnicodeDecodeError, safeyaml.YamlError) as e:
         return BaseLicence(license_file=has_file, card=card,
                            unknown_because=f"its card's metadata cannot be read ({e.__class__.__name__})")
     found = BaseLicence(license=meta.get("license"), license_name=meta.get("license_name"),

@@ -253,6 +253,9 @@ def read_card_metadata(path_or_dir: str | Path) -> dict:
         raise BudwoodError(f"{path}: cannot read the model card ({e.__class__.__name__})") from None
     if not text.lstrip().startswith("---"):
         return {}
+    from budwood.safeyaml import front_matter
+
+    front_matter(text, str(path))  # size, depth and alias limits before huggingface_hub's parser expands anything
     try:
         return ModelCard(text).data.to_dict()
     except (ValueError, yaml.YAMLError) as e:

@@ -116,11 +116,17 @@ def load_adapter(name: str, path: Path, shapes: dict[str, tuple[int, int]], num_
 
 
 def _read_lora_config(name: str, cfg_path: Path) -> tuple[int, float]:
-    """(rank, scale) from adapter_config.json, refusing the peft options the engine does not compute."""
+    """(rank, scale) from adapter_config.json (read and checked as every stage reads it: no symlink, size and
+    depth limits, finite rank and alpha), refusing the peft options the engine does not compute."""
+    from budwood.artifacts import read_adapter_config
+    from budwood.errors import BudwoodError
+
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise AdapterError(f"adapter {name!r}: {cfg_path}: not valid JSON ({e})") from None
+        cfg = read_adapter_config(cfg_path, links_allowed=True)  # the operator's folder: see read_adapter_config
+    except OSError as e:
+        raise AdapterError(f"adapter {name!r}: {cfg_path}: cannot be read ({e.__class__.__name__})") from None
+    except BudwoodError as e:
+        raise AdapterError(f"adapter {name!r}: {e}") from None
     if not isinstance(cfg, dict) or cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"adapter {name!r}: {cfg_path}: peft_type must be LORA")
     for key, ok in (("use_dora", False), ("fan_in_fan_out", False), ("modules_to_save", None),

@@ -63,10 +63,28 @@ def model_fingerprint(name: str) -> str:
     return digest
 
 
+# the files besides config and weights that change what an adapter does: its own chat template and
+# tokenizer (budwood.artifacts.TEMPLATE_FILES, repeated here because models sits below artifacts)
+BEHAVIOUR_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json", "tokenizer.json",
+                   "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt",
+                   "merges.txt")
+
+
 def adapter_fingerprint(adapter_dir: Path) -> str:
-    """sha256 over adapter_config.json and the weights: what evaluation results and cards name an adapter by."""
+    """sha256 over adapter_config.json, the weights, and the chat template and tokenizer files it has: what
+    evaluation results and cards name an adapter by. An adapter without template or tokenizer files keeps
+    the fingerprint it always had (config and weights bytes only); each such file adds its name and hash."""
+    adapter_dir = Path(adapter_dir)
     digest = hashlib.sha256()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         if (adapter_dir / name).exists():
-            digest.update((adapter_dir / name).read_bytes())
+            with open(adapter_dir / name, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+    for name in BEHAVIOUR_FILES:
+        if os.path.lexists(adapter_dir / name):
+            # a symlink counts by its target's name, never its target's bytes (AdapterDir refuses it anyway)
+            content = os.readlink(adapter_dir / name).encode() if os.path.islink(adapter_dir / name) else \
+                hashlib.sha256((adapter_dir / name).read_bytes()).hexdigest().encode()
+            digest.update(b"\0" + name.encode() + b"\0" + content)
     return digest.hexdigest()

@@ -8,6 +8,7 @@ the Hub requires.
 """
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -23,18 +24,21 @@ GITATTRIBUTES = """*.safetensors filter=lfs diff=lfs merge=lfs -text
 def export_hf(adapter_dir: str | Path, out: str | Path) -> Path:
     from budwood.card.attest import verify
     from budwood.card.render import read_card_metadata
+    from budwood.registry.local import check_card_yaml
 
     adapter = AdapterDir.open(adapter_dir)
+    names = adapter.published_files()  # refuses symlinks and special files by name, before anything is written
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()):
         raise BudwoodError(f"{out} exists and is not empty; choose an empty or new folder")
     if not (adapter.path / "README.md").is_file():
         raise BudwoodError(f"{adapter.path}: no model card (README.md); write one first: budwood card {adapter.path}")
+    check_card_yaml(adapter.path / "README.md")
     meta = read_card_metadata(adapter.path / "README.md")
     if meta.get("library_name") != "peft" or not meta.get("base_model"):
         raise BudwoodError(f"{adapter.path / 'README.md'}: not a budwood card (no library_name: peft / base_model "
                            f"in its metadata); write one: budwood card {adapter.path}")
-    signed = (adapter.path / ATTESTATION).is_file()
+    signed = os.path.lexists(adapter.path / ATTESTATION)
     if signed:
         check = verify(adapter.path)
         if not check.ok:
@@ -42,7 +46,7 @@ def export_hf(adapter_dir: str | Path, out: str | Path) -> Path:
                                f"{'; unsigned: ' + ', '.join(check.unsigned) if check.unsigned else ''}); "
                                "re-sign it or remove attestation.json")
     with staged_dir(out) as tmp:
-        for name in adapter.files() + ([ATTESTATION] if signed else []):
+        for name in names:
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(adapter.path / name, tmp / name)
         (tmp / ".gitattributes").write_text(GITATTRIBUTES)

@@ -21,7 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from budwood.artifacts import ARTIFACT_PATH, ATTESTATION, AdapterDir, staged_dir
+from budwood.artifacts import ARTIFACT_PATH, ATTESTATION, AdapterDir, check_regular, staged_dir
 from budwood.db import budwood_home, default_url, open_database, session_makers
 from budwood.errors import BudwoodError, did_you_mean
 from budwood.eval.results import own_results
@@ -38,11 +38,15 @@ from budwood.registry.names import (
     version_key,
 )
 from budwood.registry.schemas import AdapterInfo, FileEntry, PublishRequest, VersionInfo
-from budwood.registry.store import BlobStore, check_digest
+from budwood.registry.store import BlobStore, check_digest, raise_if_full
 
 log = logging.getLogger(__name__)
 PULL_MARKER = ".budwood-pull.json"
-_CONDITION = re.compile(r"^\s*(?:([a-z_]+)\.)?([A-Za-z0-9_]+)\s*(<=|>=|<|>|==|=)\s*(-?[0-9.]+(?:e-?\d+)?)\s*$")
+_CONDITION = re.compile(r"^\s*(?:([a-z_]+)\.)?([A-Za-z0-9_]+)\s*(<=|>=|<|>|==|=)\s*"
+                        r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
+MAX_CONDITION_CHARS = 200
+# automatic versions: a publish that finds its version taken by a concurrent one takes the next, this often
+AUTO_VERSION_TRIES = 20
 
 
 class LicenseNotAccepted(RegistryError):
@@ -71,12 +75,15 @@ def _visible(query, private: Private):
 
 def parse_condition(text: str) -> tuple[str | None, str, str, float]:
     """`hallucination_rate<0.1` or `grounding.hallucination_rate <= 0.1` -> (suite, metric, op, value)."""
-    match = _CONDITION.match(text)
+    match = _CONDITION.match(text) if isinstance(text, str) and len(text) <= MAX_CONDITION_CHARS else None
     if not match:
-        raise RegistryError(f"bad metric condition {text!r}: expected [SUITE.]METRIC OP NUMBER with OP one of "
-                            "< <= > >= =, e.g. grounding.hallucination_rate<0.1")
+        raise RegistryError(f"bad metric condition {str(text)[:MAX_CONDITION_CHARS]!r}: expected [SUITE.]METRIC OP "
+                            "NUMBER with OP one of < <= > >= =, e.g. grounding.hallucination_rate<0.1", param="where")
     suite, metric, op, value = match.groups()
-    return suite, metric, "=" if op == "==" else op, float(value)
+    number = float(value)
+    if not math.isfinite(number):
+        raise RegistryError(f"bad metric condition {text!r}: {value} is not a finite number", param="where")
+    return suite, metric, "=" if op == "==" else op, number
 
 
 def check_condition(text: str, suite: str | None, name: str, recorded: set[str]) -> None:
@@ -111,7 +118,7 @@ class LocalRegistry:
         adapter = AdapterDir.open(adapter_dir)
         parsed = parse_ref(ref)
         parse_license(license, bool(terms))  # before anything is stored
-        names = adapter.files() + ([ATTESTATION] if (adapter.path / ATTESTATION).is_file() else [])
+        names = adapter.published_files()
         files = []
         for name in names:
             digest, size = self.store.put_file(adapter.path / name)
@@ -131,22 +138,33 @@ class LocalRegistry:
                 raise RegistryError(f"{ref}: {f.path} (blob {f.sha256[:12]}…) was not uploaded")
         if len({f.path for f in request.files}) != len(request.files):
             raise RegistryError(f"{ref}: a file is named twice in the manifest")
-        with tempfile.TemporaryDirectory(dir=self.store.root / "tmp") as tmp:
-            try:
-                facts = self._inspect(Path(tmp), request, license)
-            except RegistryError:
-                raise
-            except BudwoodError as e:  # about the staged copy: name the version, never the server's folder
-                raise RegistryError(str(e).replace(str(Path(tmp).resolve()), str(ref)).replace(tmp, str(ref)),
-                                    code=e.code, param=e.param) from None
+        damaged = [f for f in request.files if not self.store.intact(f.sha256)]
+        if damaged:  # removed, so that the next upload of the same bytes stores them afresh
+            for f in damaged:
+                self.store.discard(f.sha256)
+            raise RegistryError(f"{ref}: the stored blob{'s' if len(damaged) > 1 else ''} of "
+                                f"{', '.join(f.path for f in damaged)} {'were' if len(damaged) > 1 else 'was'} damaged "
+                                "on disk and removed; publish again to upload the content afresh", code="damaged_blob")
+        try:
+            with tempfile.TemporaryDirectory(dir=self.store.root / "tmp") as tmp:
+                try:
+                    facts = self._inspect(Path(tmp), request, license)
+                except RegistryError:
+                    raise
+                except BudwoodError as e:  # about the staged copy: name the version, never the server's folder
+                    raise RegistryError(str(e).replace(str(Path(tmp).resolve()), str(ref)).replace(tmp, str(ref)),
+                                        code=e.code, param=e.param) from None
+        except OSError as e:
+            raise_if_full(e, self.store.root)
+            raise
         explicit = ref.version or request.version
         wanted = parse_version(explicit) if explicit else None
-        for attempt in range(3):  # an automatic version taken by a concurrent publish: take the next one
+        for attempt in range(AUTO_VERSION_TRIES):  # an automatic version taken by a concurrent publish: the next
             try:
                 version = self._record(ref, request, license, facts, wanted)
                 break
             except VersionExists:
-                if wanted or attempt == 2:
+                if wanted or attempt == AUTO_VERSION_TRIES - 1:
                     raise
         return self.version_info(f"{ref.id}@{version}")
 
@@ -160,6 +178,11 @@ class LocalRegistry:
             if version in existing:
                 raise VersionExists(f"{ref.id}@{version} is already published; versions are immutable, publish "
                                     "another version")
+            same = next((v for v in existing if version_key(v).compare(version) == 0), None)
+            if same is not None:  # SemVer: build metadata does not make another version (1.0.0+x is 1.0.0)
+                raise VersionExists(f"{ref.id}@{version} has the same precedence as the published {ref.id}@{same} "
+                                    "(build metadata after '+' does not make another version); publish another "
+                                    "version")
             row = m.Version(adapter_id=adapter.id, version=version, license=license, terms=request.terms,
                             requires_acceptance=bool(request.terms), publisher=request.publisher,
                             created=datetime.now(UTC), **facts["version"])
@@ -179,8 +202,10 @@ class LocalRegistry:
         dialect = sqlite if s.bind.dialect.name == "sqlite" else postgresql
         values = {"namespace": ref.namespace, "name": ref.name, "private": private, "created": datetime.now(UTC)}
         s.execute(dialect.insert(m.Adapter).values(**values).on_conflict_do_nothing())
+        # FOR UPDATE: concurrent publishes of one adapter take turns until commit, so each reads the versions
+        # the others committed before choosing its own (PostgreSQL; SQLite's writers are serialised already)
         row = s.scalars(select(m.Adapter).where(m.Adapter.namespace == ref.namespace,
-                                                m.Adapter.name == ref.name)).one()
+                                                m.Adapter.name == ref.name).with_for_update()).one()
         if row.private != private:
             raise RegistryError(f"{ref.id} is {'private' if row.private else 'public'}; a version cannot change that "
                                 f"({'drop' if row.private is False else 'add'} --private)")
@@ -351,7 +376,23 @@ def _card_metadata(folder: Path) -> dict:
         return {}
     from budwood.card.render import read_card_metadata
 
+    check_card_yaml(folder / "README.md")
     return json.loads(json.dumps(read_card_metadata(folder / "README.md"), default=str))
+
+
+def check_card_yaml(path: Path) -> None:
+    """Parse a card's front matter with budwood's YAML limits before anything else reads it (an alias bomb
+    of a few hundred bytes expands to gigabytes in any walk of the metadata)."""
+    from budwood import safeyaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RegistryError(f"{path.name}: cannot read the model card ({e.__class__.__name__})") from None
+    try:
+        safeyaml.front_matter(text, f"{path.name} metadata")
+    except safeyaml.YamlError as e:
+        raise RegistryError(str(e), kind=e.kind) from None
 
 
 def materialize(info: VersionInfo, fetch, out: str | Path | None, accept_license: bool) -> Path:
@@ -377,15 +418,26 @@ def materialize(info: VersionInfo, fetch, out: str | Path | None, accept_license
                 target.parent.mkdir(parents=True, exist_ok=True)
                 fetch(f.sha256, target)
             (tmp / PULL_MARKER).write_text(json.dumps(marker, indent=1))
-    except OSError:
+    except OSError as e:
         if _pulled(dest, marker):  # a concurrent pull of the same version finished first
             return dest
+        raise_if_full(e, dest.parent)
         raise
     return dest
 
 
 def _pulled(dest: Path, marker: dict) -> bool:
+    """Whether `dest` is a finished pull of this version; one whose files were since replaced by symlinks or
+    special files is refused by name (its bytes would be another file's)."""
     try:
-        return json.loads((dest / PULL_MARKER).read_text()) == marker
-    except (OSError, json.JSONDecodeError):
+        check_regular(dest / PULL_MARKER)
+        found = json.loads((dest / PULL_MARKER).read_text()) == marker
+    except (OSError, json.JSONDecodeError, BudwoodError):
         return False
+    if found:
+        for name in marker["files"]:
+            try:
+                check_regular(dest / name)
+            except BudwoodError as e:
+                raise RegistryError(f"{e}; remove {dest} and pull again") from None
+    return found

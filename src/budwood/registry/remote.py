@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 import httpx
 
-from budwood.artifacts import ATTESTATION, AdapterDir
+from budwood.artifacts import AdapterDir
 from budwood.hashing import CHUNK, sha256_file
 from budwood.registry.local import materialize
 from budwood.registry.names import NotFound, RegistryError, VersionExists, parse_ref
@@ -41,21 +41,27 @@ class RemoteRegistry:
                 private: bool = False, publisher: str | None = None) -> VersionInfo:
         adapter = AdapterDir.open(adapter_dir)
         parsed = parse_ref(ref)
-        names = adapter.files() + ([ATTESTATION] if (adapter.path / ATTESTATION).is_file() else [])
-        files = []
-        for name in names:
-            path = adapter.path / name
-            digest = sha256_file(path)
-            if self._call("HEAD", f"/blobs/{digest}").status_code != 200:
-                with open(path, "rb") as f:
-                    self._call("PUT", f"/blobs/{digest}", content=iter(lambda: f.read(CHUNK), b""),
-                               headers={"Content-Type": "application/octet-stream"})
-            files.append(FileEntry(path=name, sha256=digest, size=path.stat().st_size))
-        request = PublishRequest(id=parsed.id, version=parsed.version, license=license, terms=terms,
-                                 private=private, publisher=publisher, files=files)
-        body = self._call("POST", f"/adapters/{parsed.id}/versions", content=request.model_dump_json(),
-                          headers={"Content-Type": "application/json"}).json()
-        return VersionInfo.model_validate(body)
+        names = adapter.published_files()
+        for attempt in range(2):  # the server removes a blob it finds damaged on disk: upload it again, once
+            files = []
+            for name in names:
+                path = adapter.path / name
+                digest = sha256_file(path)
+                if self._call("HEAD", f"/blobs/{digest}").status_code != 200:
+                    with open(path, "rb") as f:
+                        self._call("PUT", f"/blobs/{digest}", content=iter(lambda: f.read(CHUNK), b""),
+                                   headers={"Content-Type": "application/octet-stream"})
+                files.append(FileEntry(path=name, sha256=digest, size=path.stat().st_size))
+            request = PublishRequest(id=parsed.id, version=parsed.version, license=license, terms=terms,
+                                     private=private, publisher=publisher, files=files)
+            try:
+                body = self._call("POST", f"/adapters/{parsed.id}/versions", content=request.model_dump_json(),
+                                  headers={"Content-Type": "application/json"}).json()
+            except RegistryError as e:
+                if e.code == "damaged_blob" and attempt == 0:
+                    continue
+                raise
+            return VersionInfo.model_validate(body)
 
     def version_info(self, ref: str, include_private: bool = True) -> VersionInfo:
         parsed = parse_ref(ref)
@@ -108,10 +114,11 @@ class RemoteRegistry:
 
 def _raise(response: httpx.Response, url: str):
     try:
-        message = response.json()["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        message = response.text[:300] or response.reason_phrase
+        error = response.json()["error"]
+        message, code = error["message"], error.get("code")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        message, code = response.text[:300] or response.reason_phrase, None
     kind = {404: NotFound, 409: VersionExists}.get(response.status_code, RegistryError)
     if response.status_code == 401:
         message += " (set BUDWOOD_API_KEY or pass --api-key)"
-    raise kind(f"registry {url}: {message}")
+    raise kind(f"registry {url}: {message}", code=code if isinstance(code, str) else None)

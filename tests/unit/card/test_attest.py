@@ -27,6 +27,7 @@ from budwood.card.attest import (
     verify,
 )
 from budwood.card.render import CardInfo, render_card
+from budwood.errors import BudwoodError
 
 SIGNED_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors", "budwood.json", "eval/adapted.json",
                 "eval/base.json"]
@@ -284,3 +285,44 @@ def test_rerun_repeats_a_baseline_adapter_while_its_weights_are_there(evaluated_
     assert result.rows == [] and not result.ok
     assert result.notes == [f"eval/baseline-plain.json: the adapter at {plain} is no longer the baseline that was "
                             "measured (other weights); not re-run"]
+
+
+# -- issue 17: what a signature covers, and what an attestation may name ----------------------------------
+
+@pytest.mark.parametrize("name", ["chat_template.jinja", "tokenizer_config.json"])
+def test_a_template_or_tokenizer_file_added_or_edited_after_signing_fails_verify(signed, signed_template, name):
+    (signed / name).write_text("{{ 'a template added after signing' }}")
+    check = verify(signed)
+    assert check.unsigned == [name] and not check.ok
+    sign(signed, str(signed_template[2]))
+    assert verify(signed).ok and name in json.loads((signed / "attestation.json").read_text())["files"]
+    (signed / name).write_text("{{ 'edited' }}")
+    assert verify(signed).problems == [f"{name}: changed since it was signed (sha256 differs)"]
+
+
+def test_sign_refuses_a_symlinked_file_by_name(signed, signed_template, tmp_path):
+    (signed / "loss.png").symlink_to(signed_template[2])  # the signing key's PEM
+    with pytest.raises(BudwoodError, match=r"loss.png: a symlink"):
+        sign(signed, str(signed_template[2]))
+    with pytest.raises(BudwoodError, match=r"loss.png: a symlink"):
+        verify(signed)
+
+
+@pytest.mark.parametrize("outside", ["../../etc/passwd", "/etc/passwd", "eval/../../../etc/hostname",
+                                     "..\\..\\x", "README.md\0.png"])
+def test_an_attestation_naming_a_path_outside_the_adapter_is_refused_without_reading_it(signed, signed_template,
+                                                                                        outside, monkeypatch):
+    att = Attestation.model_validate_json((signed / "attestation.json").read_text())
+    att.files[outside] = "0" * 64
+    private = load_key(str(signed_template[2]))
+    att.signature = base64.b64encode(private.sign(att.payload())).decode()
+    (signed / "attestation.json").write_text(att.model_dump_json())
+    looked = []
+    import budwood.card.attest as attest_module
+
+    real = attest_module._sha256
+    monkeypatch.setattr(attest_module, "_sha256", lambda p: looked.append(p) or real(p))
+    check = verify(signed)
+    assert not check.ok and check.problems == [f"{outside!r}: not a file inside the adapter; an attestation may name "
+                                               "only the adapter's own files"]
+    assert looked == []  # no file was hashed, so nothing tells whether the outside file exists or matches

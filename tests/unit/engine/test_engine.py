@@ -212,6 +212,19 @@ def test_bad_adapters_are_refused(engines, tiny_adapters, tmp_path):
     (other_base / "budwood.json").write_text(json.dumps({"base_model": {"fingerprint": "0" * 64}}))
     with pytest.raises(AdapterError, match="another base"):
         engine.register_adapter("other_base", other_base)
+    for name, bad in (("nan_alpha", '"lora_alpha": NaN'), ("huge_alpha", '"lora_alpha": 1e308'),
+                      ("huge_rank", '"r": 1e999')):  # json.loads reads NaN and 1e999 (inf) as Python does
+        folder = shutil.copytree(tiny_adapters / "alpha", tmp_path / name)
+        text = json.dumps({k: v for k, v in cfg.items() if k not in ("lora_alpha", "r")})
+        (folder / "adapter_config.json").write_text(text[:-1] + ", " + bad + ", " + ('"r": 8}' if "alpha" in name
+                                                                                    else '"lora_alpha": 16}'))
+        with pytest.raises(AdapterError, match="lora_alpha must be a finite number|r must be an integer rank"):
+            engine.register_adapter(name, folder)
+    linked = tmp_path / "hub-snapshot"  # a Hugging Face cache snapshot: every file a symlink to a blob
+    linked.mkdir()
+    for f in (tiny_adapters / "alpha").iterdir():
+        (linked / f.name).symlink_to(f)
+    engine.register_adapter("hub_snapshot", linked)
     assert engine.generate([prompts(engine)[0]], SamplingParams(max_tokens=2))[0].finished
 
 

@@ -1,11 +1,13 @@
 """The registry on SQLite and on PostgreSQL: publish, immutability, latest, yank, search, licences, privacy."""
 import json
+import os
 
 import pytest
 from conftest import copy_adapter
 from sqlalchemy import text
 
 from budwood.card.attest import create_key, sign
+from budwood.errors import BudwoodError
 from budwood.registry import open_registry
 from budwood.registry.local import LicenseNotAccepted
 from budwood.registry.names import NotFound, RegistryError, VersionExists
@@ -138,5 +140,179 @@ def test_manifests_naming_odd_paths_or_missing_blobs_are_refused(registry_locati
 def test_schema_is_managed_by_alembic(registry_location):
     reg = open_registry(registry_location)
     with reg.engine.connect() as c:
-        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"  # the newest migration
     open_registry(registry_location)  # opening again is a no-op, not a second CREATE TABLE
+
+
+# -- issue 17: what a publish or pull must refuse, and races ----------------------------------------------
+
+def test_parallel_publishes_without_a_version_all_get_one(registry_location, adapter, monkeypatch):
+    """8 publishes of one adapter at once, none naming a version: each gets its own (on PostgreSQL a
+    publish used to lose after 3 collisions with "already published")."""
+    import threading
+
+    from budwood.registry.local import LocalRegistry
+
+    reg = open_registry(registry_location)
+    reg.publish(adapter, "acme/race", "MIT")
+    request = reg.version_info("acme/race@1.0.0")
+    files = request.files
+    barrier, record = threading.Barrier(8), LocalRegistry._record
+
+    def together(self, *args, **kwargs):  # every publish reads the versions at the same moment
+        try:
+            barrier.wait(timeout=2)
+        except threading.BrokenBarrierError:
+            pass
+        return record(self, *args, **kwargs)
+
+    monkeypatch.setattr(LocalRegistry, "_record", together)
+    results, errors = [], []
+
+    def publish():
+        try:
+            results.append(reg.commit(PublishRequest(id="acme/race", license="MIT", files=files)).version)
+        except Exception as e:  # noqa: BLE001 - collected and asserted on below
+            errors.append(e)
+
+    threads = [threading.Thread(target=publish) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    assert sorted(results, key=lambda v: tuple(map(int, v.split(".")))) == [f"1.0.{i}" for i in range(1, 9)]
+
+
+def test_build_metadata_does_not_make_another_version(registry_location, adapter):
+    reg = open_registry(registry_location)
+    reg.publish(adapter, "acme/one@1.0.0", "MIT")
+    (adapter / "budwood.json").write_text(json.dumps({**json.loads((adapter / "budwood.json").read_text()),
+                                                      "evil": True}))
+    with pytest.raises(VersionExists, match=r"acme/one@1.0.0\+evil has the same precedence as the published "
+                                            r"acme/one@1.0.0"):
+        reg.publish(adapter, "acme/one@1.0.0+evil", "MIT")
+    reg.publish(adapter, "acme/two@2.0.0+build.1", "MIT")
+    with pytest.raises(VersionExists, match=r"same precedence as the published acme/two@2.0.0\+build.1"):
+        reg.publish(adapter, "acme/two@2.0.0", "MIT")
+    assert [v.version for v in reg.show("acme/one").versions] == ["1.0.0"]
+
+
+def test_a_symlinked_or_special_file_is_refused_by_publish_and_pull(registry_location, adapter, tmp_path):
+    reg = open_registry(registry_location)
+    secret = tmp_path / "key.pem"
+    secret.write_text("PRIVATE KEY")
+    (adapter / "loss.png").symlink_to(secret)
+    with pytest.raises(BudwoodError, match=r"loss.png: a symlink"):
+        reg.publish(adapter, "acme/link", "MIT")
+    (adapter / "loss.png").unlink()
+    os.mkfifo(adapter / "metrics.jsonl")
+    with pytest.raises(BudwoodError, match=r"metrics.jsonl: a fifo"):
+        reg.publish(adapter, "acme/link", "MIT")
+    (adapter / "metrics.jsonl").unlink()
+    with pytest.raises(NotFound):
+        reg.version_info("acme/link")
+    reg.publish(adapter, "acme/link", "MIT")
+    _, pulled = reg.pull("acme/link", tmp_path / "pulled")
+    (pulled / "budwood.json").unlink()
+    (pulled / "budwood.json").symlink_to(secret)  # a pulled folder whose file now points elsewhere
+    with pytest.raises(RegistryError, match=r"budwood.json: a symlink"):
+        reg.pull("acme/link", tmp_path / "pulled")
+
+
+def test_a_nan_or_absurd_adapter_config_is_refused_at_publish(registry_location, adapter):
+    reg = open_registry(registry_location)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    for value, fragment in (("NaN", "lora_alpha must be a finite number"), ("1e308", "lora_alpha must be a finite")):
+        text = json.dumps({**config, "lora_alpha": 0}).replace('"lora_alpha": 0', f'"lora_alpha": {value}')
+        (adapter / "adapter_config.json").write_text(text)
+        with pytest.raises(BudwoodError, match=fragment):
+            reg.publish(adapter, "acme/nan", "MIT")
+    (adapter / "adapter_config.json").write_text(json.dumps(config).replace(f'"r": {config["r"]}', '"r": 1e999'))
+    with pytest.raises(BudwoodError, match="r must be an integer rank"):
+        reg.publish(adapter, "acme/nan", "MIT")
+
+
+YAML_BOMB = "\n".join(["---", "license: mit", 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]',
+                       *(f"{n}: &{n} [{','.join([f'*{p}'] * 9)}]" for p, n in zip("abcdefgh", "bcdefghi")),
+                       "---", "# card"])
+
+
+def test_a_yaml_alias_bomb_in_the_card_is_refused_before_it_expands(registry_location, adapter):
+    assert len(YAML_BOMB) < 600
+    (adapter / "README.md").write_text(YAML_BOMB)
+    reg = open_registry(registry_location)
+    with pytest.raises(RegistryError, match="README.md metadata: refused YAML: more than"):
+        reg.publish(adapter, "acme/bomb", "MIT")
+    (adapter / "README.md").write_text("---\nlicense: mit\nx: &x [1]\ny: &y [*y]\n---\n")
+    with pytest.raises(RegistryError, match="recursive alias"):
+        reg.publish(adapter, "acme/bomb", "MIT")
+
+
+def test_a_blob_damaged_on_disk_is_repaired_by_publishing_the_same_bytes(registry_location, adapter, tmp_path):
+    reg = open_registry(registry_location)
+    info = reg.publish(adapter, "acme/rot", "MIT")
+    weights = next(f for f in info.files if f.path == "adapter_model.safetensors")
+    path = reg.store.path(weights.sha256)
+    damaged = bytearray(path.read_bytes())
+    damaged[100] ^= 1
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(RegistryError, match="damaged"):
+        reg.pull("acme/rot@1.0.0", tmp_path / "before")
+    assert reg.publish(adapter, "acme/rot", "MIT").version == "1.0.1"
+    for version in ("1.0.0", "1.0.1"):  # both versions pull again
+        _, pulled = reg.pull(f"acme/rot@{version}", tmp_path / version)
+        weights_file = "adapter_model.safetensors"
+        assert (pulled / weights_file).read_bytes() == (adapter / weights_file).read_bytes()
+    path.write_bytes(b"rot")  # a commit naming a damaged blob (a remote publish) removes it and says so
+    with pytest.raises(RegistryError, match="damaged on disk and removed; publish again") as e:
+        reg.commit(PublishRequest(id="acme/rot", license="MIT", files=info.files))
+    assert e.value.code == "damaged_blob" and not reg.store.has(weights.sha256)
+
+
+@pytest.mark.parametrize("bad", ["x<1.2.3", "x<1e999", "x<--1", "x<.", "x<" + "9" * 300, "x<1e", "x<nan"])
+def test_a_malformed_where_is_a_registry_error_not_a_crash(registry_location, bad):
+    with pytest.raises(RegistryError, match="bad metric condition") as e:
+        open_registry(registry_location).search(where=[bad])
+    assert e.value.param == "where"
+
+
+def test_a_full_disk_during_pull_is_a_clear_error_and_leaves_no_partial_folder(registry_location, adapter, tmp_path,
+                                                                                 monkeypatch):
+    import errno
+
+    reg = open_registry(registry_location)
+    reg.publish(adapter, "acme/full", "MIT")
+    copy_to, calls = reg.store.copy_to, []
+
+    def full_after_one(digest, dest):
+        calls.append(dest)
+        copy_to(digest, dest)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(reg.store, "copy_to", full_after_one)
+    with pytest.raises(RegistryError, match="no space left on the device"):
+        reg.pull("acme/full", tmp_path / "pulls" / "full")
+    assert list((tmp_path / "pulls").iterdir()) == []  # neither the folder nor its staging sibling
+
+
+def test_a_pull_cleans_what_a_killed_pull_left(registry_location, adapter, tmp_path):
+    import subprocess
+    import sys
+
+    from budwood.artifacts import _HOST
+
+    reg = open_registry(registry_location)
+    reg.publish(adapter, "acme/killed", "MIT")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+
+    out = tmp_path / "pulls" / "1.0.0"
+    left = out.parent / f".1.0.0.partial-{dead.pid}.{_HOST}-abc123"
+    live = out.parent / f".1.0.0.partial-{os.getpid()}.{_HOST}-def456"  # another pull, still running
+    for d in (left, live):
+        d.mkdir(parents=True)
+        (d / "adapter_model.safetensors").write_bytes(b"half")
+    reg.pull("acme/killed", out)
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(["1.0.0", live.name])
