@@ -168,7 +168,7 @@ def test_interrupt_in_the_middle_of_a_step_resumes_exactly(company_data, tmp_pat
     settings = dict(max_steps=6, gradient_accumulation=2, save_every=100)
     straight = train(load_config(_config_file(tmp_path, company_data, tmp_path / "straight2", **settings)))
     cfg = load_config(_config_file(tmp_path, company_data, tmp_path / "interrupted", **settings))
-    calls, original = [0], loss.token_losses
+    calls, original = [0], loss.trained_logits
 
     def interrupted_in_step_4(lm, batch):
         calls[0] += 1
@@ -176,7 +176,7 @@ def test_interrupt_in_the_middle_of_a_step_resumes_exactly(company_data, tmp_pat
             raise KeyboardInterrupt
         return original(lm, batch)
 
-    monkeypatch.setattr(loss, "token_losses", interrupted_in_step_4)
+    monkeypatch.setattr(loss, "trained_logits", interrupted_in_step_4)
     with pytest.raises(recipe.TrainingInterrupted, match="interrupted at step 3"):
         train(cfg)
     monkeypatch.undo()

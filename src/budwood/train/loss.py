@@ -18,7 +18,13 @@ from budwood.data.template import IGNORE, Encoded, EncodedPair
 
 
 def token_losses(lm: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cross-entropy per trained token, and the example index of each ([N], [N]).
+    """fp32 cross-entropy per trained token, and the example index of each ([N], [N])."""
+    logits, targets, owner = trained_logits(lm, batch)
+    return F.cross_entropy(logits, targets, reduction="none"), owner
+
+
+def trained_logits(lm: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 logits at the trained positions, their target tokens and the example index of each ([N, V], [N], [N]).
 
     `lm` is a transformers causal LM (with LoRA layers injected, or not). A batch's 4D attention mask (shared-prompt
     preference pairs) is used as given (transformers does not rebuild a 4D mask); without one the decoder runs
@@ -33,8 +39,7 @@ def token_losses(lm: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch
     cap = getattr(lm.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    losses = F.cross_entropy(logits, targets[mask], reduction="none")
-    return losses, batch.example_index[:, 1:].to(mask.device)[mask]
+    return logits, targets[mask], batch.example_index[:, 1:].to(mask.device)[mask]
 
 
 def sequence_logps(lm: torch.nn.Module, batch: Batch, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,13 +77,16 @@ class Objective(Protocol):
 
 
 class SFT:
-    """Supervised fine-tuning: next-token cross-entropy on the assistant's tokens."""
+    """Supervised fine-tuning: next-token cross-entropy on the assistant's tokens, and whether each token is the
+    model's argmax (mean_token_accuracy, as TRL's SFTTrainer and OpenAI's fine-tuning metrics report it)."""
 
     name = "sft"
-    columns: tuple[str, ...] = ()
+    columns: tuple[str, ...] = ("mean_token_accuracy",)
 
     def losses(self, lm: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        return token_losses(lm, batch)[0][:, None]
+        logits, targets, _ = trained_logits(lm, batch)
+        hit = (logits.detach().argmax(-1) == targets).float()
+        return torch.stack([F.cross_entropy(logits, targets, reduction="none"), hit], dim=1)
 
     def units(self, example: Encoded) -> int:
         return sum(1 for x in example.labels[1:] if x != IGNORE)

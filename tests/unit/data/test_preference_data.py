@@ -171,3 +171,23 @@ def test_data_check_reports_pairs(preference_data):
     assert result.exit_code == 0, result.output
     assert "format openai_preference" in result.output and "preference pairs (for training.method dpo)" in result.output
     assert json.loads(preference_data["train"].read_text().splitlines()[0])["preferred_output"]
+
+
+def test_sft_reports_the_share_of_trained_tokens_that_are_the_models_argmax():
+    """mean_token_accuracy (TRL's SFTTrainer and OpenAI's job metrics): per trained token, argmax == target."""
+    from budwood.data.pack import Batch
+    from budwood.train.loss import SFT
+
+    lm = _ToyLM()
+    ids = torch.tensor([[5, 9, 11, 7, 3, 2]])
+    labels = torch.tensor([[-100, -100, 11, 7, 3, -100]])
+    batch = Batch(ids, labels, None, torch.zeros_like(ids), 6)
+    out = SFT().losses(lm, batch)
+    logits = lm.head(lm.embed(ids))[0, 1:4]
+    expected = (logits.argmax(-1) == torch.tensor([11, 7, 3])).float()
+    assert out.shape == (3, 2) and torch.equal(out[:, 1], expected)
+    assert torch.allclose(out[:, 0], torch.nn.functional.cross_entropy(logits, torch.tensor([11, 7, 3]),
+                                                                      reduction="none"))
+    lm.head.bias.data[:] = -1e4  # make target 7 the argmax of every position: exactly one of the three is right
+    lm.head.bias.data[7] = 1e4
+    assert SFT().losses(lm, batch)[:, 1].tolist() == [0.0, 1.0, 0.0]
