@@ -42,6 +42,8 @@ def test_a_job_runs_to_a_served_evaluated_signed_adapter(live, acme, finished):
     assert job.status == "succeeded", job.error
     assert job.fine_tuned_model == f"ft:budwood-tiny:acme:support:{job.id[6:14].lower()}"
     assert job.trained_tokens > 0 and job.finished_at >= job.created_at
+    # trained_tokens as OpenAI bills them: every token of every example (prompts too), not only the answers
+    assert job.trained_tokens > job.model_extra["trained_assistant_tokens"] > 0
     assert job.hyperparameters.batch_size == 8 and job.hyperparameters.learning_rate_multiplier == 1.0
     assert job.organization_id == "acme" and job.seed == 11 and job.metadata == {"team": "support"}
     # the fine-tuned model answers at once, by its ft: name, and is listed for its owner
@@ -55,9 +57,10 @@ def test_a_job_runs_to_a_served_evaluated_signed_adapter(live, acme, finished):
     assert messages[0] == "The job has successfully completed" and messages[-1].startswith("Created fine-tuning job")
     assert messages.count("The job has successfully completed") == 1
     assert [e.created_at for e in events] == sorted((e.created_at for e in events), reverse=True)
-    steps = [e.data["step"] for e in events if e.type == "metrics" and "train_loss" in e.data]
+    steps = [e.data["step"] for e in events if e.type == "metrics" and "valid_loss" not in e.data]
     assert sorted(steps) == list(range(1, 11))  # 78 examples / batch 8 = 10 steps, one event each
     assert any("validation loss" in m for m in messages)
+    assert all(e.data["train_loss"] > 0 for e in events if e.type == "metrics" and "valid_loss" in e.data)
     # checkpoints every 5 steps and at the end, newest first, with their metrics and model names
     ckpts = list(acme.fine_tuning.jobs.checkpoints.list(job.id))
     assert [c.step_number for c in ckpts] == [10, 5]

@@ -172,3 +172,59 @@ def test_the_service_s_own_workers_stop_with_it(tmp_path):
     finally:
         if service.poll() is None:
             service.kill()
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_restarted_and_its_job_still_finishes(tmp_path):
+    """`workers: 1`: SIGKILL the only worker while it trains; `budwood service` starts another (its job's lease
+    released at once), which takes the job over and finishes it, and /health counts the new worker."""
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    raw = json.loads(json.dumps(SERVICE_TEST_CONFIG))
+    raw["training"]["checkpoint_every"] = 1
+    raw["evaluation"] = {"suites": []}
+    config = tmp_path / "service.yaml"
+    config.write_text(yaml.safe_dump({**raw, "home": str(tmp_path / "home"), "port": port, "workers": 1}))
+    cli(config, "tenants", "create", "acme")
+    key = cli(config, "keys", "issue", "acme").strip().splitlines()[-1]
+    rows = [{"messages": [{"role": "user", "content": f"What is item {i}?"},
+                          {"role": "assistant", "content": f"Item {i} is a widget."}]} for i in range(12)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    service = subprocess.Popen(BUDWOOD + ["service", "--config", str(config)], env=env, stdout=subprocess.DEVNULL,
+                               stderr=open(tmp_path / "service.log", "w"))
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for_health(base, service, tmp_path / "service.log")
+        client = OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+        train = upload(client, data)  # 11 examples train (one held out), batch 4: 3 steps
+        job_id = client.fine_tuning.jobs.create(model="budwood-tiny", training_file=train.id, seed=1,
+                                                hyperparameters={"n_epochs": 1, "batch_size": 4}).id
+        from budwood.jobs.service import Service, load_service_config
+
+        queue_service = Service(load_service_config(config))
+        deadline = time.monotonic() + 180
+        while (job := queue_service.queue.get_job(None, job_id)).status != "running":
+            assert time.monotonic() < deadline and job.status in ("validating_files", "queued"), job.status
+            time.sleep(0.05)
+        victim = job.lease_owner
+        os.kill(int(victim.split(":")[1]), signal.SIGKILL)
+        deadline = time.monotonic() + 400
+        while (job := queue_service.queue.get_job(None, job_id)).status not in ("succeeded", "failed", "cancelled"):
+            assert time.monotonic() < deadline, job.status
+            time.sleep(0.5)
+        assert job.status == "succeeded", job.error
+        assert job.lease_owner != victim  # another worker finished it
+        messages = [e.message for e in client.fine_tuning.jobs.list_events(job_id, limit=100)]
+        assert any(f"{victim} stopped responding" in m for m in messages), messages
+        health = httpx.get(f"{base}/health", timeout=10).json()
+        assert health["status"] == "ok" and health["workers"] == {"alive": 1, "expected": 1}, health
+        assert health["queue"]["waiting"] == 0
+        queue_service.close()
+    finally:
+        if service.poll() is None:
+            service.send_signal(signal.SIGTERM)
+        try:
+            service.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            service.kill()

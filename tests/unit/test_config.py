@@ -66,3 +66,18 @@ def test_set_values_are_checked_and_blamed_on_the_override(tmp_path):
     (tmp_path / "latin1.yaml").write_bytes(b"data:\n  train: caf\xe9.jsonl\n")
     with pytest.raises(ConfigError, match="not a UTF-8 YAML file"):
         load_config(tmp_path / "latin1.yaml")
+
+
+def test_every_shipped_config_loads_and_the_service_one_sets_its_limits():
+    """configs/*.yaml are what users copy: each must load as it is (a key renamed in code would break them)."""
+    from pathlib import Path
+
+    from budwood.jobs.service import load_service_config
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    service = load_service_config(configs / "service.yaml")
+    assert service.limits.max_body_bytes == 8 << 20 and service.quotas.upload_parts == 1000
+    assert load_service_config(configs / "service.yaml", ["limits.max_n=8"]).limits.max_n == 8
+    for path in sorted(configs.glob("*.yaml")):
+        if path.name != "service.yaml":
+            assert load_config(path).output_dir, path

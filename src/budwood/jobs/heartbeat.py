@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from budwood.jobs.queue import Lease, LeaseLost
 from budwood.jobs.service import Service
@@ -18,6 +19,7 @@ from budwood.jobs.states import EventLevel, EventType, JobStatus
 from budwood.train.state import StopReason
 
 log = logging.getLogger(__name__)
+ACCURACY = "mean_token_accuracy"  # OpenAI's name for the step statistic, as the recipe logs it
 
 
 class Heartbeat:
@@ -36,6 +38,9 @@ class Heartbeat:
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"heartbeat-{lease.job_id}", daemon=True)
         self.last_ok = time.monotonic()
+        # what makes a message fit for the tenant (JobRun's: no path of the worker's or the service's folders);
+        # every event passes through it, whoever wrote it (the recipe's notes name checkpoint folders)
+        self.public: Callable[[str], str] = lambda message: message
 
     def start(self) -> None:
         self.thread.start()
@@ -46,6 +51,9 @@ class Heartbeat:
 
     def emit(self, message: str, level: EventLevel = EventLevel.INFO, type_: EventType = EventType.MESSAGE,
              data: dict | None = None) -> None:
+        message = self.public(message)
+        if data:
+            data = {k: self.public(v) if isinstance(v, str) else v for k, v in data.items()}
         with self.lock:
             self.events.append((level, type_, message, data))
 
@@ -96,6 +104,7 @@ class JobProgress:
         self.first_step = 0
         self.total = 0
         self.valid_loss: float | None = None
+        self.train_loss: float | None = None
 
     def start(self, total_steps: int, first_step: int) -> None:
         self.total, self.first_step, self.started = total_steps, first_step, time.time()
@@ -106,13 +115,17 @@ class JobProgress:
             self.valid_loss = record["val_loss"]
             self.beat.emit(f"Step {step}/{self.total}: validation loss={record['val_loss']:.4f}",
                            type_=EventType.METRICS,
-                           data={"step": step, "valid_loss": record["val_loss"], "total_steps": self.total})
+                           data={"step": step, "train_loss": self.train_loss, "valid_loss": record["val_loss"],
+                                 "total_steps": self.total})
             with self.beat.lock:
                 if self.beat.progress is not None:
                     self.beat.progress = dict(self.beat.progress, valid_loss=self.valid_loss)
             return
+        self.train_loss = record["loss"]
         data = {"step": step, "train_loss": record["loss"], "total_steps": self.total,
                 "tokens_per_s": record.get("tokens_per_s"), "learning_rate": record.get("lr")}
+        if ACCURACY in record:  # the share of answer tokens the model predicted, where the recipe measures it
+            data[ACCURACY] = record[ACCURACY]
         self.beat.emit(f"Step {step}/{self.total}: training loss={record['loss']:.4f}", type_=EventType.METRICS,
                        data=data)
         done = step - self.first_step

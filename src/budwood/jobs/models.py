@@ -51,6 +51,7 @@ class StoredFile(Base):
     status_details: Mapped[str | None] = mapped_column(Text)
     format: Mapped[str | None] = mapped_column(String(32))
     examples: Mapped[int | None] = mapped_column(Integer)
+    expires_at: Mapped[float | None] = mapped_column(Float)  # expires_after: unusable (and purged) from then on
 
 
 class Job(Base):
@@ -86,6 +87,9 @@ class Job(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     lost: Mapped[int] = mapped_column(Integer, default=0)  # workers that died holding it (not pauses, not shutdowns)
     train_examples: Mapped[int | None] = mapped_column(Integer)  # set once the files are validated
+    # trained_tokens is OpenAI's billing count (every token x epochs); this is the tokens the loss was taken on
+    trained_assistant_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    model_deleted_at: Mapped[float | None] = mapped_column(Float)  # DELETE /v1/models/ft:...: served no more
 
 
 class JobEvent(Base):
@@ -114,3 +118,46 @@ class Checkpoint(Base):
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     final: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class CheckpointPermission(Base):
+    """A checkpoint's owner lets another tenant (OpenAI's project) use that checkpoint's model."""
+
+    __tablename__ = "ft_checkpoint_permissions"
+    __table_args__ = (UniqueConstraint("job_id", "step", "project_id", name="uq_checkpoint_permission"),)
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("ft_jobs.id", ondelete="CASCADE"), index=True)
+    step: Mapped[int] = mapped_column(Integer)
+    project_id: Mapped[str] = mapped_column(String(64), index=True)  # the tenant granted
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Upload(Base):
+    """OpenAI's Uploads API: a file sent in parts, which becomes a File when completed."""
+
+    __tablename__ = "ft_uploads"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    tenant: Mapped[str] = mapped_column(ForeignKey("tenants.name", ondelete="CASCADE"), index=True)
+    filename: Mapped[str] = mapped_column(String(255))
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(BigInteger)  # as declared at creation; the parts must add up to it
+    mime_type: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(16))
+    file_id: Mapped[str | None] = mapped_column(String(64))
+    file_expires_after: Mapped[int | None] = mapped_column(Integer)  # the File's expires_after, in seconds
+
+
+class UploadPart(Base):
+    __tablename__ = "ft_upload_parts"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    upload_id: Mapped[str] = mapped_column(ForeignKey("ft_uploads.id", ondelete="CASCADE"), index=True)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[float] = mapped_column(Float)

@@ -13,10 +13,10 @@ from typing import Annotated, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from budwood.jobs.models import Checkpoint, Job, JobEvent, StoredFile
+from budwood.jobs.models import Checkpoint, CheckpointPermission, Job, JobEvent, StoredFile, Upload, UploadPart
 from budwood.jobs.states import JobStatus
 
-SUFFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$")
+SUFFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # OpenAI allows 64 characters
 
 
 class Hyperparameters(BaseModel):
@@ -55,7 +55,7 @@ class JobCreate(BaseModel):
     model: str = Field(min_length=1, max_length=300)
     training_file: str = Field(min_length=1, max_length=64)
     validation_file: str | None = Field(None, max_length=64)
-    suffix: str | None = Field(None, description="up to 40 letters, digits, '.', '_' or '-', in the model name")
+    suffix: str | None = Field(None, description="up to 64 letters, digits, '.', '_' or '-', in the model name")
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     metadata: dict[str, str] | None = None
     hyperparameters: Hyperparameters | None = Field(None, description="deprecated by OpenAI: use method")
@@ -66,7 +66,7 @@ class JobCreate(BaseModel):
     @classmethod
     def _suffix(cls, value: str | None) -> str | None:
         if value is not None and (not SUFFIX.match(value) or ".." in value):
-            raise ValueError("expected 1-40 letters, digits, '.', '_' or '-', starting with a letter or digit "
+            raise ValueError("expected 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit "
                              "(no '..')")
         return value
 
@@ -140,7 +140,7 @@ class FileObject(BaseModel):
     @classmethod
     def of(cls, f: StoredFile) -> FileObject:
         return cls(id=f.id, bytes=f.bytes, created_at=int(f.created_at), filename=f.filename, purpose=f.purpose,
-                   status=f.status, status_details=f.status_details)
+                   status=f.status, status_details=f.status_details, expires_at=_ts(f.expires_at))
 
 
 class FileDeleted(BaseModel):
@@ -213,6 +213,8 @@ class FineTuningJob(BaseModel):
     training_file: str
     validation_file: str | None
     estimated_finish: int | None
+    trained_assistant_tokens: int | None = Field(None, description="budwood's: the tokens the loss was taken on "
+                                                 "(assistant tokens x epochs); trained_tokens is every token x epochs")
     integrations: list[dict] = Field(default_factory=list)
     metadata: dict[str, str] | None
     user_provided_suffix: str | None
@@ -224,7 +226,8 @@ class FineTuningJob(BaseModel):
         return cls(id=job.id, created_at=int(job.created_at), error=job.error, fine_tuned_model=job.fine_tuned_model,
                    finished_at=_ts(job.finished_at), hyperparameters=hp, model=job.model, organization_id=job.tenant,
                    result_files=list(job.result_files or []), seed=job.seed, status=job.status,
-                   trained_tokens=job.trained_tokens, training_file=job.training_file,
+                   trained_tokens=job.trained_tokens, trained_assistant_tokens=job.trained_assistant_tokens,
+                   training_file=job.training_file,
                    validation_file=job.validation_file,
                    estimated_finish=_ts(job.estimated_finish) if job.status == JobStatus.RUNNING else None,
                    metadata=job.meta, user_provided_suffix=job.suffix,
@@ -251,7 +254,7 @@ class FineTuningJobCheckpoint(BaseModel):
     created_at: int
     fine_tuned_model_checkpoint: str
     fine_tuning_job_id: str
-    metrics: dict  # step, train_loss, valid_loss, full_valid_loss
+    metrics: dict  # step, train_loss, valid_loss, full_valid_loss (and mean_token_accuracy where trained with it)
     step_number: int
 
     @classmethod
@@ -260,7 +263,91 @@ class FineTuningJobCheckpoint(BaseModel):
                    fine_tuning_job_id=job.id, metrics={"step": c.step, **c.metrics}, step_number=c.step)
 
 
-Item = TypeVar("Item", FileObject, FineTuningJob, FineTuningJobEvent, FineTuningJobCheckpoint)
+class ExpiresAfter(BaseModel):
+    """OpenAI's expiration policy of a file (or an upload): `seconds` after its creation, 1 hour to 30 days."""
+
+    model_config = ConfigDict(extra="forbid")
+    anchor: Literal["created_at"]
+    seconds: int = Field(ge=3600, le=2_592_000)
+
+
+class ModelDeleted(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool = True
+
+
+class PermissionCreate(BaseModel):
+    """project_ids: the tenants (OpenAI's projects) that may use the checkpoint's model."""
+
+    model_config = ConfigDict(extra="forbid")
+    project_ids: list[str] = Field(min_length=1, max_length=100)
+
+
+class CheckpointPermissionObject(BaseModel):
+    id: str
+    object: Literal["checkpoint.permission"] = "checkpoint.permission"
+    created_at: int
+    project_id: str
+
+    @classmethod
+    def of(cls, p: CheckpointPermission) -> CheckpointPermissionObject:
+        return cls(id=p.id, created_at=int(p.created_at), project_id=p.project_id)
+
+
+class CheckpointPermissionDeleted(BaseModel):
+    id: str
+    object: Literal["checkpoint.permission"] = "checkpoint.permission"
+    deleted: bool = True
+
+
+class UploadCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    bytes: int = Field(ge=1)
+    filename: str = Field(min_length=1, max_length=255)
+    mime_type: str = Field(min_length=1, max_length=255)
+    purpose: str
+    expires_after: ExpiresAfter | None = None
+
+
+class UploadComplete(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    part_ids: list[str] = Field(max_length=100_000)
+    md5: str | None = Field(None, max_length=64)
+
+
+class UploadObject(BaseModel):
+    id: str
+    object: Literal["upload"] = "upload"
+    bytes: int
+    created_at: int
+    expires_at: int
+    filename: str
+    purpose: str
+    status: Literal["pending", "completed", "cancelled", "expired"]
+    file: FileObject | None = None
+
+    @classmethod
+    def of(cls, u: Upload, file: StoredFile | None = None, now: float | None = None) -> UploadObject:
+        status = "expired" if u.status == "pending" and now is not None and now >= u.expires_at else u.status
+        return cls(id=u.id, bytes=u.bytes, created_at=int(u.created_at), expires_at=int(u.expires_at),
+                   filename=u.filename, purpose=u.purpose, status=status,
+                   file=FileObject.of(file) if file is not None else None)
+
+
+class UploadPartObject(BaseModel):
+    id: str
+    object: Literal["upload.part"] = "upload.part"
+    created_at: int
+    upload_id: str
+
+    @classmethod
+    def of(cls, p: UploadPart) -> UploadPartObject:
+        return cls(id=p.id, created_at=int(p.created_at), upload_id=p.upload_id)
+
+
+Item = TypeVar("Item", FileObject, FineTuningJob, FineTuningJobEvent, FineTuningJobCheckpoint,
+               CheckpointPermissionObject)
 
 
 class Page(BaseModel, Generic[Item]):
@@ -290,5 +377,23 @@ def checkpoint_model(job: Job, step: int) -> str:
 
 def registry_name(job: Job) -> str:
     """The job's adapter in the tenant's registry namespace: `<tenant>/<suffix>-<id>` (lower case)."""
-    short = job.id.removeprefix("ftjob-")[:8].lower()
-    return f"{job.tenant}/{(job.suffix.lower() + '-') if job.suffix else 'ft-'}{short}"
+    short = job.id.removeprefix("ftjob-")[:8].lower()  # a registry name has at most 64 characters: 55 + '-' + 8
+    return f"{job.tenant}/{(job.suffix.lower()[:55] + '-') if job.suffix else 'ft-'}{short}"
+
+
+CHECKPOINT_MODEL = re.compile(r"^(ft:.+):ckpt-step-(\d{1,9})$")
+
+
+def split_model(model: str) -> tuple[str, int | None]:
+    """`ft:...:ckpt-step-N` -> (`ft:...`, N); a job's own model name -> (name, None)."""
+    m = CHECKPOINT_MODEL.match(model)
+    return (m[1], int(m[2])) if m else (model, None)
+
+
+def parse_model(model: str) -> tuple[str, str, str | None, str] | None:
+    """`ft:<base>:<tenant>:<suffix>:<short id>` -> (base, tenant, suffix, short id); the base may hold ':'
+    (neither a tenant nor a suffix can), so the name is split from the right."""
+    if not model.startswith("ft:") or model.count(":") < 4:
+        return None
+    base, tenant, suffix, short = model[3:].rsplit(":", 3)
+    return base, tenant, suffix or None, short

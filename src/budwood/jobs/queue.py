@@ -26,7 +26,9 @@ from sqlalchemy.orm import Session
 
 from budwood.db import session_makers
 from budwood.errors import BudwoodError, ConflictError, ErrorKind, LimitExceeded, NotFoundError
-from budwood.jobs.models import Checkpoint, Job, JobEvent, StoredFile, Tenant
+from budwood.jobs.models import Checkpoint, CheckpointPermission, Job, JobEvent, StoredFile, Tenant, Upload, UploadPart
+from budwood.jobs.protocol import fine_tuned_model as model_name_of
+from budwood.jobs.protocol import parse_model, split_model
 from budwood.jobs.states import (
     ACTIVE,
     HELD,
@@ -45,6 +47,11 @@ _ALPHABET = string.ascii_letters + string.digits
 
 def new_id(prefix: str, n: int = 24) -> str:
     return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(n))
+
+
+def _live(now: float):
+    """Files that have not expired."""
+    return or_(StoredFile.expires_at.is_(None), StoredFile.expires_at > now)
 
 
 class LeaseLost(Exception):
@@ -90,38 +97,49 @@ class JobQueue:
 
     # -- files ------------------------------------------------------------------------------------------
     def add_file(self, tenant: str, file_id: str, filename: str, purpose: str, size: int, sha256: str,
-                 format: str | None, examples: int | None, store, quota: bool = True) -> StoredFile:
+                 format: str | None, examples: int | None, store, quota: bool = True,
+                 expires_after: int | None = None) -> StoredFile:
         """Record an upload whose bytes `store()` moves into place, inside the transaction that checks
         the tenant's storage quota: the quota holds however many uploads race. Uploads count against
-        the quota; the service's own results files (`quota=False`) do not."""
+        the quota; the service's own results files (`quota=False`) do not. `expires_after`: seconds after
+        which the file is gone (OpenAI's expires_after)."""
         with self.writes.begin() as s:
-            t = self._tenant(s, tenant)
-            limit = t.max_storage_bytes if t.max_storage_bytes is not None else self.default_storage_bytes
-            used = s.scalar(select(func.coalesce(func.sum(StoredFile.bytes), 0)).where(
-                StoredFile.tenant == tenant, StoredFile.purpose != FilePurpose.RESULTS))
-            if quota and used + size > limit:
-                raise LimitExceeded(f"storage quota exceeded: tenant {tenant!r} stores {used:,} bytes of "
-                                    f"{limit:,}; this file has {size:,}. Delete files (DELETE /v1/files/ID) "
-                                    "or ask for a larger quota", code="storage_quota_exceeded",
-                                    kind=ErrorKind.QUOTA)
-            row = StoredFile(id=file_id, tenant=tenant, filename=filename, purpose=purpose, bytes=size,
-                             sha256=sha256, created_at=time.time(), status=FileStatus.PROCESSED, format=format,
-                             examples=examples)
-            s.add(row)
-            s.flush()
-            store()
+            return self._add_file(s, tenant, file_id, filename, purpose, size, sha256, format, examples, store,
+                                  quota, expires_after)
+
+    def _add_file(self, s: Session, tenant: str, file_id: str, filename: str, purpose: str, size: int, sha256: str,
+                  format: str | None, examples: int | None, store, quota: bool, expires_after: int | None
+                  ) -> StoredFile:
+        t = self._tenant(s, tenant)
+        now = time.time()
+        limit = t.max_storage_bytes if t.max_storage_bytes is not None else self.default_storage_bytes
+        used = s.scalar(select(func.coalesce(func.sum(StoredFile.bytes), 0)).where(
+            StoredFile.tenant == tenant, StoredFile.purpose != FilePurpose.RESULTS, _live(now)))
+        if quota and used + size > limit:
+            raise LimitExceeded(f"storage quota exceeded: tenant {tenant!r} stores {used:,} bytes of "
+                                f"{limit:,}; this file has {size:,}. Delete files (DELETE /v1/files/ID) "
+                                "or ask for a larger quota", code="storage_quota_exceeded",
+                                kind=ErrorKind.QUOTA)
+        row = StoredFile(id=file_id, tenant=tenant, filename=filename, purpose=purpose, bytes=size,
+                         sha256=sha256, created_at=now, status=FileStatus.PROCESSED, format=format,
+                         examples=examples, expires_at=now + expires_after if expires_after else None)
+        s.add(row)
+        s.flush()
+        store()
         return row
 
     def get_file(self, tenant: str, file_id: str, param: str = "file_id") -> StoredFile:
+        """The tenant's file; an expired one is answered as one that does not exist (OpenAI deletes them)."""
         with self.sessions() as s:
-            row = s.scalars(select(StoredFile).where(StoredFile.id == file_id, StoredFile.tenant == tenant)).first()
+            row = s.scalars(select(StoredFile).where(StoredFile.id == file_id, StoredFile.tenant == tenant,
+                                                     _live(time.time()))).first()
         if row is None:
             raise NotFoundError(f"No such File object: {file_id}", code="file_not_found", param=param)
         return row
 
     def list_files(self, tenant: str, purpose: str | None, after: str | None, limit: int, order: str
                    ) -> tuple[list[StoredFile], bool]:
-        query = select(StoredFile).where(StoredFile.tenant == tenant)
+        query = select(StoredFile).where(StoredFile.tenant == tenant, _live(time.time()))
         if purpose:
             query = query.where(StoredFile.purpose == purpose)
         with self.sessions() as s:
@@ -148,6 +166,22 @@ class JobQueue:
                                     "cancel it first", code="file_in_use", param="file_id")
             s.delete(row)
         remove()  # after the commit: a crash in between leaves bytes no row names, never a row without bytes
+
+    def purge_expired_files(self, remove) -> int:
+        """Delete the files whose expires_at has passed (`remove(tenant, file_id)` their bytes, after the
+        commit), except those a job that has not finished still trains on: they go once it has."""
+        with self.writes.begin() as s:
+            expired = list(s.scalars(self._lock(select(StoredFile).where(StoredFile.expires_at.is_not(None),
+                                                                         ~_live(time.time()))).limit(1000)))
+            busy = set(s.scalars(select(Job.training_file).where(Job.status.in_(UNFINISHED)))) | \
+                set(s.scalars(select(Job.validation_file).where(Job.status.in_(UNFINISHED))))
+            gone = [(f.tenant, f.id) for f in expired if f.id not in busy]
+            for f in expired:
+                if f.id not in busy:
+                    s.delete(f)
+        for tenant, file_id in gone:
+            remove(tenant, file_id)
+        return len(gone)
 
     def usage(self) -> dict[str, dict]:
         """Per tenant: files, bytes stored (uploads), jobs and jobs not yet finished."""
@@ -211,7 +245,7 @@ class JobQueue:
             return None
         query = select(StoredFile).where(StoredFile.id == file_id, StoredFile.tenant == tenant)
         row = s.scalars(self._lock(query) if lock else query).first()
-        if row is None:
+        if row is None or (row.expires_at is not None and row.expires_at <= time.time()):
             raise BudwoodError(f"invalid {param}: {file_id} does not exist", code=f"invalid_{param}", param=param)
         if row.purpose != FilePurpose.FINE_TUNE:
             raise BudwoodError(f"invalid {param}: {file_id} has purpose {row.purpose!r}; upload it with purpose "
@@ -230,8 +264,12 @@ class JobQueue:
         return row
 
     def list_jobs(self, tenant: str | None, after: str | None = None, limit: int = 20,
-                  metadata: dict[str, str] | None = None) -> tuple[list[Job], bool]:
-        """Newest first. `tenant` None lists every tenant's (the operator's dashboard)."""
+                  metadata: dict[str, str] | None = None, no_metadata: bool = False) -> tuple[list[Job], bool]:
+        """Newest first. `tenant` None lists every tenant's (the operator's dashboard). `metadata`: only the
+        jobs whose metadata has each key with its value; `no_metadata`: only those without metadata (OpenAI's
+        `metadata=null`)."""
+        if no_metadata:
+            metadata = None
         query = select(Job)
         if tenant is not None:
             query = query.where(Job.tenant == tenant)
@@ -242,9 +280,11 @@ class JobQueue:
                     raise BudwoodError(f"after: no fine-tuning job {after!r}", code="invalid_value", param="after")
                 query = query.where(Job.seq < anchor)
             query = query.order_by(Job.seq.desc())
-            rows = list(s.scalars(query if metadata else query.limit(limit + 1)))
+            rows = list(s.scalars(query if metadata or no_metadata else query.limit(limit + 1)))
         if metadata:  # JSON containment differs per database; a tenant's jobs are few enough to filter here
             rows = [j for j in rows if all((j.meta or {}).get(k) == v for k, v in metadata.items())]
+        elif no_metadata:
+            rows = [j for j in rows if not j.meta]
         return rows[:limit], len(rows) > limit
 
     def cancel(self, tenant: str, job_id: str) -> Job:
@@ -344,13 +384,205 @@ class JobQueue:
         """The succeeded job whose model has this name (whoever owns it: callers check the tenant)."""
         with self.sessions() as s:
             return s.scalars(select(Job).where(Job.fine_tuned_model == fine_tuned_model,
-                                               Job.status == JobStatus.SUCCEEDED)).first()
+                                               Job.status == JobStatus.SUCCEEDED,
+                                               Job.model_deleted_at.is_(None))).first()
 
     def models(self, tenant: str) -> list[str]:
         with self.sessions() as s:
             return list(s.scalars(select(Job.fine_tuned_model).where(Job.tenant == tenant,
-                                                                       Job.status == JobStatus.SUCCEEDED)
+                                                                       Job.status == JobStatus.SUCCEEDED,
+                                                                       Job.model_deleted_at.is_(None))
                                   .order_by(Job.seq)))
+
+    def delete_model(self, tenant: str, model: str) -> Job:
+        """DELETE /v1/models/ft:...: the tenant's own fine-tuned model is served no more (its job, events,
+        checkpoints and their models stay, as OpenAI keeps a job after its model is deleted)."""
+        with self.writes.begin() as s:
+            job = s.scalars(self._lock(select(Job).where(Job.fine_tuned_model == model, Job.tenant == tenant,
+                                                         Job.status == JobStatus.SUCCEEDED,
+                                                         Job.model_deleted_at.is_(None)))).first()
+            if job is None:
+                raise NotFoundError(f"The model '{model}' does not exist", code="model_not_found", param="model")
+            job.model_deleted_at = time.time()
+            self._event(s, job.id, f"Fine-tuned model {model} deleted", attempt=job.attempt)
+        return job
+
+    def find_checkpoint_job(self, model: str) -> tuple[Job, int] | None:
+        """The job and step of a checkpoint model `ft:...:ckpt-step-N` (whoever owns it: callers check),
+        once the job has succeeded or was cancelled (its checkpoints are then final), and the step stored."""
+        name, step = split_model(model)
+        parts = parse_model(name) if step is not None else None
+        if parts is None:
+            return None
+        base, tenant, suffix, short = parts
+        with self.sessions() as s:
+            jobs = s.scalars(select(Job).where(Job.tenant == tenant, Job.model == base, Job.suffix == suffix
+                                               if suffix else Job.suffix.is_(None),
+                                               Job.status.in_((JobStatus.SUCCEEDED, JobStatus.CANCELLED)))).all()
+            job = next((j for j in jobs if model_name_of(j) == name), None)
+            if job is None or s.scalar(select(Checkpoint.id).where(Checkpoint.job_id == job.id,
+                                                                   Checkpoint.step == step)) is None:
+                return None
+        return job, step
+
+    # -- checkpoint permissions ------------------------------------------------------------------------------
+    def _own_checkpoint(self, tenant: str, checkpoint: str) -> tuple[Job, int]:
+        found = self.find_checkpoint_job(checkpoint)
+        if found is None or found[0].tenant != tenant:
+            raise NotFoundError(f"No fine-tuned model checkpoint {checkpoint!r}", code="checkpoint_not_found",
+                                param="fine_tuned_model_checkpoint")
+        return found
+
+    def grant(self, tenant: str, checkpoint: str, project_ids: list[str]) -> list[CheckpointPermission]:
+        """Let these tenants (OpenAI's projects) use the checkpoint's model; a grant made before is kept as it
+        is. Tenant names are checked for form only, so a grant tells no one which tenants exist."""
+        from budwood.jobs.tenants import check_tenant_name
+
+        job, step = self._own_checkpoint(tenant, checkpoint)
+        for p in project_ids:
+            try:
+                check_tenant_name(p)
+            except BudwoodError:
+                raise BudwoodError(f"project_ids: {p[:70]!r} is not a tenant name", code="invalid_value",
+                                   param="project_ids") from None
+        out = []
+        with self.writes.begin() as s:
+            for p in dict.fromkeys(project_ids):
+                row = s.scalars(select(CheckpointPermission).where(
+                    CheckpointPermission.job_id == job.id, CheckpointPermission.step == step,
+                    CheckpointPermission.project_id == p)).first()
+                if row is None:
+                    row = CheckpointPermission(id=new_id("cp_"), job_id=job.id, step=step, project_id=p,
+                                               created_at=time.time())
+                    s.add(row)
+                    s.flush()
+                out.append(row)
+        return out
+
+    def permissions(self, tenant: str, checkpoint: str, project_id: str | None, after: str | None, limit: int,
+                    order: str) -> tuple[list[CheckpointPermission], bool]:
+        job, step = self._own_checkpoint(tenant, checkpoint)
+        query = select(CheckpointPermission).where(CheckpointPermission.job_id == job.id,
+                                                   CheckpointPermission.step == step)
+        if project_id:
+            query = query.where(CheckpointPermission.project_id == project_id)
+        asc = order == "ascending"
+        with self.sessions() as s:
+            if after:
+                anchor = s.scalar(select(CheckpointPermission.seq).where(CheckpointPermission.id == after,
+                                                                         CheckpointPermission.job_id == job.id))
+                if anchor is None:
+                    raise BudwoodError(f"after: no permission {after!r}", code="invalid_value", param="after")
+                query = query.where(CheckpointPermission.seq > anchor if asc else CheckpointPermission.seq < anchor)
+            query = query.order_by(CheckpointPermission.seq.asc() if asc else CheckpointPermission.seq.desc())
+            rows = list(s.scalars(query.limit(limit + 1)))
+        return rows[:limit], len(rows) > limit
+
+    def revoke_permission(self, tenant: str, checkpoint: str, permission_id: str) -> None:
+        job, step = self._own_checkpoint(tenant, checkpoint)
+        with self.writes.begin() as s:
+            row = s.scalars(select(CheckpointPermission).where(
+                CheckpointPermission.id == permission_id, CheckpointPermission.job_id == job.id,
+                CheckpointPermission.step == step)).first()
+            if row is None:
+                raise NotFoundError(f"No permission {permission_id!r} on this checkpoint", code="permission_not_found",
+                                    param="permission_id")
+            s.delete(row)
+
+    def may_use_checkpoint(self, tenant: str, job: Job, step: int) -> bool:
+        """The owner, or a tenant the owner granted this checkpoint."""
+        if job.tenant == tenant:
+            return True
+        with self.sessions() as s:
+            return s.scalar(select(CheckpointPermission.id).where(
+                CheckpointPermission.job_id == job.id, CheckpointPermission.step == step,
+                CheckpointPermission.project_id == tenant)) is not None
+
+    # -- uploads (OpenAI's Uploads API) ------------------------------------------------------------------------
+    def create_upload(self, tenant: str, filename: str, purpose: str, size: int, mime_type: str,
+                      file_expires_after: int | None, expires_s: float = 3600.0) -> Upload:
+        with self.writes.begin() as s:
+            self._tenant(s, tenant)
+            now = time.time()
+            row = Upload(id=new_id("upload_"), tenant=tenant, filename=filename, purpose=purpose, bytes=size,
+                         mime_type=mime_type, created_at=now, expires_at=now + expires_s, status="pending",
+                         file_expires_after=file_expires_after)
+            s.add(row)
+        return row
+
+    def get_upload(self, tenant: str, upload_id: str) -> Upload:
+        with self.sessions() as s:
+            row = s.scalars(select(Upload).where(Upload.id == upload_id, Upload.tenant == tenant)).first()
+        if row is None:
+            raise NotFoundError(f"No such Upload object: {upload_id}", code="upload_not_found", param="upload_id")
+        return row
+
+    def _pending_upload(self, s: Session, tenant: str, upload_id: str) -> Upload:
+        row = s.scalars(self._lock(select(Upload).where(Upload.id == upload_id, Upload.tenant == tenant))).first()
+        if row is None:
+            raise NotFoundError(f"No such Upload object: {upload_id}", code="upload_not_found", param="upload_id")
+        status = "expired" if row.status == "pending" and time.time() >= row.expires_at else row.status
+        if status != "pending":
+            raise BudwoodError(f"Upload {upload_id} is {status}; only a pending upload takes parts or is completed "
+                               "or cancelled", code="invalid_upload_state", param="upload_id")
+        return row
+
+    def add_part(self, tenant: str, upload_id: str, size: int, max_parts: int, store) -> UploadPart:
+        """A part of `size` bytes, which `store(part_id)` moves into place, inside the transaction that checks
+        that the upload is pending and that its parts stay within its declared bytes and `max_parts`."""
+        with self.writes.begin() as s:
+            upload = self._pending_upload(s, tenant, upload_id)
+            n, total = s.execute(select(func.count(), func.coalesce(func.sum(UploadPart.bytes), 0))
+                                 .where(UploadPart.upload_id == upload_id)).one()
+            if n >= max_parts:
+                raise LimitExceeded(f"Upload {upload_id} has {n} parts, this service's limit", code="too_many_parts",
+                                    param="data")
+            if total + size > upload.bytes:
+                raise BudwoodError(f"the parts would hold {total + size:,} bytes; the upload was created for "
+                                   f"{upload.bytes:,}", code="invalid_value", param="data")
+            part = UploadPart(id=new_id("part_"), upload_id=upload_id, bytes=size, created_at=time.time())
+            s.add(part)
+            s.flush()
+            store(part.id)
+        return part
+
+    def upload_parts(self, tenant: str, upload_id: str, part_ids: list[str]) -> tuple[Upload, list[UploadPart]]:
+        """The pending upload and the parts `part_ids` names, in that order: each of its own, each once, adding
+        up to its declared bytes."""
+        with self.sessions() as s:
+            upload = self._pending_upload(s, tenant, upload_id)
+            parts = {p.id: p for p in s.scalars(select(UploadPart).where(UploadPart.upload_id == upload_id))}
+        if len(set(part_ids)) != len(part_ids) or any(p not in parts for p in part_ids):
+            raise BudwoodError("part_ids must name parts of this upload, each once", code="invalid_value",
+                               param="part_ids")
+        total = sum(parts[p].bytes for p in part_ids)
+        if total != upload.bytes:
+            raise BudwoodError(f"the parts hold {total:,} bytes; the upload was created for {upload.bytes:,}",
+                               code="invalid_value", param="part_ids")
+        return upload, [parts[p] for p in part_ids]
+
+    def complete_upload(self, tenant: str, upload_id: str, file_values: dict, store) -> tuple[Upload, StoredFile]:
+        """The upload's File recorded (under the storage quota, as any upload) and the upload completed, in one
+        transaction: a cancel racing the completion sees one or the other."""
+        with self.writes.begin() as s:
+            upload = self._pending_upload(s, tenant, upload_id)
+            row = self._add_file(s, tenant, store=store, quota=True, expires_after=upload.file_expires_after,
+                                 **file_values)
+            upload.status, upload.file_id = "completed", row.id
+        return upload, row
+
+    def cancel_upload(self, tenant: str, upload_id: str) -> Upload:
+        with self.writes.begin() as s:
+            upload = self._pending_upload(s, tenant, upload_id)
+            upload.status = "cancelled"
+        return upload
+
+    def backlog(self) -> tuple[int, float | None]:
+        """Jobs waiting for a worker, and the age in seconds of the oldest (for /health)."""
+        with self.sessions() as s:
+            n, oldest = s.execute(select(func.count(), func.min(Job.created_at))
+                                  .where(Job.status.in_(WAITING))).one()
+        return int(n), (max(0.0, time.time() - oldest) if oldest is not None else None)
 
     # -- jobs: the workers' side --------------------------------------------------------------------------
     def claim(self, owner: str, lease_s: float, max_attempts: int) -> tuple[Job, Lease] | None:
@@ -391,6 +623,15 @@ class JobQueue:
                 job.lease_owner, job.lease_expires = owner, now + lease_s
                 return job, Lease(job.id, owner, job.attempt)
         return None
+
+    def expire_leases_of(self, owner: str) -> int:
+        """A worker known dead (its supervisor saw its process end): its leases run out now, so its job is
+        taken over at once rather than after lease_s; the takeover counts it as a lost worker."""
+        with self.writes.begin() as s:
+            now = db_now(s)
+            return s.execute(update(Job).where(Job.lease_owner == owner, Job.status.in_(HELD),
+                                               Job.lease_expires.is_not(None), Job.lease_expires > now)
+                             .values(lease_expires=now - 1)).rowcount
 
     def heartbeat(self, lease: Lease, lease_s: float, progress: dict | None = None,
                   estimated_finish: float | None = None) -> str:

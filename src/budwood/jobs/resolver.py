@@ -1,23 +1,16 @@
-"""Tenants' fine-tuned models as model names: `ft:<base>:<tenant>:<suffix>:<id>` (and its checkpoints,
-`...:ckpt-step-N`) answer /v1/chat/completions the moment their job succeeds, with no restart, and
-only for the tenant that owns them.
+"""Tenants' fine-tuned models as model names: `ft:<base>:<tenant>:<suffix>:<id>` answers
+/v1/chat/completions the moment its job succeeds, with no restart, and only for the tenant that owns it
+(until the tenant deletes it); its checkpoints, `...:ckpt-step-N`, once the job has succeeded or was
+cancelled, for the owner and the tenants it granted the checkpoint (checkpoint permissions).
 """
 from __future__ import annotations
 
-import re
 import threading
 from pathlib import Path
 
 from budwood.engine.adapters import AdapterError
-from budwood.jobs.models import Job
+from budwood.jobs.protocol import split_model
 from budwood.serve.auth import Caller, RegistryAccess
-
-_CHECKPOINT = re.compile(r"^(ft:.+):ckpt-step-(\d{1,9})$")
-
-
-def _split(model: str) -> tuple[str, int | None]:
-    m = _CHECKPOINT.match(model)
-    return (m[1], int(m[2])) if m else (model, None)
 
 
 class ServiceAccess:
@@ -27,14 +20,17 @@ class ServiceAccess:
         self.queue = queue
         self.registry_access = RegistryAccess(registry)
 
-    def job_of(self, model: str) -> Job | None:
-        return self.queue.find_model(_split(model)[0])
-
     def can_use(self, caller: Caller, model: str) -> bool:
-        if model.startswith("ft:"):
-            job = self.job_of(model)
-            return job is not None and caller.tenant is not None and job.tenant == caller.tenant
-        return self.registry_access.can_use(caller, model)
+        """Read on every request, so a deleted model or a revoked permission stops at once."""
+        if not model.startswith("ft:"):
+            return self.registry_access.can_use(caller, model)
+        if caller.tenant is None:
+            return False
+        if split_model(model)[1] is None:
+            job = self.queue.find_model(model)
+            return job is not None and job.tenant == caller.tenant
+        found = self.queue.find_checkpoint_job(model)
+        return found is not None and self.queue.may_use_checkpoint(caller.tenant, *found)
 
     def listed(self, caller: Caller) -> list[str]:
         return self.queue.models(caller.tenant) if caller.tenant else []
@@ -59,15 +55,18 @@ class FineTunedResolver:
             hit = self.paths.get(name)
         if hit is not None:
             return hit
-        model, step = _split(name)
-        job = self.queue.find_model(model)
-        if job is None:
-            return None
+        model, step = split_model(name)
         if step is not None:
-            path = self.storage.checkpoint_dir(job.id, step)
+            found = self.queue.find_checkpoint_job(name)
+            if found is None:
+                return None
+            path = self.storage.checkpoint_dir(found[0].id, step)
             if not (path / "adapter_model.safetensors").exists():
                 return None
         else:
+            job = self.queue.find_model(model)
+            if job is None:
+                return None
             from budwood.registry.names import RegistryError
 
             try:

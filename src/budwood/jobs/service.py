@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from budwood.config import LoraConfig, load_settings
 from budwood.db import budwood_home
 from budwood.engine import EngineConfig
+from budwood.serve.limits import ServeLimits
 
 
 class _Strict(BaseModel):
@@ -24,7 +25,10 @@ class Quotas(_Strict):
     storage_bytes: int = Field(10 << 30, ge=0, description="a tenant's uploaded files, in bytes, unless set per "
                                                            "tenant (budwood tenants create --max-storage-bytes)")
     concurrent_jobs: int = Field(4, ge=0, description="a tenant's jobs that have not finished, at a time")
-    file_bytes: int = Field(512 << 20, ge=1, description="largest single upload")
+    file_bytes: int = Field(512 << 20, ge=1, description="largest single upload (a /v1/files upload, or all the "
+                                                          "parts of an Upload together)")
+    upload_part_bytes: int = Field(64 << 20, ge=1, description="largest part of an Upload (OpenAI's: 64 MiB)")
+    upload_parts: int = Field(1000, ge=1, description="most parts an Upload may have")
 
 
 class ServiceTraining(_Strict):
@@ -100,6 +104,8 @@ class ServiceConfig(_Strict):
     key_cache_s: float = Field(5.0, ge=0, description="how long a server trusts a checked API key: a revoked key "
                                                       "stops working within this time")
     quotas: Quotas = Field(default_factory=Quotas)
+    limits: ServeLimits = Field(default_factory=ServeLimits, description="per-request bounds of the inference "
+                                "routes, as `budwood serve --limit` sets them (docs/serving.md, Limits)")
     training: ServiceTraining = Field(default_factory=ServiceTraining)
     evaluation: ServiceEvaluation = Field(default_factory=ServiceEvaluation)
     adapter_license: str = Field("LicenseRef-tenant-private", description="licence of published job adapters")

@@ -13,7 +13,17 @@ from collections.abc import AsyncIterator
 from budwood.data.formats import PREFERENCE_FORMATS
 from budwood.errors import BudwoodError
 from budwood.jobs.models import StoredFile
-from budwood.jobs.protocol import FineTuningJob, FineTuningJobCheckpoint, FineTuningJobEvent, JobCreate, Page
+from budwood.jobs.protocol import (
+    CheckpointPermissionDeleted,
+    CheckpointPermissionObject,
+    FineTuningJob,
+    FineTuningJobCheckpoint,
+    FineTuningJobEvent,
+    JobCreate,
+    ModelDeleted,
+    Page,
+    split_model,
+)
 from budwood.jobs.queue import request_hash
 from budwood.jobs.service import Service
 from budwood.jobs.states import QUIET
@@ -91,9 +101,9 @@ class ServingFineTuning:
                                          request_hash(body.model_dump(mode="json")))
         return FineTuningJob.of(job)
 
-    async def list(self, tenant: str, after: str | None, limit: int, metadata: dict[str, str] | None
-                   ) -> Page[FineTuningJob]:
-        rows, more = await asyncio.to_thread(self.queue.list_jobs, tenant, after, limit, metadata)
+    async def list(self, tenant: str, after: str | None, limit: int, metadata: dict[str, str] | None,
+                   no_metadata: bool = False) -> Page[FineTuningJob]:
+        rows, more = await asyncio.to_thread(self.queue.list_jobs, tenant, after, limit, metadata, no_metadata)
         return Page[FineTuningJob].of([FineTuningJob.of(j) for j in rows], more)
 
     async def retrieve(self, tenant: str, job_id: str) -> FineTuningJob:
@@ -118,6 +128,28 @@ class ServingFineTuning:
         job = await asyncio.to_thread(self.queue.get_job, tenant, job_id)
         rows, more = await asyncio.to_thread(self.queue.checkpoints_of, job, after, limit)
         return Page[FineTuningJobCheckpoint].of([FineTuningJobCheckpoint.of(c, job) for c in rows], more)
+
+    async def grant(self, tenant: str, checkpoint: str, project_ids: list[str]) -> Page[CheckpointPermissionObject]:
+        rows = await asyncio.to_thread(self.queue.grant, tenant, checkpoint, project_ids)
+        return Page[CheckpointPermissionObject].of([CheckpointPermissionObject.of(p) for p in rows], False)
+
+    async def permissions(self, tenant: str, checkpoint: str, project_id: str | None, after: str | None, limit: int,
+                          order: str) -> Page[CheckpointPermissionObject]:
+        rows, more = await asyncio.to_thread(self.queue.permissions, tenant, checkpoint, project_id, after, limit,
+                                             order)
+        return Page[CheckpointPermissionObject].of([CheckpointPermissionObject.of(p) for p in rows], more)
+
+    async def revoke_permission(self, tenant: str, checkpoint: str, permission_id: str) -> CheckpointPermissionDeleted:
+        await asyncio.to_thread(self.queue.revoke_permission, tenant, checkpoint, permission_id)
+        return CheckpointPermissionDeleted(id=permission_id)
+
+    async def delete_model(self, tenant: str, model: str) -> ModelDeleted:
+        """Only the tenant's own ft: models; a checkpoint's model stays with its job (it is not deleted alone)."""
+        if split_model(model)[1] is not None:
+            raise BudwoodError(f"{model} is a checkpoint's model; checkpoints stay with their job and are not deleted "
+                               "alone (revoke its permissions instead)", code="invalid_value", param="model")
+        await asyncio.to_thread(self.queue.delete_model, tenant, model)
+        return ModelDeleted(id=model)
 
     async def live_events(self, tenant: str, job_id: str) -> AsyncIterator[dict]:
         """The job's events, oldest first, as they are written, until the job has ended or paused (the

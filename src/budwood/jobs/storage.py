@@ -3,6 +3,7 @@ every worker reaches (a local folder on one machine; a shared mount, such as NFS
 
     HOME/files/<tenant>/<file-id>          an upload, exactly as received
     HOME/checkpoints/<job-id>/step-NNNNNNNN/  a training checkpoint (+ metrics.jsonl so far)
+    HOME/uploads/<upload-id>/<part-id>     a part of an Upload, until it is completed or cancelled
 
 Everything appears complete or not at all (written beside, then renamed); ids are checked against
 their pattern before they reach a path, so no name from a request can leave its folder.
@@ -20,6 +21,8 @@ from budwood.errors import BudwoodError
 
 FILE_ID = re.compile(r"^file-[A-Za-z0-9]{24}$")
 JOB_ID = re.compile(r"^ftjob-[A-Za-z0-9]{24}$")
+UPLOAD_ID = re.compile(r"^upload_[A-Za-z0-9]{24}$")
+PART_ID = re.compile(r"^part_[A-Za-z0-9]{24}$")
 TENANT = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
 
 
@@ -32,7 +35,7 @@ def _checked(pattern: re.Pattern, value: str, what: str) -> str:
 class Storage:
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser()
-        for sub in ("files", "checkpoints", "tmp"):
+        for sub in ("files", "checkpoints", "uploads", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     def tmp_dir(self) -> Path:
@@ -53,6 +56,20 @@ class Storage:
 
     def delete_file(self, tenant: str, file_id: str) -> None:
         self.file_path(tenant, file_id).unlink(missing_ok=True)
+
+    # -- uploads' parts ------------------------------------------------------------------------------------
+    def part_path(self, upload_id: str, part_id: str) -> Path:
+        return self.root / "uploads" / _checked(UPLOAD_ID, upload_id, "upload id") / _checked(PART_ID, part_id,
+                                                                                               "part id")
+
+    def put_part(self, upload_id: str, part_id: str, src: Path) -> Path:
+        dest = self.part_path(upload_id, part_id)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dest)
+        return dest
+
+    def delete_upload(self, upload_id: str) -> None:
+        shutil.rmtree(self.root / "uploads" / _checked(UPLOAD_ID, upload_id, "upload id"), ignore_errors=True)
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def checkpoint_dir(self, job_id: str, step: int) -> Path:

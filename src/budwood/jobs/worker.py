@@ -25,12 +25,13 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from sqlalchemy.exc import DBAPIError
 
 from budwood.errors import BudwoodError, DataError, ModelError, TrainingError
-from budwood.jobs.heartbeat import Heartbeat, JobEvalProgress, JobProgress
+from budwood.jobs.heartbeat import ACCURACY, Heartbeat, JobEvalProgress, JobProgress
 from budwood.jobs.models import Job
 from budwood.jobs.protocol import fine_tuned_model, method_of, registry_name, resolve_auto
 from budwood.jobs.queue import Lease, LeaseLost, new_id
@@ -90,6 +91,7 @@ class JobRun:
         self.data_dir = self.workdir / "data"
         self.adapter_dir = self.workdir / "adapter"
         self.beat = Heartbeat(service, lease, shutdown)
+        self.beat.public = self._public
 
     def run(self) -> None:
         """The job, top to bottom; whatever ends it early (a stop, a lost lease, an error) is settled here."""
@@ -177,8 +179,10 @@ class JobRun:
         for name, file_id in (("train", self.job.training_file), ("validation", self.job.validation_file)):
             if file_id:
                 message = message.replace(str(self.data_dir / f"{name}.jsonl"), file_id)
-        for root in {str(self.workdir), str(self.workdir.resolve()), str(self.config.home.expanduser()),
-                     str(self.config.home.expanduser().resolve())}:
+        roots = {str(self.workdir), str(self.workdir.resolve()), str(self.workdir.parent),
+                 str(self.workdir.parent.resolve()), str(self.config.home.expanduser()),
+                 str(self.config.home.expanduser().resolve())}
+        for root in sorted(roots, key=len, reverse=True):  # the longest first: a shorter one is inside it
             message = re.sub(re.escape(root) + r"[^\s'\",;)]*", lambda m: Path(m.group()).name or "…", message)
         return message
 
@@ -188,8 +192,17 @@ class JobRun:
         state = json.loads((path / "trainer_state.json").read_text())
         self.storage.put_checkpoint(self.job.id, step, path, [self.adapter_dir / "metrics.jsonl"])
         metrics = {"train_loss": state.get("train_loss"), "valid_loss": state.get("val_loss"),
-                   "full_valid_loss": state.get("val_loss")}
+                   "full_valid_loss": state.get("val_loss"), **self._step_statistics(step)}
         self.queue.add_checkpoint(self.lease, step, metrics, final=False)
+
+    def _step_statistics(self, step: int) -> dict:
+        """The checkpoint's step statistics that OpenAI reports with its metrics (mean_token_accuracy), from the
+        recipe's metrics log, where the recipe measures them."""
+        from budwood.train.metrics import read_metrics
+
+        path = self.adapter_dir / "metrics.jsonl"
+        records = [r for r in read_metrics(path) if r.get("step") == step and ACCURACY in r] if path.exists() else []
+        return {ACCURACY: records[-1][ACCURACY]} if records else {}
 
     def stopped(self, step: int | None) -> None:
         """Training stopped early: paused (its checkpoint kept), cancelled (already recorded by the user's
@@ -270,8 +283,8 @@ class JobRun:
         self.beat.emit(f"New fine-tuned model created: {model}", data={"registry": ref})
         self.beat.flush()
         self.queue.finish(self.lease, JobStatus.SUCCEEDED, "The job has successfully completed",
-                          fine_tuned_model=model, registry_ref=ref, trained_tokens=provenance.get("trained_tokens"),
-                          result_files=[results] if results else [])
+                          fine_tuned_model=model, registry_ref=ref, result_files=[results] if results else [],
+                          **billed_tokens(provenance, method_of(job)))
 
     def results_file(self) -> str | None:
         """The training metrics as OpenAI's results CSV, a `fine-tune-results` file of the tenant's."""
@@ -291,8 +304,13 @@ class JobRun:
                 row["train_loss"] = record["loss"]
             if "val_loss" in record:
                 row["valid_loss"] = record["val_loss"]
+            if ACCURACY in record:
+                row["train_mean_token_accuracy"] = record[ACCURACY]
+        columns = ["step", "train_loss", "valid_loss"]
+        if any("train_mean_token_accuracy" in r for r in rows.values()):  # where the recipe measures it
+            columns.append("train_mean_token_accuracy")
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, ["step", "train_loss", "valid_loss"], lineterminator="\n")
+        writer = csv.DictWriter(buffer, columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows[k] for k in sorted(rows))
         data = buffer.getvalue().encode()
@@ -315,6 +333,15 @@ class JobRun:
                               error={"code": code, "message": message, "param": param})
         except LeaseLost:
             pass
+
+
+def billed_tokens(provenance: dict, method: str) -> dict:
+    """The job's token counts from the adapter's provenance: `trained_tokens` as OpenAI bills them, every token
+    of every example run (prompts included) over all epochs (the recipe's tokens_seen, kept across resumes);
+    `trained_assistant_tokens` the tokens the loss was taken on (the recipe's trained_tokens, which for DPO
+    counts pairs, so a DPO job leaves it out)."""
+    return {"trained_tokens": provenance.get("tokens_seen"),
+            "trained_assistant_tokens": provenance.get("trained_tokens") if method != "dpo" else None}
 
 
 def _error_code(e: Exception) -> str:
@@ -374,9 +401,86 @@ def _watch_parent(parent_pid: int, shutdown: threading.Event, worker_id: str) ->
 
 
 # -- worker processes beside the server (budwood service) ----------------------------------------------------------
+class WorkerSupervisor:
+    """`budwood service`'s worker processes, kept alive: a worker that dies (SIGKILL, out of memory, a crash)
+    is started again, after a back-off that doubles with each death in a row (`backoff_s` up to
+    `max_backoff_s`; a worker that stays up for `healthy_s` resets it), so a worker that cannot start does not
+    spin. The dead worker's lease is ended at once (queue.expire_leases_of), so its job is taken over from its
+    last checkpoint by the next worker to claim, not after lease_s. `alive()` is what /health reports."""
+
+    def __init__(self, config: ServiceConfig, queue=None, backoff_s: float = 1.0, max_backoff_s: float = 60.0,
+                 healthy_s: float = 60.0, check_s: float = 0.5):
+        self.config, self.expected, self.queue = config, config.workers, queue
+        self.backoff_s, self.max_backoff_s, self.healthy_s, self.check_s = backoff_s, max_backoff_s, healthy_s, check_s
+        self.context = multiprocessing.get_context("spawn")  # fresh interpreters: no torch threads or locks inherited
+        self.processes: list[multiprocessing.Process | None] = [None] * self.expected
+        self.started_at = [0.0] * self.expected
+        self.deaths = [0] * self.expected  # deaths in a row of each slot
+        self.next_start = [0.0] * self.expected
+        self.restarts = 0
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+
+    def start(self) -> WorkerSupervisor:
+        for i in range(self.expected):
+            self._spawn(i)
+        if self.expected:
+            self.thread.start()
+        return self
+
+    def _spawn(self, i: int) -> None:
+        p = self.context.Process(target=_worker_main, args=(self.config.model_dump_json(), i, os.getpid()),
+                                 daemon=True)
+        p.start()
+        with self.lock:
+            self.processes[i], self.started_at[i] = p, time.monotonic()
+
+    def alive(self) -> int:
+        with self.lock:
+            return sum(1 for p in self.processes if p is not None and p.is_alive())
+
+    def _watch(self) -> None:
+        while not self.stopping.wait(self.check_s):
+            now = time.monotonic()
+            for i in range(self.expected):
+                with self.lock:
+                    p = self.processes[i]
+                if p is None or p.is_alive():
+                    if p is not None and self.deaths[i] and now - self.started_at[i] > self.healthy_s:
+                        self.deaths[i] = 0
+                    if p is None and now >= self.next_start[i] and not self.stopping.is_set():
+                        self._spawn(i)
+                        self.restarts += 1
+                    continue
+                p.join(timeout=0)
+                self.deaths[i] += 1
+                if self.queue is not None:  # its job is taken over now, not once its lease has run out
+                    try:
+                        self.queue.expire_leases_of(worker_name(p.pid, i))
+                    except Exception as e:  # the database away: the lease runs out by itself
+                        log.warning("could not release the leases of dead worker %d: %s", i, e)
+                delay = min(self.max_backoff_s, self.backoff_s * 2 ** (self.deaths[i] - 1))
+                log.warning("worker %d (pid %s) died with exit code %s; starting another in %.0f s", i, p.pid,
+                            p.exitcode, delay)
+                with self.lock:
+                    self.processes[i] = None
+                self.next_start[i] = now + delay
+
+    def stop(self, timeout_s: float = 60) -> None:
+        """SIGTERM to each worker: it checkpoints its job and gives it back; then wait for them."""
+        self.stopping.set()
+        if self.thread.is_alive():
+            self.thread.join()
+        with self.lock:
+            processes = [p for p in self.processes if p is not None]
+        stop_worker_processes(processes, timeout_s)
+
+
 def start_worker_processes(config: ServiceConfig) -> list[multiprocessing.Process]:
-    """config.workers processes, each running run_worker until this process is gone or stops them."""
-    context = multiprocessing.get_context("spawn")  # fresh interpreters: no torch threads or locks inherited
+    """config.workers processes, each running run_worker until this process is gone or stops them (not
+    restarted: `budwood service` uses WorkerSupervisor)."""
+    context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=_worker_main, args=(config.model_dump_json(), i, os.getpid()), daemon=True)
                for i in range(config.workers)]
     for w in workers:
@@ -392,7 +496,12 @@ def stop_worker_processes(workers: list[multiprocessing.Process], timeout_s: flo
         w.join(timeout=timeout_s)
 
 
+def worker_name(pid: int, index: int) -> str:
+    """A worker process's name in leases and events."""
+    return f"{os.uname().nodename}:{pid}:w{index}"
+
+
 def _worker_main(config_json: str, index: int, parent_pid: int) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_worker(ServiceConfig.model_validate_json(config_json), f"{os.uname().nodename}:{os.getpid()}:w{index}",
+    run_worker(ServiceConfig.model_validate_json(config_json), worker_name(os.getpid(), index),
                parent_pid=parent_pid)

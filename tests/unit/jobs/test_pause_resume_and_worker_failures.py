@@ -205,3 +205,28 @@ def test_a_training_failure_does_not_leak_the_workers_paths(service, monkeypatch
     failed = q.get_job("acme", job.id)
     assert failed.status == "failed" and failed.error["code"] == "training_failed"
     assert str(service.config.home) not in failed.error["message"], failed.error["message"]
+
+
+def test_events_never_show_the_workers_paths_after_a_takeover(service):
+    """A takeover resumes from a restored checkpoint, and the recipe notes "resumed from <the worker's scratch
+    folder>/adapter/checkpoints/step-N": every event passes through JobRun's public filter, so the tenant sees
+    the step, never the folder (nor the service's HOME)."""
+    from budwood.jobs.heartbeat import JobProgress
+    from budwood.jobs.worker import JobRun
+
+    q = service.queue
+    create(service)
+    start_running(q)
+    expire(service)  # the first worker died: the second takes the job over
+    claimed, lease = q.claim("w2", lease_s=60, max_attempts=3)
+    run = JobRun(service, claimed, lease, threading.Event())
+    restored = run.adapter_dir / "checkpoints" / "step-00000005"
+    JobProgress(run.beat).note(f"resumed from {restored} (step 5)")
+    run.beat.emit(f"warning: {service.config.home.expanduser()}/checkpoints/{claimed.id}/step-00000005 is slow",
+                  data={"where": str(restored)})
+    run.beat.flush()
+    events = q.events("acme", claimed.id, limit=100)[0]
+    shown = " ".join(e.message + " " + str(e.data) for e in events)
+    assert "resumed from step-00000005 (step 5)" in shown
+    for root in (str(run.workdir.parent), str(service.config.home), "/tmp"):
+        assert root not in shown, shown

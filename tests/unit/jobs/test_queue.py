@@ -208,7 +208,10 @@ def test_pagination_is_newest_first_with_after(service):
 def test_api_keys_are_kept_only_as_salted_hashes(service):
     issued = service.tenants.issue_key("acme", "ci")
     assert service.tenants.tenant_of(issued.key) == "acme"
-    secret = issued.key.rsplit("-", 1)[1]
+    prefix = f"bw-{issued.id}-"  # the secret is url-safe base64, which may itself contain '-'
+    assert issued.key.startswith(prefix)
+    secret = issued.key[len(prefix):]
+    assert len(secret) == 43
     with service.engine.connect() as c:
         dump = " ".join(str(v) for row in c.execute(text("SELECT * FROM api_keys")) for v in row)
     assert secret not in dump and issued.id in dump
@@ -241,3 +244,51 @@ def test_the_migrations_build_exactly_the_declared_tables(service):
     with service.engine.connect() as c:
         diff = compare_metadata(MigrationContext.configure(c), Base.metadata)
     assert diff == []
+
+
+def test_uploads_permissions_expiry_and_model_deletion_on_both_databases(service):
+    """The queue's side of the newer OpenAI calls, on SQLite and PostgreSQL alike."""
+    from budwood.jobs.protocol import checkpoint_model, fine_tuned_model
+
+    q = service.queue
+    upload = q.create_upload("acme", "t.jsonl", "fine-tune", 30, "application/jsonl", 3600)
+    parts = [q.add_part("acme", upload.id, 10, 3, lambda part_id: None) for _ in range(3)]
+    with pytest.raises(LimitExceeded):
+        q.add_part("acme", upload.id, 1, 3, lambda part_id: None)
+    with pytest.raises(NotFoundError):
+        q.add_part("other", upload.id, 1, 10, lambda part_id: None)
+    with pytest.raises(BudwoodError, match="each once"):
+        q.upload_parts("acme", upload.id, [parts[0].id, parts[0].id, parts[1].id])
+    q.upload_parts("acme", upload.id, [p.id for p in reversed(parts)])
+    values = {"file_id": "file-" + "u" * 24, "filename": "t.jsonl", "purpose": "fine-tune", "size": 30,
+              "sha256": "0" * 64, "format": "openai", "examples": 10}
+    done, row = q.complete_upload("acme", upload.id, values, lambda: None)
+    assert done.status == "completed" and done.file_id == row.id and row.expires_at == row.created_at + 3600
+    with pytest.raises(BudwoodError, match="is completed"):
+        q.cancel_upload("acme", upload.id)
+    with service.engine.begin() as c:
+        c.execute(text("UPDATE ft_files SET expires_at = 1 WHERE id = :id"), {"id": row.id})
+    with pytest.raises(NotFoundError):
+        q.get_file("acme", row.id)
+    removed = []
+    assert q.purge_expired_files(lambda tenant, file_id: removed.append(file_id)) == 1 and removed == [row.id]
+
+    job = create(service, suffix="s")
+    _, lease = q.claim("w1", lease_s=60, max_attempts=3)
+    q.set_hyperparameters(lease, {}, 10)
+    q.start(lease, None)
+    q.add_checkpoint(lease, 5, {}, False)
+    ckpt = checkpoint_model(job, 5)
+    assert q.find_checkpoint_job(ckpt) is None  # not before the job has ended
+    q.finish(lease, "succeeded", "done", fine_tuned_model=fine_tuned_model(job))
+    assert q.find_checkpoint_job(ckpt)[0].id == job.id
+    granted = q.grant("acme", ckpt, ["other", "other"])
+    assert len(granted) == 1 and q.may_use_checkpoint("other", job, 5)
+    with pytest.raises(NotFoundError):
+        q.grant("other", ckpt, ["other"])
+    q.revoke_permission("acme", ckpt, granted[0].id)
+    assert not q.may_use_checkpoint("other", job, 5)
+    with pytest.raises(NotFoundError):
+        q.delete_model("other", fine_tuned_model(job))
+    q.delete_model("acme", fine_tuned_model(job))
+    assert q.find_model(fine_tuned_model(job)) is None and q.models("acme") == []

@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from budwood.errors import BudwoodError, ErrorKind
-from budwood.jobs.serving_files import ServingFiles
+from budwood.jobs.serving_files import ServingFiles, ServingUploads
 from budwood.jobs.serving_jobs import ServingFineTuning
 from budwood.serve.auth import CallerDep
 
@@ -30,6 +30,11 @@ def serving_jobs(request: Request) -> ServingFineTuning:
     return request.app.state.serving_jobs
 
 
+def serving_uploads(request: Request) -> ServingUploads:
+    return request.app.state.serving_uploads
+
+
 TenantDep = Annotated[str, Depends(tenant_of)]
 FilesDep = Annotated[ServingFiles, Depends(serving_files)]
 JobsDep = Annotated[ServingFineTuning, Depends(serving_jobs)]
+UploadsDep = Annotated[ServingUploads, Depends(serving_uploads)]

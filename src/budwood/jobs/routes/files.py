@@ -14,14 +14,16 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from budwood.errors import BudwoodError
 from budwood.jobs.protocol import FileDeleted, FileObject, Page
 from budwood.jobs.routes.deps import FilesDep, TenantDep
-from budwood.jobs.serving_files import PURPOSES, too_large
+from budwood.jobs.serving_files import PURPOSES, expires_after_of, too_large
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 SLACK = 64 << 10  # the multipart envelope around the file: field names, headers, the purpose
 _UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file", "purpose"],
     "properties": {"file": {"type": "string", "format": "binary"},
-                   "purpose": {"type": "string", "enum": [str(p) for p in PURPOSES]}}}}}}}
+                   "purpose": {"type": "string", "enum": [str(p) for p in PURPOSES]},
+                   "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
+                   "expires_after[seconds]": {"type": "integer", "minimum": 3600, "maximum": 2592000}}}}}}}
 
 
 async def _limited(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
@@ -35,7 +37,8 @@ async def _limited(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[by
 
 @router.post("", openapi_extra=_UPLOAD_SCHEMA, response_model=FileObject)
 async def upload(request: Request, tenant: TenantDep, files: FilesDep) -> FileObject:
-    """Upload a JSONL training or validation file (multipart: `file`, `purpose=fine-tune`)."""
+    """Upload a JSONL training or validation file (multipart: `file`, `purpose=fine-tune`, optionally
+    `expires_after[anchor]=created_at` and `expires_after[seconds]`)."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise BudwoodError("expected a multipart/form-data body with fields 'file' and 'purpose'",
                            code="invalid_request", param="file")
@@ -49,7 +52,7 @@ async def upload(request: Request, tenant: TenantDep, files: FilesDep) -> FileOb
         raise BudwoodError(f"the multipart body cannot be read: {e.message}", code="invalid_request",
                            param="file") from None
     try:
-        return await files.upload(tenant, form.get("purpose"), form.get("file"))
+        return await files.upload(tenant, form.get("purpose"), form.get("file"), expires_after_of(dict(form)))
     finally:
         await form.close()
 

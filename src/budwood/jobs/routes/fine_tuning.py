@@ -1,14 +1,28 @@
 """/v1/fine_tuning/jobs: create, list, retrieve, cancel, pause and resume jobs, and read their events
-(as a page or a live server-sent stream) and checkpoints (OpenAI's Fine-tuning API)."""
+(as a page or a live server-sent stream) and checkpoints; /v1/fine_tuning/checkpoints/{ckpt}/permissions:
+which other tenants may use a checkpoint's model; DELETE /v1/models/{ft model} (OpenAI's Fine-tuning API)."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Header, Query, Request
 
-from budwood.jobs.protocol import FineTuningJob, FineTuningJobCheckpoint, FineTuningJobEvent, JobCreate, Page
+from budwood.errors import BudwoodError
+from budwood.jobs.protocol import (
+    CheckpointPermissionDeleted,
+    CheckpointPermissionObject,
+    FineTuningJob,
+    FineTuningJobCheckpoint,
+    FineTuningJobEvent,
+    JobCreate,
+    ModelDeleted,
+    Page,
+    PermissionCreate,
+)
 from budwood.jobs.routes.deps import JobsDep, TenantDep
 from budwood.serve.sse import stream_response
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+checkpoints_router = APIRouter(prefix="/v1/fine_tuning/checkpoints", tags=["fine-tuning"])
+models_router = APIRouter(tags=["fine-tuning"])
 
 
 @router.post("", response_model=FineTuningJob)
@@ -21,10 +35,15 @@ async def create(body: JobCreate, tenant: TenantDep, jobs: JobsDep,
 @router.get("", response_model=Page[FineTuningJob])
 async def list_jobs(request: Request, tenant: TenantDep, jobs: JobsDep, after: str | None = None,
                     limit: int = Query(20, ge=1, le=100)) -> Page[FineTuningJob]:
-    """Newest first; `metadata[KEY]=VALUE` keeps the jobs whose metadata has it."""
+    """Newest first; `metadata[KEY]=VALUE` keeps the jobs whose metadata has it, `metadata=null` the jobs
+    without metadata (OpenAI's two forms, which do not combine)."""
     metadata = {k[len("metadata["):-1]: v for k, v in request.query_params.items()
                 if k.startswith("metadata[") and k.endswith("]")}
-    return await jobs.list(tenant, after, limit, metadata or None)
+    bare = request.query_params.get("metadata")
+    if bare is not None and (bare != "null" or metadata):
+        raise BudwoodError("metadata: filter with metadata[KEY]=VALUE, or metadata=null for jobs without metadata "
+                           "(not both)", code="invalid_value", param="metadata")
+    return await jobs.list(tenant, after, limit, metadata or None, no_metadata=bare == "null")
 
 
 @router.get("/{job_id}", response_model=FineTuningJob)
@@ -61,3 +80,29 @@ async def events(job_id: str, tenant: TenantDep, jobs: JobsDep, after: str | Non
 async def checkpoints(job_id: str, tenant: TenantDep, jobs: JobsDep, after: str | None = None,
                       limit: int = Query(10, ge=1, le=100)) -> Page[FineTuningJobCheckpoint]:
     return await jobs.checkpoints(tenant, job_id, after, limit)
+
+
+@checkpoints_router.post("/{checkpoint}/permissions", response_model=Page[CheckpointPermissionObject])
+async def grant(checkpoint: str, body: PermissionCreate, tenant: TenantDep, jobs: JobsDep
+                ) -> Page[CheckpointPermissionObject]:
+    """Let other tenants (`project_ids`: OpenAI's projects are this service's tenants) use the checkpoint's model."""
+    return await jobs.grant(tenant, checkpoint, body.project_ids)
+
+
+@checkpoints_router.get("/{checkpoint}/permissions", response_model=Page[CheckpointPermissionObject])
+async def permissions(checkpoint: str, tenant: TenantDep, jobs: JobsDep, project_id: str | None = None,
+                      after: str | None = None, limit: int = Query(10, ge=1, le=100),
+                      order: str = Query("descending", pattern="^(ascending|descending)$")
+                      ) -> Page[CheckpointPermissionObject]:
+    return await jobs.permissions(tenant, checkpoint, project_id, after, limit, order)
+
+
+@checkpoints_router.delete("/{checkpoint}/permissions/{permission_id}", response_model=CheckpointPermissionDeleted)
+async def revoke(checkpoint: str, permission_id: str, tenant: TenantDep, jobs: JobsDep) -> CheckpointPermissionDeleted:
+    return await jobs.revoke_permission(tenant, checkpoint, permission_id)
+
+
+@models_router.delete("/v1/models/{model:path}", response_model=ModelDeleted)
+async def delete_model(model: str, tenant: TenantDep, jobs: JobsDep) -> ModelDeleted:
+    """The tenant's own fine-tuned model is served no more (its job and checkpoints stay)."""
+    return await jobs.delete_model(tenant, model)
