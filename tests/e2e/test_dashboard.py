@@ -236,8 +236,8 @@ def test_metrics_json_gives_what_is_new(acme_tab, dash):
     page = acme_tab.page
     everything = page.request.get(f"{dash.url}/dashboard/jobs/{dash.job.id}/metrics.json").json()
     assert everything["status"] == "succeeded" and everything["finished"] is True
-    steps = [e["step"] for e in everything["events"] if "train" in e]
-    assert steps == list(range(1, 11))
+    steps = [e["step"] for e in everything["events"] if "train" in e]  # validation events repeat their step's
+    assert sorted(set(steps)) == list(range(1, 11)) and len(steps) > 10  # training loss
     middle = everything["events"][5]["seq"]
     newer = page.request.get(f"{dash.url}/dashboard/jobs/{dash.job.id}/metrics.json?after={middle}").json()
     assert [e["seq"] for e in newer["events"]] == [e["seq"] for e in everything["events"][6:]]

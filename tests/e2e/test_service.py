@@ -73,7 +73,7 @@ def test_a_job_runs_to_a_served_evaluated_signed_adapter(live, acme, finished):
     results = acme.files.retrieve(job.result_files[0])
     assert results.purpose == "fine-tune-results"
     csv = acme.files.content(results.id).text.splitlines()
-    assert csv[0] == "step,train_loss,valid_loss" and len(csv) == 11
+    assert csv[0] == "step,train_loss,train_accuracy,valid_loss" and len(csv) == 11
     # evaluated, carded, signed by the service and published privately in the tenant's namespace
     info = live.service.registry.version_info(f"acme/support-{job.id[6:14].lower()}@1.0.0")
     assert info.private and info.signer and info.publisher == "budwood service"

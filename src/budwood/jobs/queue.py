@@ -20,7 +20,7 @@ import string
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import Select, func, or_, select, text, update
+from sqlalchemy import Select, delete, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -108,18 +108,12 @@ class JobQueue:
                                   quota, expires_after)
 
     def _add_file(self, s: Session, tenant: str, file_id: str, filename: str, purpose: str, size: int, sha256: str,
-                  format: str | None, examples: int | None, store, quota: bool, expires_after: int | None
-                  ) -> StoredFile:
+                  format: str | None, examples: int | None, store, quota: bool, expires_after: int | None,
+                  completing: str | None = None) -> StoredFile:
         t = self._tenant(s, tenant)
         now = time.time()
-        limit = t.max_storage_bytes if t.max_storage_bytes is not None else self.default_storage_bytes
-        used = s.scalar(select(func.coalesce(func.sum(StoredFile.bytes), 0)).where(
-            StoredFile.tenant == tenant, StoredFile.purpose != FilePurpose.RESULTS, _live(now)))
-        if quota and used + size > limit:
-            raise LimitExceeded(f"storage quota exceeded: tenant {tenant!r} stores {used:,} bytes of "
-                                f"{limit:,}; this file has {size:,}. Delete files (DELETE /v1/files/ID) "
-                                "or ask for a larger quota", code="storage_quota_exceeded",
-                                kind=ErrorKind.QUOTA)
+        if quota:
+            self._check_storage(s, t, size, "this file", now, but_upload=completing)
         row = StoredFile(id=file_id, tenant=tenant, filename=filename, purpose=purpose, bytes=size,
                          sha256=sha256, created_at=now, status=FileStatus.PROCESSED, format=format,
                          examples=examples, expires_at=now + expires_after if expires_after else None)
@@ -127,6 +121,25 @@ class JobQueue:
         s.flush()
         store()
         return row
+
+    def _check_storage(self, s: Session, t: Tenant, size: int, what: str, now: float,
+                       but_upload: str | None = None) -> None:
+        """Refuse `size` more bytes over the tenant's storage quota, which counts its live uploaded files and
+        the parts of its uploads not yet completed (bytes on disk as much as a file's); `but_upload`: the
+        upload being completed, whose parts become the file and are not counted twice."""
+        limit = t.max_storage_bytes if t.max_storage_bytes is not None else self.default_storage_bytes
+        files = s.scalar(select(func.coalesce(func.sum(StoredFile.bytes), 0)).where(
+            StoredFile.tenant == t.name, StoredFile.purpose != FilePurpose.RESULTS, _live(now)))
+        pending = select(func.coalesce(func.sum(UploadPart.bytes), 0)).join(Upload, Upload.id == UploadPart.upload_id) \
+            .where(Upload.tenant == t.name, Upload.status == "pending")
+        if but_upload is not None:
+            pending = pending.where(Upload.id != but_upload)
+        used = files + s.scalar(pending)
+        if used + size > limit:
+            raise LimitExceeded(f"storage quota exceeded: tenant {t.name!r} stores {used:,} bytes of "
+                                f"{limit:,} (files, and parts of uploads not completed); {what} has {size:,}. "
+                                "Delete files (DELETE /v1/files/ID), cancel uploads, or ask for a larger quota",
+                                code="storage_quota_exceeded", kind=ErrorKind.QUOTA)
 
     def get_file(self, tenant: str, file_id: str, param: str = "file_id") -> StoredFile:
         """The tenant's file; an expired one is answered as one that does not exist (OpenAI deletes them)."""
@@ -500,10 +513,20 @@ class JobQueue:
 
     # -- uploads (OpenAI's Uploads API) ------------------------------------------------------------------------
     def create_upload(self, tenant: str, filename: str, purpose: str, size: int, mime_type: str,
-                      file_expires_after: int | None, expires_s: float = 3600.0) -> Upload:
+                      file_expires_after: int | None, expires_s: float = 3600.0,
+                      max_pending: int | None = None) -> Upload:
+        """A pending upload, expiring `expires_s` after creation (OpenAI's: an hour); at most `max_pending`
+        (quotas.pending_uploads) of a tenant's are pending at a time, counted under the tenant's lock."""
         with self.writes.begin() as s:
             self._tenant(s, tenant)
             now = time.time()
+            if max_pending is not None:
+                n = s.scalar(select(func.count()).select_from(Upload).where(
+                    Upload.tenant == tenant, Upload.status == "pending", Upload.expires_at > now))
+                if n >= max_pending:
+                    raise LimitExceeded(f"tenant {tenant!r} has {n} uploads pending; its limit is {max_pending} at "
+                                        "a time (quotas.pending_uploads). Complete or cancel one, or wait for one "
+                                        "to expire", code="pending_uploads_limit")
             row = Upload(id=new_id("upload_"), tenant=tenant, filename=filename, purpose=purpose, bytes=size,
                          mime_type=mime_type, created_at=now, expires_at=now + expires_s, status="pending",
                          file_expires_after=file_expires_after)
@@ -532,6 +555,7 @@ class JobQueue:
         that the upload is pending and that its parts stay within its declared bytes and `max_parts`."""
         with self.writes.begin() as s:
             upload = self._pending_upload(s, tenant, upload_id)
+            t = self._tenant(s, tenant)  # after the upload, as complete_upload locks them: one order, no deadlock
             n, total = s.execute(select(func.count(), func.coalesce(func.sum(UploadPart.bytes), 0))
                                  .where(UploadPart.upload_id == upload_id)).one()
             if n >= max_parts:
@@ -540,6 +564,7 @@ class JobQueue:
             if total + size > upload.bytes:
                 raise BudwoodError(f"the parts would hold {total + size:,} bytes; the upload was created for "
                                    f"{upload.bytes:,}", code="invalid_value", param="data")
+            self._check_storage(s, t, size, "this part", time.time())
             part = UploadPart(id=new_id("part_"), upload_id=upload_id, bytes=size, created_at=time.time())
             s.add(part)
             s.flush()
@@ -567,7 +592,7 @@ class JobQueue:
         with self.writes.begin() as s:
             upload = self._pending_upload(s, tenant, upload_id)
             row = self._add_file(s, tenant, store=store, quota=True, expires_after=upload.file_expires_after,
-                                 **file_values)
+                                 completing=upload_id, **file_values)
             upload.status, upload.file_id = "completed", row.id
         return upload, row
 
@@ -576,6 +601,19 @@ class JobQueue:
             upload = self._pending_upload(s, tenant, upload_id)
             upload.status = "cancelled"
         return upload
+
+    def purge_expired_uploads(self, remove) -> int:
+        """Pending uploads past their expires_at become `expired` and their parts go (the rows, then
+        `remove(upload_id)` their bytes, after the commit), as OpenAI's uploads expire an hour after creation."""
+        with self.writes.begin() as s:
+            ids = list(s.scalars(self._lock(select(Upload.id).where(Upload.status == "pending",
+                                                                    Upload.expires_at <= time.time())).limit(1000)))
+            if ids:
+                s.execute(update(Upload).where(Upload.id.in_(ids)).values(status="expired"))
+                s.execute(delete(UploadPart).where(UploadPart.upload_id.in_(ids)))
+        for upload_id in ids:
+            remove(upload_id)
+        return len(ids)
 
     def backlog(self) -> tuple[int, float | None]:
         """Jobs waiting for a worker, and the age in seconds of the oldest (for /health)."""

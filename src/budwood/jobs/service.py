@@ -29,6 +29,8 @@ class Quotas(_Strict):
                                                           "parts of an Upload together)")
     upload_part_bytes: int = Field(64 << 20, ge=1, description="largest part of an Upload (OpenAI's: 64 MiB)")
     upload_parts: int = Field(1000, ge=1, description="most parts an Upload may have")
+    pending_uploads: int = Field(16, ge=1, description="a tenant's Uploads pending (neither completed, cancelled "
+                                                        "nor expired) at a time")
 
 
 class ServiceTraining(_Strict):

@@ -28,9 +28,10 @@ from budwood.jobs.protocol import (
     UploadObject,
     UploadPartObject,
 )
-from budwood.jobs.queue import new_id
+from budwood.jobs.queue import JobQueue, new_id
 from budwood.jobs.service import Service
 from budwood.jobs.states import FilePurpose
+from budwood.jobs.storage import Storage
 
 PURPOSES = (FilePurpose.FINE_TUNE,)  # what a tenant may upload (results files are the service's own)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._ -]")
@@ -126,8 +127,9 @@ class ServingFiles:
         return FileObject.of(row)
 
     def purge(self) -> int:
-        """Expired files go (their rows, then their bytes); reads already treat them as gone."""
-        return self.queue.purge_expired_files(self.storage.delete_file)
+        """Expired files go (their rows, then their bytes); reads already treat them as gone. Expired
+        uploads' parts go too (purge_uploads)."""
+        return self.queue.purge_expired_files(self.storage.delete_file) + purge_uploads(self.queue, self.storage)
 
     async def list(self, tenant: str, purpose: str | None, after: str | None, limit: int, order: str
                    ) -> Page[FileObject]:
@@ -149,15 +151,25 @@ class ServingFiles:
         return self.storage.file_path(tenant, row.id), row.filename
 
 
+def purge_uploads(queue: JobQueue, storage: Storage) -> int:
+    """Uploads pending past their expires_at (an hour after creation, as OpenAI's) become `expired`, and
+    their parts' rows and bytes go: parts count against the storage quota only while they can be completed."""
+    return queue.purge_expired_uploads(storage.delete_upload)
+
+
 class ServingUploads:
     """OpenAI's Uploads API (held on `app.state.serving_uploads`): a file sent in parts (at most
     `quotas.upload_part_bytes` each, `quotas.upload_parts` in all, `quotas.file_bytes` together), which on
-    completion is checked by the same validator as a /v1/files upload and becomes a File of the tenant's."""
+    completion is checked by the same validator as a /v1/files upload and becomes a File of the tenant's.
+    The parts of uploads not completed count against `quotas.storage_bytes`; at most `quotas.pending_uploads`
+    are pending at a time; an upload not completed within the hour expires and its parts are deleted (at the
+    next upload created or files listed or uploaded)."""
 
     def __init__(self, service: Service):
         self.queue, self.storage = service.queue, service.storage
         quotas = service.config.quotas
         self.limit, self.part_limit, self.max_parts = quotas.file_bytes, quotas.upload_part_bytes, quotas.upload_parts
+        self.max_pending = quotas.pending_uploads
 
     async def create(self, tenant: str, body: UploadCreate) -> UploadObject:
         if body.purpose not in PURPOSES:
@@ -165,9 +177,11 @@ class ServingUploads:
                                f"{', '.join(PURPOSES)}", code="invalid_value", param="purpose")
         if body.bytes > self.limit:
             raise too_large(self.limit, body.bytes)
+        await asyncio.to_thread(purge_uploads, self.queue, self.storage)
         row = await asyncio.to_thread(self.queue.create_upload, tenant, safe_filename(body.filename), body.purpose,
                                       body.bytes, body.mime_type,
-                                      body.expires_after.seconds if body.expires_after else None)
+                                      body.expires_after.seconds if body.expires_after else None,
+                                      max_pending=self.max_pending)
         return UploadObject.of(row)
 
     async def add_part(self, tenant: str, upload_id: str, data: Upload | str | None) -> UploadPartObject:

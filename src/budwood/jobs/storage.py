@@ -3,7 +3,8 @@ every worker reaches (a local folder on one machine; a shared mount, such as NFS
 
     HOME/files/<tenant>/<file-id>          an upload, exactly as received
     HOME/checkpoints/<job-id>/step-NNNNNNNN/  a training checkpoint (+ metrics.jsonl so far)
-    HOME/uploads/<upload-id>/<part-id>     a part of an Upload, until it is completed or cancelled
+    HOME/uploads/<upload-id>/<part-id>     a part of an Upload, until it is completed, cancelled or expired
+                                           (counted against the tenant's storage quota until then)
 
 Everything appears complete or not at all (written beside, then renamed); ids are checked against
 their pattern before they reach a path, so no name from a request can leave its folder.

@@ -305,10 +305,12 @@ class JobRun:
             if "val_loss" in record:
                 row["valid_loss"] = record["val_loss"]
             if ACCURACY in record:
-                row["train_mean_token_accuracy"] = record[ACCURACY]
+                row["train_accuracy"] = record[ACCURACY]
+        # OpenAI's results file: step, train_loss, train_accuracy, valid_loss (train_accuracy where the objective
+        # measures it: SFT's mean token accuracy; DPO has none)
         columns = ["step", "train_loss", "valid_loss"]
-        if any("train_mean_token_accuracy" in r for r in rows.values()):  # where the recipe measures it
-            columns.append("train_mean_token_accuracy")
+        if any("train_accuracy" in r for r in rows.values()):
+            columns.insert(2, "train_accuracy")
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, columns, lineterminator="\n")
         writer.writeheader()

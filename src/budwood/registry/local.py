@@ -145,6 +145,11 @@ class LocalRegistry:
             raise RegistryError(f"{ref}: the stored blob{'s' if len(damaged) > 1 else ''} of "
                                 f"{', '.join(f.path for f in damaged)} {'were' if len(damaged) > 1 else 'was'} damaged "
                                 "on disk and removed; publish again to upload the content afresh", code="damaged_blob")
+        for f in request.files:  # intact blobs: the recorded size is what listings and pulls show, so it is theirs
+            stored = self.store.path(f.sha256).stat().st_size
+            if f.size != stored:
+                raise RegistryError(f"{ref}: {f.path} is {stored:,} bytes (blob {f.sha256[:12]}…), not the "
+                                    f"{f.size:,} its manifest entry says", code="size_mismatch")
         try:
             with tempfile.TemporaryDirectory(dir=self.store.root / "tmp") as tmp:
                 try:

@@ -111,7 +111,9 @@ CallerDep = Annotated[Caller, Depends(caller_of)]
 
 def operator_only(caller: CallerDep) -> None:
     """Dependency of the routes that change the server itself (loading and unloading adapters): its operator
-    only. It runs before the body is read, so a tenant learns nothing from validation errors either."""
+    only. It runs after the body is read (LimitedRoute: its size and JSON depth checked, then parsed as JSON),
+    so a tenant's oversized, too deep or malformed body is refused as such (413/400) first; but before the
+    fields are validated, so a tenant learns nothing of the routes' schema from validation errors."""
     if caller.tenant is not None:
         raise ForbiddenError("only the server's operator may load or unload adapters")
 

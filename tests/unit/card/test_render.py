@@ -323,7 +323,7 @@ def test_read_card_metadata_gives_what_the_registry_needs(adapter, tmp_path):
 
     bad = tmp_path / "bad.md"
     bad.write_text("---\nlicense: [unclosed\n---\n# x\n")
-    with pytest.raises(BudwoodError, match=r"bad\.md: malformed YAML metadata"):
+    with pytest.raises(BudwoodError, match=r"bad\.md: not valid YAML"):
         read_card_metadata(bad)
     bad.write_text("---\nmodel-index: [{results: [{metrics: []}]}]\n---\n# x\n")
     with pytest.raises(BudwoodError, match=r"bad\.md: malformed"):

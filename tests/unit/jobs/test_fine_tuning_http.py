@@ -349,6 +349,70 @@ def test_a_file_sent_in_parts_through_the_uploads_api_becomes_a_validated_file(r
     assert error_of(openai_get(roomy, roomy.other, f"/v1/uploads/{many.id}/cancel"), 404)  # acme's upload only
 
 
+def start_upload(api: Api, size: int) -> dict:
+    r = api.post("/v1/uploads", json={"bytes": size, "filename": "t.jsonl", "mime_type": "application/jsonl",
+                                      "purpose": "fine-tune"})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def add_part(api: Api, upload_id: str, data: bytes):
+    return api.post(f"/v1/uploads/{upload_id}/parts", files={"data": ("blob", data)})
+
+
+def test_parts_of_uploads_not_completed_count_against_the_storage_quota(api):
+    held = start_upload(api, 300)["id"]
+    assert add_part(api, held, b"x" * 250).status_code == 200
+    assert api.upload().status_code == 200  # 250 bytes of parts + a file of 108, of the 400 allowed
+    err = error_of(add_part(api, held, b"x" * 50), 429)  # 358 + 50
+    assert err["code"] == "storage_quota_exceeded" and "parts of uploads" in err["message"]
+    assert error_of(api.upload(), 429)["code"] == "storage_quota_exceeded"  # a /v1/files upload counts them too
+    assert api.post(f"/v1/uploads/{held}/cancel").json()["status"] == "cancelled"  # its parts count no more
+    assert api.upload().status_code == 200  # 216 of 400
+    data = "".join(json.dumps(r) + "\n" for r in ROWS).encode()
+    done = start_upload(api, len(data))["id"]
+    part = add_part(api, done, data).json()["id"]
+    r = api.post(f"/v1/uploads/{done}/complete", json={"part_ids": [part]})  # 324: its parts not counted twice
+    assert r.status_code == 200 and r.json()["status"] == "completed", r.text
+
+
+def test_a_tenant_has_at_most_quotas_pending_uploads_pending_at_a_time(roomy):
+    ids = [start_upload(roomy, 10)["id"] for _ in range(16)]  # the default quotas.pending_uploads
+    r = roomy.post("/v1/uploads", json={"bytes": 10, "filename": "t.jsonl", "mime_type": "application/jsonl",
+                                        "purpose": "fine-tune"})
+    err = error_of(r, 429)
+    assert err["code"] == "pending_uploads_limit" and "quotas.pending_uploads" in err["message"]
+    other = roomy.client.post("/v1/uploads", headers={"Authorization": f"Bearer {roomy.other}"},
+                              json={"bytes": 10, "filename": "t.jsonl", "mime_type": "text/plain",
+                                    "purpose": "fine-tune"})
+    assert other.status_code == 200  # per tenant
+    roomy.post(f"/v1/uploads/{ids[0]}/cancel")
+    assert start_upload(roomy, 10)["status"] == "pending"
+
+
+def test_an_upload_expires_an_hour_after_creation_and_its_parts_are_deleted(roomy):
+    from sqlalchemy import text
+
+    upload = start_upload(roomy, 20)
+    assert upload["expires_at"] == upload["created_at"] + 3600 and upload["status"] == "pending"
+    part = add_part(roomy, upload["id"], b"x" * 10).json()["id"]
+    parts = roomy.service.storage.part_path(upload["id"], part).parent
+    assert parts.is_dir()
+    with roomy.service.engine.begin() as c:  # an hour later
+        c.execute(text("UPDATE ft_uploads SET expires_at = created_at - 1 WHERE id = :id"), {"id": upload["id"]})
+    err = error_of(add_part(roomy, upload["id"], b"x" * 10), 400)
+    assert err["code"] == "invalid_upload_state" and "expired" in err["message"]
+    err = error_of(roomy.post(f"/v1/uploads/{upload['id']}/complete", json={"part_ids": [part]}), 400)
+    assert err["code"] == "invalid_upload_state"
+    start_upload(roomy, 10)  # the next upload created purges the expired one
+    assert not parts.exists()
+    with roomy.service.engine.begin() as c:
+        status = c.execute(text("SELECT status FROM ft_uploads WHERE id = :id"), {"id": upload["id"]}).scalar()
+        left = c.execute(text("SELECT count(*) FROM ft_upload_parts WHERE upload_id = :id"),
+                         {"id": upload["id"]}).scalar()
+    assert (status, left) == ("expired", 0)
+
+
 def openai_get(api: Api, key: str, path: str):
     return api.client.post(path, headers={"Authorization": f"Bearer {key}"})
 

@@ -134,6 +134,11 @@ def test_manifests_naming_odd_paths_or_missing_blobs_are_refused(registry_locati
         reg.commit(PublishRequest(id="acme/a", license="MIT", files=missing))
     with pytest.raises(RegistryError, match="named twice"):
         reg.commit(PublishRequest(id="acme/a", license="MIT", files=files + files[:1]))
+    for wrong in (0, 1, 10**12):  # a size other than the stored blob's, named by the file
+        lying = [f if f.path != "budwood.json" else FileEntry(path=f.path, sha256=f.sha256, size=wrong) for f in files]
+        with pytest.raises(RegistryError, match=r"budwood\.json is [0-9,]+ bytes .*not the") as e:
+            reg.commit(PublishRequest(id="acme/a", license="MIT", files=lying))
+        assert e.value.code == "size_mismatch"
     assert [v.version for v in reg.show("acme/a").versions] == ["1.0.0"]
 
 

@@ -19,7 +19,7 @@ from budwood.errors import BudwoodError, ErrorKind, ForbiddenError
 from budwood.registry.local import LocalRegistry
 from budwood.registry.names import NotFound, RegistryError
 from budwood.registry.schemas import PublishRequest, YankRequest
-from budwood.registry.store import CHUNK
+from budwood.registry.store import CHUNK, raise_if_full
 from budwood.serve.auth import Caller, CallerDep
 
 MAX_BLOB_BYTES = 64 << 30
@@ -99,6 +99,8 @@ async def has_blob(digest: str, registry: RegistryDep, caller: CallerDep):
 
 @router.put("/blobs/{digest}", dependencies=[Depends(blob_writer)])
 async def upload_blob(digest: str, request: Request, registry: RegistryDep):
+    """The body spooled (in memory up to 16 MiB, then to an unnamed file in the store's tmp), then stored by
+    its digest; a full disk while spooling is the store's `no_space` (503), the spool closed and so gone."""
     size = 0
     with tempfile.SpooledTemporaryFile(max_size=16 << 20, dir=registry.store.root / "tmp") as spool:
         async for chunk in request.stream():
@@ -106,7 +108,11 @@ async def upload_blob(digest: str, request: Request, registry: RegistryDep):
             if size > MAX_BLOB_BYTES:
                 raise BudwoodError(f"blob larger than {MAX_BLOB_BYTES} bytes", code="too_large",
                                    kind=ErrorKind.TOO_LARGE)
-            spool.write(chunk)
+            try:
+                spool.write(chunk)
+            except OSError as e:
+                raise_if_full(e, registry.store.root)
+                raise
         spool.seek(0)
         await asyncio.to_thread(registry.store.put_stream, iter(lambda: spool.read(CHUNK), b""), digest)
     return JSONResponse({"sha256": digest, "size": size}, status_code=201)
