@@ -444,3 +444,13 @@ def test_health_reports_workers_and_the_queue_and_is_not_ok_without_a_live_worke
     app.state.supervisor = Supervisor(alive=1, expected=1)
     r = roomy.client.get("/health")
     assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["workers"]["alive"] == 1
+
+
+def test_job_bodies_are_read_under_the_servers_limits(api):
+    """The service's JSON routes are held to the inference routes' body size and nesting limits (413 / 400)."""
+    big = api.post("/v1/fine_tuning/jobs", content=b'{"model": "' + b"x" * (9 << 20) + b'"}',
+                   headers={"Content-Type": "application/json"})
+    assert big.status_code == 413, big.text
+    deep = api.post("/v1/fine_tuning/jobs", content=b'{"metadata": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+                    headers={"Content-Type": "application/json"})
+    assert error_of(deep, 400)["param"] == "body"

@@ -18,11 +18,14 @@ from budwood.jobs.protocol import (
     PermissionCreate,
 )
 from budwood.jobs.routes.deps import JobsDep, TenantDep
+from budwood.serve.limits import LimitedRoute
 from budwood.serve.sse import stream_response
 
-router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
-checkpoints_router = APIRouter(prefix="/v1/fine_tuning/checkpoints", tags=["fine-tuning"])
-models_router = APIRouter(tags=["fine-tuning"])
+# JSON bodies only: read under the server's limits (size, nesting) before FastAPI parses them, as the inference
+# routes are (files and upload parts are multipart and held to the quotas instead)
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], route_class=LimitedRoute)
+checkpoints_router = APIRouter(prefix="/v1/fine_tuning/checkpoints", tags=["fine-tuning"], route_class=LimitedRoute)
+models_router = APIRouter(tags=["fine-tuning"], route_class=LimitedRoute)
 
 
 @router.post("", response_model=FineTuningJob)
