@@ -86,11 +86,16 @@ def data_check_cmd(
     Exits 1 if there are errors. Example: budwood data check train.jsonl
     """
     from budwood.data.formats import read_dataset
-    from budwood.data.stats import token_stats
+    from budwood.data.stats import token_stats, tool_stats
+    from budwood.errors import DataError
     from budwood.models.load import load_tokenizer
 
     ds = read_dataset(file, format, min_examples, raise_errors=False)
-    stats = token_stats(ds.examples, load_tokenizer(base), max_seq_len, ds.issues) if ds.examples else None
+    refused = None
+    try:
+        stats = token_stats(ds.examples, load_tokenizer(base), max_seq_len, ds.issues) if ds.examples else None
+    except DataError as e:  # e.g. a chat template without tool support: still show every issue of the file
+        stats, refused = None, e
     unit = "preference pairs (for training.method dpo)" if ds.kind == "preference" else "examples"
     for issue in ds.issues:
         color = "red" if issue.level == "error" else "yellow"
@@ -98,6 +103,14 @@ def data_check_cmd(
     errors, warnings = len(ds.errors), len(ds.issues) - len(ds.errors)
     out.print(f"{file}: format {ds.format}, {len(ds.examples)} valid {unit}, "
               f"{errors} error(s), {warnings} warning(s)", highlight=False, soft_wrap=True)
+    tools = tool_stats(ds.examples)
+    if tools.with_tools or tools.calls or tools.results:
+        out.print(f"tool use: {tools.with_tools} example(s) declare tools, {tools.with_calls} call them "
+                  f"({tools.calls} call(s) of {tools.functions} function(s), {tools.results} tool result(s))",
+                  highlight=False, soft_wrap=True)
+    if refused is not None:
+        out.print(f"[red]{escape(str(refused))}[/]", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
     if stats:
         t = Table(title=f"tokens ({base} tokenizer)")
         t.add_column("statistic")

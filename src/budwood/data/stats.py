@@ -20,6 +20,27 @@ class TokenStats:
     histogram: list[tuple[int, int, int]]  # (low, high, count), power-of-two buckets
 
 
+@dataclass
+class ToolStats:
+    """How much of a data set teaches tool use: shown by `budwood data check` so a file whose calls were lost
+    (or never there) is noticed before training."""
+
+    with_tools: int  # examples that declare tools
+    with_calls: int  # examples with at least one assistant tool call
+    calls: int
+    results: int  # tool messages
+    functions: int  # distinct functions called
+
+
+def tool_stats(examples: list[Conversation] | list[PreferencePair]) -> ToolStats:
+    convs = [e for e in examples if isinstance(e, Conversation)]  # preference data carries no tools
+    calls = [c for conv in convs for m in conv.messages for c in m.tool_calls or []]
+    return ToolStats(with_tools=sum(1 for c in convs if c.tools),
+                     with_calls=sum(1 for c in convs if any(m.tool_calls for m in c.messages)),
+                     calls=len(calls), results=sum(1 for c in convs for m in c.messages if m.role == "tool"),
+                     functions=len({c.function.name for c in calls}))
+
+
 def token_stats(examples: list[Conversation] | list[PreferencePair], tokenizer, max_seq_len: int,
                 issues: list[Issue]) -> TokenStats:
     before = len(issues)

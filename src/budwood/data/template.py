@@ -5,12 +5,18 @@ the text inference will produce), and each trainable assistant turn's character 
 rendering the prefix before it (with the generation prompt) and the conversation up to it. Tokens
 whose first character falls in a span get labels; the rest get -100. This works for any template,
 with or without `{% generation %}` markers, as long as rendering is prefix-stable.
+
+Tool use is rendered by the template too (apply_chat_template(..., tools=...), calls with their arguments
+as objects, results as "tool" messages), so the loss lands on the assistant's calls and answers and never
+on tool results. A template that silently ignores tools would train on conversations with the calls cut
+out, so it is a DataError whenever the data uses tools.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
-from budwood.data.formats import Conversation, Issue, PreferencePair
+from budwood.data.formats import Conversation, Issue, Message, PreferencePair
 from budwood.errors import DataError
 
 IGNORE = -100
@@ -44,23 +50,73 @@ class TemplateMismatch(ValueError):
     pass
 
 
-def _render(tokenizer, msgs: list[dict], generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+def _render(tokenizer, msgs: list[dict], generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
+    extra = {"tools": tools} if tools else {}  # tool-free data renders exactly as before tools existed
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt, **extra)
+
+
+def template_message(m: Message) -> dict:
+    """A message as transformers' chat templates expect it: a call's arguments as an object, not JSON text."""
+    out: dict = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        out["tool_calls"] = [{"type": "function", **({"id": c.id} if c.id else {}),
+                              "function": {"name": c.function.name, "arguments": json.loads(c.function.arguments)}}
+                             for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    if m.name is not None:
+        out["name"] = m.name
+    return out
+
+
+_PROBE_VALUE = "budwood-probe-value-7d1c"
+_PROBE_TOOLS = [{"type": "function", "function": {
+    "name": "budwood_probe_fn", "description": "probe",
+    "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}}}]
+
+
+def check_tool_support(tokenizer) -> None:
+    """Refuse a chat template that drops tools, calls or results: rendered with and without a sentinel tool,
+    a sentinel call and a sentinel result, each must show up in the text."""
+    from jinja2 import TemplateError
+
+    model = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    user = [{"role": "user", "content": "hi"}]
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "id": "call_probe", "function": {"name": "budwood_probe_fn",
+                                                              "arguments": {"q": _PROBE_VALUE}}}]}
+    result = {"role": "tool", "tool_call_id": "call_probe", "name": "budwood_probe_fn", "content": "probe-result-9e2"}
+    try:
+        plain, declared = _render(tokenizer, user), _render(tokenizer, user, tools=_PROBE_TOOLS)
+        called = _render(tokenizer, [*user, call], tools=_PROBE_TOOLS)
+        answered = _render(tokenizer, [*user, call, result], tools=_PROBE_TOOLS)
+    except TemplateError as e:
+        raise DataError(f"the chat template of {model} fails on tool use ({e}); the data has tools, so train a "
+                        "base model whose chat template supports them") from None
+    missing = [what for what, shown in (("the tools", declared != plain and "budwood_probe_fn" in declared),
+                                        ("assistant tool_calls", _PROBE_VALUE in called),
+                                        ("tool results", "probe-result-9e2" in answered)) if not shown]
+    if missing:
+        raise DataError(f"the chat template of {model} has no tool support: it ignores {', '.join(missing)}, so "
+                        "the data's tool calls would be cut out of training. Use a base model whose chat template "
+                        "renders tools (apply_chat_template(..., tools=...)), or data without tools")
 
 
 def assistant_spans(tokenizer, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered text and the [start, end) character spans of trainable assistant turns."""
-    msgs = [{"role": m.role, "content": m.content} for m in conv.messages]
-    full = _render(tokenizer, msgs)
+    """The rendered text and the [start, end) character spans of trainable assistant turns (tool calls
+    included; tool results are never trainable)."""
+    msgs = [template_message(m) for m in conv.messages]
+    tools = [t.as_dict() for t in conv.tools] if conv.tools else None
+    full = _render(tokenizer, msgs, tools=tools)
     spans = []
     for i, m in enumerate(conv.messages):
         if m.role != "assistant" or m.weight == 0:
             continue
         if i:
-            prefix = _render(tokenizer, msgs[:i], generation_prompt=True)
+            prefix = _render(tokenizer, msgs[:i], generation_prompt=True, tools=tools)
         else:  # templates refuse an empty conversation: take what precedes a sentinel content
-            prefix = _render(tokenizer, [{"role": "assistant", "content": "\x00"}]).split("\x00")[0]
-        upto = _render(tokenizer, msgs[: i + 1])
+            prefix = _render(tokenizer, [{"role": "assistant", "content": "\x00"}], tools=tools).split("\x00")[0]
+        upto = _render(tokenizer, msgs[: i + 1], tools=tools)
         if not (full.startswith(upto) and upto.startswith(prefix)):
             raise TemplateMismatch(f"the chat template does not render turn {i} as a prefix of the whole "
                                    "conversation, so its assistant tokens cannot be located")
@@ -83,6 +139,8 @@ def encode_aligned(tokenizer, conversations: list[Conversation], max_seq_len: in
     from jinja2 import TemplateError
 
     issues = issues if issues is not None else []
+    if any(conv.uses_tools for conv in conversations):
+        check_tool_support(tokenizer)
     rendered: dict[int, tuple[str, list]] = {}
     for k, conv in enumerate(conversations):
         try:

@@ -80,7 +80,8 @@ MALFORMED = [
     # --- openai: each message --------------------------------------------------------------------
     row("missing_role", msgs({"content": "hi"}, A) + "\n", "missing_role", 1),
     row("unknown_role", msgs(U, {"role": "asistant", "content": "x"}) + "\n", "unknown_role", 1),
-    row("unknown_role_tool", msgs(U, A, {"role": "tool", "content": "x"}) + "\n", "unknown_role", 1),
+    row("unknown_role_function", msgs(U, A, {"role": "function", "content": "x"}) + "\n", "unknown_role", 1),
+    row("tool_answering_no_call", msgs(U, A, {"role": "tool", "content": "x"}) + "\n", "orphan_tool_result", 1),
     row("missing_content", msgs(U, {"role": "assistant"}) + "\n", "missing_content", 1),
     row("content_null", msgs({"role": "user", "content": None}, A) + "\n", "missing_content", 1),
     row("content_number", msgs(U, {"role": "assistant", "content": 42}) + "\n", "invalid_content", 1),
@@ -91,7 +92,7 @@ MALFORMED = [
     row("content_parts_no_text", msgs({"role": "user", "content": [{"type": "text"}]}, A) + "\n",
         "invalid_content", 1),
     row("unknown_message_key", msgs({"role": "user", "contnet": "hi"}, A) + "\n", "unknown_key", 1),
-    row("tool_calls", msgs(U, {**A, "tool_calls": [{"id": "1"}]}) + "\n", "unsupported_key", 1),
+    row("tool_calls_without_function", msgs(U, {**A, "tool_calls": [{"id": "1"}]}) + "\n", "invalid_tool_call", 1),
     row("function_call", msgs(U, {**A, "function_call": {"name": "f"}}) + "\n", "unsupported_key", 1),
     # --- openai: weights -------------------------------------------------------------------------
     row("weight_2", msgs(U, {**A, "weight": 2}) + "\n", "invalid_weight", 1),
@@ -197,16 +198,16 @@ def test_unknown_role_exact_with_did_you_mean(tmp_path):
     ds = read(tmp_path, msgs(U, {"role": "asistant", "content": "x"}) + "\n")
     assert [(i.line, i.code, i.level, i.message) for i in ds.issues] == [
         (1, "unknown_role", "error",
-         "messages[1] role 'asistant' is not one of system, user, assistant (did you mean 'assistant'?)"),
+         "messages[1] role 'asistant' is not one of system, user, assistant, tool (did you mean 'assistant'?)"),
         (0, "too_few_examples", "error", "0 valid examples, at least 1 needed"),
     ]
 
 
 def test_unknown_role_without_close_match_has_no_suggestion(tmp_path):
-    ds = read(tmp_path, msgs(U, A, {"role": "tool", "content": "x"}) + "\n")
+    ds = read(tmp_path, msgs(U, A, {"role": "narrator", "content": "x"}) + "\n")
     (issue,) = [i for i in ds.issues if i.code == "unknown_role"]
     assert "did you mean" not in issue.message
-    assert issue.message.startswith("messages[2] role 'tool'")
+    assert issue.message.startswith("messages[2] role 'narrator'")
 
 
 def test_unknown_message_key_did_you_mean_and_missing_content(tmp_path):
@@ -214,14 +215,15 @@ def test_unknown_message_key_did_you_mean_and_missing_content(tmp_path):
     assert [(i.line, i.code) for i in ds.issues] == [
         (1, "unknown_key"), (1, "missing_content"), (0, "too_few_examples")]
     assert ds.issues[0].message == ("messages[0] has unknown key 'contnet' (did you mean 'content'?); "
-                                    "expected role, content, weight, name")
+                                    "expected role, content, weight, name, tool_calls, tool_call_id")
     assert ds.issues[1].message == "messages[0] (user) has no 'content'"
 
 
-def test_tool_calls_message_is_clear(tmp_path):
-    ds = read(tmp_path, msgs(U, {**A, "tool_calls": []}) + "\n")
+def test_legacy_function_call_message_is_clear(tmp_path):
+    ds = read(tmp_path, msgs(U, {**A, "function_call": {"name": "f"}}) + "\n")
     (issue,) = [i for i in ds.issues if i.code == "unsupported_key"]
-    assert issue.message == "messages[1] has 'tool_calls': tool calls are not supported yet"
+    assert issue.message == ("messages[1] has 'function_call': the legacy function_call form is not supported; "
+                             "write 'tool_calls'")
     assert not [i for i in ds.issues if i.code == "unknown_key"]  # not reported twice
 
 
