@@ -3,8 +3,12 @@
 Field names, defaults and limits follow the OpenAI API; vLLM's extra sampling fields (top_k, min_p,
 repetition_penalty, ignore_eos, stop_token_ids) are accepted too, and budwood's own
 `calibrated_abstention` (a choice then says whether it abstained, in its `calibrated_abstention`
-object). Unknown fields are ignored, as vLLM does, except features budwood does not implement, which
-are refused by name.
+object). A chat request's every field is honoured or refused by name, never ignored (a request changed
+without telling its caller is the worst answer): the fields below that budwood does not implement are
+refused with a 400 naming them (CHAT_REFUSED), a few are accepted only with the value that asks for
+what budwood does anyway (CHAT_ONLY), and any other field the model does not declare is refused as
+unknown (serve/chat.py `refuse_unsupported`). A field sent empty (null, [], {}, "") counts as not sent. Completions
+requests still ignore unknown fields, as vLLM does.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # include_obfuscation and the like: refused by name, not ignored
     include_usage: bool = False
 
 
@@ -45,21 +50,86 @@ class _Sampling(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    """One message of a chat request. Its other fields (`tool_calls`, `tool_call_id`, `name`, ...) are kept
+    (extra="allow") so that serve/chat.py can refuse them by name rather than drop them."""
+
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
 
 
 class ChatCompletionRequest(_Sampling):
+    """Fields not declared here are kept (extra="allow") for serve/chat.py to refuse by name."""
+
+    model_config = ConfigDict(extra="allow")
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    add_generation_prompt: bool = True
+    add_generation_prompt: bool = True  # vLLM's
+    request_id: str | None = Field(None, min_length=1, max_length=128)  # vLLM's: the answer's id is chatcmpl-{it}
+
+
+_TOOLS = "budwood serve does not support tool calling yet"
+_GUIDED = "use response_format (json_object or json_schema), which budwood constrains with its grammar"
+# Fields of OpenAI's and vLLM's chat request that budwood does not implement, with why: refused by name (400,
+# `param` the field) unless null. docs/serving.md "Chat request fields" lists them.
+CHAT_REFUSED: dict[str, str] = {
+    # OpenAI
+    "tools": _TOOLS, "functions": _TOOLS,
+    "audio": "budwood serve answers in text only",
+    "metadata": "budwood serve stores no completions, so it has nowhere to keep metadata",
+    "moderation": "budwood serve runs no moderation",
+    "prediction": "predicted outputs are not supported",
+    "prompt_cache_key": "budwood's prefix cache is automatic (kept apart per tenant) and takes no key",
+    "prompt_cache_retention": "budwood's prefix cache keeps blocks while memory allows; it takes no retention",
+    "prompt_cache_options": "budwood's prefix cache is automatic and takes no options",
+    "reasoning_effort": "budwood serves no reasoning models' effort setting",
+    "verbosity": "budwood serve has no verbosity setting",
+    "web_search_options": "budwood serve has no web search",
+    "user": "budwood serve keeps no per-user records (OpenAI's use of it: abuse monitoring)",
+    "safety_identifier": "budwood serve keeps no per-user records (OpenAI's use of it: abuse monitoring)",
+    # vLLM
+    "best_of": "on chat, use n",
+    "length_penalty": "budwood has no beam search",
+    "spaces_between_special_tokens": "budwood's output never holds special tokens (they are skipped)",
+    "truncate_prompt_tokens": "budwood never truncates a prompt: one too long is refused",
+    "prompt_logprobs": "prompt logprobs are served on /v1/completions (echo with logprobs), not on chat",
+    "allowed_token_ids": "use logit_bias", "bad_words": "use logit_bias",
+    "documents": "chat templates are given messages only",
+    "chat_template": "the chat template is the model's or the adapter's own; requests cannot run their own",
+    "chat_template_kwargs": "chat templates are given messages and add_generation_prompt only",
+    "mm_processor_kwargs": "budwood serves text models only", "media_io_kwargs": "budwood serves text models only",
+    "guided_json": _GUIDED, "guided_regex": _GUIDED, "guided_choice": _GUIDED, "guided_grammar": _GUIDED,
+    "guided_decoding_backend": _GUIDED, "guided_whitespace_pattern": _GUIDED, "structural_tag": _GUIDED,
+    "structured_outputs": _GUIDED,
+    "logits_processors": "requests cannot run their own logits processors",
+    "cache_salt": "budwood salts the prefix cache per tenant itself",
+    "kv_transfer_params": "budwood has no disaggregated prefill", "vllm_xargs": "budwood takes no vLLM extra args",
+    "include_reasoning": "budwood serves no reasoning models' reasoning content",
+}
+# Fields accepted only with these values, which ask for what budwood does anyway; any other is refused by
+# name with the reason. Compared with their types (so 0 is not False).
+CHAT_ONLY: dict[str, tuple[tuple, str]] = {
+    "tool_choice": (("none",), _TOOLS),
+    "function_call": (("none",), _TOOLS),
+    "parallel_tool_calls": ((True, False), ""),  # no tools can be given, so there is nothing to call in parallel
+    "modalities": ((["text"],), "budwood serve answers in text only"),
+    "store": ((False,), "budwood serve stores no completions"),
+    "service_tier": (("auto", "default"), "budwood serve has one tier"),
+    "echo": ((False,), "echo is served on /v1/completions"),
+    "include_stop_str_in_output": ((False,), "stop strings are always cut from the output"),
+    "skip_special_tokens": ((True,), "special tokens are always skipped in the output"),
+    "add_special_tokens": ((False,), "the chat template adds the special tokens; none are added after it"),
+    "continue_final_message": ((False,), "the last message is never continued; send add_generation_prompt"),
+    "use_beam_search": ((False,), "budwood has no beam search"),
+    "min_tokens": ((0,), "budwood has no minimum length"),
+    "priority": ((0,), "budwood schedules first come, first served"),
+    "return_tokens_as_token_ids": ((False,), "logprobs give tokens as text"),
+    "return_token_ids": ((False,), "answers give text, not token ids"),
+}
 
 
 class CompletionRequest(_Sampling):

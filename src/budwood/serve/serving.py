@@ -160,9 +160,7 @@ class OpenAIServing:
     def sampling_params(self, req, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None,
                         grammar, cache_salt: str | None) -> SamplingParams:
         """The engine's SamplingParams for a chat or completion request; features budwood does not
-        implement are refused by name rather than ignored."""
-        if getattr(req, "tools", None):
-            raise BudwoodError("tools/function calling is not supported by budwood serve", param="tools")
+        implement are refused by name rather than ignored (chat's, such as tools: serve/chat.py)."""
         if getattr(req, "suffix", None):
             raise BudwoodError("suffix is not supported", param="suffix")
         if getattr(req, "best_of", None) not in (None, req.n):
