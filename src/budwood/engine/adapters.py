@@ -195,22 +195,20 @@ def _chat_template(name: str, path: Path) -> str | None:
 def file_stamp(path: Path) -> tuple:
     """Changes when any file a loaded adapter was read from is replaced or edited in place (weights,
     config, chat_template.jinja, tokenizer_config.json), or a template appears or goes: the adapter
-    cache then reloads it on its next use."""
-    try:
-        required = tuple((s.st_mtime_ns, s.st_size) for s in
-                         ((path / "adapter_model.safetensors").stat(), (path / "adapter_config.json").stat()))
-    except OSError:
+    cache then reloads it on its next use. By stat alone, as this runs on every use: the change time
+    (st_ctime) moves on any write or utime, so a template copied over another with its time kept (cp -p)
+    is still seen, without reading the file."""
+    def stamp(name: str) -> tuple | None:
+        try:
+            s = (path / name).stat()
+        except OSError:
+            return None
+        return s.st_mtime_ns, s.st_ctime_ns, s.st_size
+
+    required = (stamp("adapter_model.safetensors"), stamp("adapter_config.json"))
+    if None in required:
         return ()
-    try:  # by content: a template copied over another with its time kept (cp -p) is still seen
-        template = hashlib.sha256((path / "chat_template.jinja").read_bytes()).hexdigest()
-    except OSError:
-        template = None
-    try:
-        s = (path / "tokenizer_config.json").stat()
-        tokenizer_config = (s.st_mtime_ns, s.st_size)
-    except OSError:
-        tokenizer_config = None
-    return required + (template, tokenizer_config)
+    return required + (stamp("chat_template.jinja"), stamp("tokenizer_config.json"))
 
 
 def _check_base(name: str, path: Path, base_fingerprint: str | None) -> None:
