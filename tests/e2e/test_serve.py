@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -243,6 +244,71 @@ def test_stream_concatenates_to_the_non_streamed_result(served):
         assert mine[-1].finish_reason == choice.finish_reason == "length"
 
 
+ORDER_TOOLS = [
+    {"type": "function", "function": {"name": "order_status", "description": "Where an order is", "parameters": {
+        "type": "object", "properties": {"order_id": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{3,4}$"}},
+        "required": ["order_id"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "request_refund", "parameters": {
+        "type": "object", "properties": {"order_id": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{3,4}$"},
+                                         "reason": {"type": "string", "enum": ["damaged", "late", "wrong_item"]}},
+        "required": ["order_id", "reason"], "additionalProperties": False}}}]
+
+
+def _streamed_calls(chunks, index: int) -> tuple[str, list[tuple[str, str]], str | None]:
+    """A choice's content, its calls (name, arguments) assembled from tool_calls deltas, and its finish_reason."""
+    content, calls, finish = "", {}, None
+    for chunk in chunks:
+        for c in chunk.choices:
+            if c.index != index:
+                continue
+            content += c.delta.content or ""
+            for d in c.delta.tool_calls or []:
+                if d.id is not None:
+                    assert d.index not in calls and d.type == "function" and d.id.startswith("call_")
+                    calls[d.index] = [d.function.name, ""]
+                calls[d.index][1] += d.function.arguments or ""
+            finish = c.finish_reason or finish
+    return content, [tuple(v) for _, v in sorted(calls.items())], finish
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "request_refund"}}])
+def test_forced_tool_calls_stream_as_openai_deltas_and_equal_the_whole_answer(served, choice):
+    client = served.client()
+    kw = {"model": BASE, "messages": ask("My order PX-204 came broken, I want my money back."), "tools": ORDER_TOOLS,
+          "tool_choice": choice, "parallel_tool_calls": False, "max_tokens": 80, "n": 2, "seed": 3, "temperature": 0.8}
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    for c in whole.choices:
+        assert c.message.content is None and c.message.tool_calls, c.message
+        names = {t["function"]["name"] for t in ORDER_TOOLS}
+        for call in c.message.tool_calls:  # the grammar: a declared function, arguments valid by its schema
+            args = json.loads(call.function.arguments)
+            assert call.function.name in names and call.type == "function"
+            assert set(args) <= {"order_id", "reason"} and re.fullmatch(r"[A-Z]{2}-[0-9]{3,4}", args["order_id"])
+        if choice != "required":
+            assert [t.function.name for t in c.message.tool_calls] == ["request_refund"]
+        assert c.finish_reason == ("tool_calls" if choice == "required" else "stop")
+        content, calls, finish = _streamed_calls(chunks, c.index)
+        assert content == "" and finish == c.finish_reason
+        assert [(n, json.loads(a)) for n, a in calls] == [(t.function.name, json.loads(t.function.arguments))
+                                                          for t in c.message.tool_calls]
+
+
+def test_a_tool_conversation_round_trips_through_the_openai_client(served):
+    """The client's own assistant message (with tool_calls) and a tool result go back in the history."""
+    client = served.client()
+    messages = ask("Where is order PX-204?")
+    first = client.chat.completions.create(model=BASE, messages=messages, tools=ORDER_TOOLS, max_tokens=60,
+                                           tool_choice={"type": "function", "function": {"name": "order_status"}})
+    call = first.choices[0].message.tool_calls[0]
+    messages += [first.choices[0].message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": '{"status": "shipped"}'}]
+    second = client.chat.completions.create(model=BASE, messages=messages, tools=ORDER_TOOLS, tool_choice="none",
+                                            max_tokens=8)
+    assert second.choices[0].message.tool_calls is None and second.choices[0].finish_reason in ("stop", "length")
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens + first.usage.completion_tokens
+
+
 def test_stream_sends_each_choice_finish_reason_once(served):
     kw = {"model": "beta", "messages": ask("Tell me a story."), "max_tokens": 12, "seed": 11, "n": 2}
     chunks = list(served.client().chat.completions.create(**kw, stream=True))
@@ -417,7 +483,8 @@ CHAT_OK = {"model": BASE, "messages": ask("Hi"), "max_tokens": 2}
     ("chat", {**CHAT_OK, "max_tokens": 5000}, 400, "max_tokens", None),
     ("chat", {**CHAT_OK, "max_tokens": 5000, "stream": True}, 400, "max_tokens", None),
     ("chat", {**CHAT_OK, "top_logprobs": 2}, 400, "top_logprobs", None),
-    ("chat", {**CHAT_OK, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", None),
+    ("chat", {**CHAT_OK, "tools": [{"type": "function", "function": {"name": "no spaces"}}]}, 400, "tools",
+     "invalid_tool"),
     ("chat", {**CHAT_OK, "response_format": {"type": "xml"}}, 400, "response_format", None),
     ("chat", {**CHAT_OK, "messages": [{"role": "wizard", "content": "hi"}]}, 400, None, None),
     ("completions", {"model": "no-such-adapter", "prompt": "x"}, 404, "model", "model_not_found"),

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from budwood.errors import DataError, did_you_mean
+from budwood.errors import BudwoodError, DataError, did_you_mean
 
 CHAT_ROLES = ("system", "user", "assistant")
 ROLES = (*CHAT_ROLES, "tool")
@@ -454,6 +454,27 @@ def _tools(raw, rec: _Record, where: str) -> list[Tool] | None:
             continue
         tools.append(Tool(function))
     return tools or None
+
+
+def _checked(parse, raw, where: str):
+    issues: list[Issue] = []
+    rec = _Record("", 0, issues)
+    out = parse(raw, rec, where)
+    errors = [i for i in issues if i.level == "error"]
+    if errors:
+        raise BudwoodError(f"{errors[0].message} ({errors[0].code})", param=where, code=errors[0].code)
+    return out
+
+
+def read_tools(raw, where: str = "tools") -> list[Tool]:
+    """A request's tools (serving's `tools` field), checked by the rules data files follow; DataError names
+    the first problem and the field (BudwoodError: a request's 400)."""
+    return _checked(_tools, raw, where) or []
+
+
+def read_tool_calls(raw, where: str) -> list[ToolCall]:
+    """An assistant message's `tool_calls` in a request's history, checked as in data files."""
+    return _checked(_tool_calls, raw, where) or []
 
 
 def _function(entry: dict, rec: _Record, where: str) -> Function | None:

@@ -35,6 +35,7 @@ from budwood.engine.output import FinishReason, IncrementalDetokenizer, RequestO
 from budwood.engine.runner import Runner, StepItem
 from budwood.engine.sampling import ParamError, SamplingParams, make_generator, sample_row, top_logprobs
 from budwood.engine.scheduler import Scheduler, Sequence
+from budwood.engine.tools import ToolFormat, template_tool_format
 
 
 class EngineConfig(BaseModel):
@@ -55,6 +56,10 @@ class EngineConfig(BaseModel):
                                "padded to it, so an adapter's numbers never depend on its batch)")
     batch_invariant: bool = Field(True, description="seeded outputs independent of the batch (see docs)")
     max_queue: int = Field(256, ge=1, description="requests waiting or running before 429")
+
+
+class ToolsUnsupported(ParamError):
+    """`tools` for a model whose chat template cannot render them."""
 
 
 class RequestTooLong(ParamError):
@@ -152,17 +157,28 @@ class Engine:
 
     # -- prompts ----------------------------------------------------------------------------------
     def chat_prompt(self, messages: list[dict], adapter: LoadedAdapter | None = None,
-                    add_generation_prompt: bool = True, budget: TemplateBudget | None = None) -> list[int]:
+                    add_generation_prompt: bool = True, budget: TemplateBudget | None = None,
+                    tools: list[dict] | None = None) -> list[int]:
         """Token ids of a conversation through the chat template (the adapter's own if it ships one),
         rendered within `budget` (an adapter's template is its publisher's code): a template that runs
-        too long or renders too much raises TemplateBudgetExceeded naming it."""
+        too long or renders too much raises TemplateBudgetExceeded naming it. `tools` (OpenAI tool objects)
+        go to the template as transformers passes them; a template without tool support is refused."""
         template = adapter.chat_template if adapter is not None and adapter.chat_template else None
         budget = budget or TemplateBudget()
         name = f"the chat template of adapter {adapter.name!r}" if template else "the base model's chat template"
+        if tools and self.tool_format(adapter) is None:
+            raise ToolsUnsupported("tools", f"{name} does not support tools (it renders no tool definitions and no "
+                                   "known tool-call format)")
         with bounded_rendering(budget, name):
             text = self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
+                                                      add_generation_prompt=add_generation_prompt,
+                                                      tools=tools or None)
         return self.tokenizer(check_rendered(text, budget, name), add_special_tokens=False)["input_ids"]
+
+    def tool_format(self, adapter: LoadedAdapter | None = None) -> ToolFormat | None:
+        """How the chat template in use (the adapter's own, else the base's) writes tool calls; None: no tools."""
+        template = adapter.chat_template if adapter is not None and adapter.chat_template else None
+        return template_tool_format(template or self.tokenizer.chat_template)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]

@@ -136,11 +136,32 @@ class GrammarCompiler:
                 self._cache.popitem(last=False)
         return grammar
 
+    def compile_lark(self, grammar: str, where: str) -> Grammar:
+        """A grammar in llguidance's Lark dialect (tool calls: engine.tools.tool_call_grammar), cached by its
+        text; `where` names the request field at fault in an error."""
+        key = "lark:" + grammar
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        try:
+            built = self._build_spec(llguidance.LLMatcher.grammar_from_lark(grammar), where)
+        except ValueError as e:
+            raise GrammarError(f"{where}: {e}") from None
+        with self._lock:
+            self._cache[key] = built
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return built
+
     def _build(self, schema: dict, where: str) -> Grammar:
         try:
             spec = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides={"whitespace_pattern": _WHITESPACE})
         except ValueError as e:
             raise GrammarError(f"{where}: {e}") from None
+        return self._build_spec(spec, where)
+
+    def _build_spec(self, spec: str, where: str) -> Grammar:
         template = llguidance.LLMatcher(self._tokenizer, spec, log_level=0)
         if template.is_error():
             raise GrammarError(f"{where}: unsupported or invalid JSON schema: {template.get_error()}")

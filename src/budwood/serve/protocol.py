@@ -50,12 +50,15 @@ class _Sampling(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """One message of a chat request. Its other fields (`tool_calls`, `tool_call_id`, `name`, ...) are kept
-    (extra="allow") so that serve/chat.py can refuse them by name rather than drop them."""
+    """One message of a chat request: an assistant's `tool_calls` and a tool result's `tool_call_id` are
+    rendered by the chat template; other fields (`name`, `function_call`, ...) are kept (extra="allow") so
+    that serve/chat.py can refuse them by name rather than drop them."""
 
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
 
 
 class ChatCompletionRequest(_Sampling):
@@ -70,15 +73,18 @@ class ChatCompletionRequest(_Sampling):
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True  # vLLM's
     request_id: str | None = Field(None, min_length=1, max_length=128)  # vLLM's: the answer's id is chatcmpl-{it}
+    tools: list[Any] | None = None  # OpenAI tool objects; checked in serve/tools.py
+    tool_choice: str | dict[str, Any] | None = None  # "none" | "auto" | "required" | {"type": "function", ...}
+    parallel_tool_calls: bool | None = None
 
 
-_TOOLS = "budwood serve does not support tool calling yet"
+_LEGACY = "OpenAI's deprecated function calling; send tools and tool_choice"
 _GUIDED = "use response_format (json_object or json_schema), which budwood constrains with its grammar"
 # Fields of OpenAI's and vLLM's chat request that budwood does not implement, with why: refused by name (400,
 # `param` the field) unless null. docs/serving.md "Chat request fields" lists them.
 CHAT_REFUSED: dict[str, str] = {
     # OpenAI
-    "tools": _TOOLS, "functions": _TOOLS,
+    "functions": _LEGACY,
     "audio": "budwood serve answers in text only",
     "metadata": "budwood serve stores no completions, so it has nowhere to keep metadata",
     "moderation": "budwood serve runs no moderation",
@@ -113,9 +119,7 @@ CHAT_REFUSED: dict[str, str] = {
 # Fields accepted only with these values, which ask for what budwood does anyway; any other is refused by
 # name with the reason. Compared with their types (so 0 is not False).
 CHAT_ONLY: dict[str, tuple[tuple, str]] = {
-    "tool_choice": (("none",), _TOOLS),
-    "function_call": (("none",), _TOOLS),
-    "parallel_tool_calls": ((True, False), ""),  # no tools can be given, so there is nothing to call in parallel
+    "function_call": (("none",), _LEGACY),
     "modalities": ((["text"],), "budwood serve answers in text only"),
     "store": ((False,), "budwood serve stores no completions"),
     "service_tier": (("auto", "default"), "budwood serve has one tier"),
@@ -208,9 +212,22 @@ class Health(BaseModel):
     in_flight: int
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = Field(None, exclude_if=lambda v: v is None)  # sent only with calls, as
+    # OpenAI does
 
 
 class AbstentionVerdict(BaseModel):

@@ -143,19 +143,33 @@ class OpenAIServing:
         raise NotFoundError(f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
     # -- generation ---------------------------------------------------------------------------------
-    async def grammar(self, response_format: dict | None):
-        """The compiled grammar for a response_format (None for free text)."""
-        if not response_format or response_format.get("type") == "text":
-            return None
-        from budwood.engine.grammar import GrammarCompiler, GrammarError
+    def _compiler(self):
+        from budwood.engine.grammar import GrammarCompiler
 
         if self._grammar is None:
             e = self.engine
             self._grammar = GrammarCompiler(e.tokenizer, e.runner.vocab_size, e.stop_ids)
+        return self._grammar
+
+    async def grammar(self, response_format: dict | None):
+        """The compiled grammar for a response_format (None for free text)."""
+        if not response_format or response_format.get("type") == "text":
+            return None
+        from budwood.engine.grammar import GrammarError
+
         try:
-            return await asyncio.to_thread(self._grammar.compile, response_format)
+            return await asyncio.to_thread(self._compiler().compile, response_format)
         except GrammarError as e:
             raise BudwoodError(str(e), param="response_format") from None
+
+    async def tool_grammar(self, lark: str):
+        """The compiled grammar that forces a tool call (serve/tools.py ToolRequest.grammar)."""
+        from budwood.engine.grammar import GrammarError
+
+        try:
+            return await asyncio.to_thread(self._compiler().compile_lark, lark, "tools")
+        except GrammarError as e:
+            raise BudwoodError(str(e), param="tools") from None
 
     def sampling_params(self, req, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None,
                         grammar, cache_salt: str | None) -> SamplingParams:

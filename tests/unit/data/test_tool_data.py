@@ -266,11 +266,28 @@ def test_tool_free_rendering_does_not_pass_tools(tmp_path, tiny_tokenizer):
     assert tiny_tokenizer.decode(enc.input_ids) == expected
 
 
+# budwood-tiny's template before it learnt tools: each message's role and content, nothing else
+TOOL_FREE_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + "
+                      "message['content'] + '<|end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
+                      "{{ '<|assistant|>\n' }}{% endif %}")
+
+
 def test_template_without_tool_support_is_a_clear_error(tmp_path, tiny_tokenizer):
     conv = read(tmp_path, [GOOD]).conversations[0]
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = TOOL_FREE_TEMPLATE
     with pytest.raises(DataError, match="has no tool support: it ignores the tools, assistant tool_calls") as e:
-        encode_conversations(tiny_tokenizer, [conv], 4096)
-    assert tiny_tokenizer.name_or_path in str(e.value)
+        encode_conversations(tok, [conv], 4096)
+    assert tok.name_or_path in str(e.value)
+
+
+def test_budwood_tiny_renders_tools_calls_and_results(tmp_path, tiny_tokenizer):
+    conv = read(tmp_path, [GOOD]).conversations[0]
+    (enc,) = encode_conversations(tiny_tokenizer, [conv], 4096)
+    text = tiny_tokenizer.decode(enc.input_ids)
+    assert "<tools>" in text and '"name": "get_weather"' in text
+    assert "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {" in text
+    assert "<tool_response>" in text
 
 
 def test_template_that_drops_results_is_refused(tool_tokenizer):
@@ -296,4 +313,4 @@ def test_tool_stats_and_data_check_summary(tmp_path):
     result = CliRunner().invoke(app, ["data", "check", str(path), "--min-examples", "1"])
     assert "tool use: 2 example(s) declare tools, 1 call them (1 call(s) of 1 function(s), 1 tool result(s))" \
         in result.output
-    assert result.exit_code == 1 and "has no tool support" in result.output  # budwood-tiny's template has none
+    assert result.exit_code == 0 and "has no tool support" not in result.output, result.output

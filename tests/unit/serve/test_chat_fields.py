@@ -37,7 +37,11 @@ VLLM_FIELDS = {
 }
 MESSAGES = [{"role": "user", "content": "Hi"}]
 TOOL = {"type": "function", "function": {"name": "order_status", "parameters": {"type": "object", "properties": {}}}}
+REFUND = {"type": "function", "function": {"name": "refund", "parameters": {
+    "type": "object", "properties": {"order_id": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{4}$"}},
+    "required": ["order_id"], "additionalProperties": False}}}
 CALL = {"id": "call_1", "type": "function", "function": {"name": "order_status", "arguments": "{}"}}
+TOOLS = {"tools": [TOOL, REFUND], "max_tokens": 64}
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,40 @@ def check_no_tool_calls(s: Sent) -> None:
     assert "tool_calls" not in choice["message"] and choice["finish_reason"] in ("stop", "length")
 
 
+def check_shows_tools(s: Sent) -> None:
+    assert usage(s)["prompt_tokens"] > usage(baseline(s))["prompt_tokens"] + 20  # the template lists the tools
+
+
+def calls(s: Sent) -> list[dict]:
+    return s.body["choices"][0]["message"].get("tool_calls") or []
+
+
+def check_forced_call(s: Sent) -> None:
+    """tool_choice required (or tools with it): a call to a declared function whose arguments parse."""
+    assert [c["function"]["name"] for c in calls(s)][:1] == ["order_status"]
+    assert all(isinstance(json.loads(c["function"]["arguments"]), dict) for c in calls(s))
+    assert s.body["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def check_named_call(s: Sent) -> None:
+    """A named function: exactly one call to it, and finish_reason "stop" as OpenAI sends it."""
+    assert [c["function"]["name"] for c in calls(s)] == ["refund"]
+    assert s.body["choices"][0]["finish_reason"] == "stop"
+
+
+def check_one_call(s: Sent) -> None:
+    assert len(calls(s)) == 1
+
+
+def check_calls_only(s: Sent) -> None:
+    """One or more calls: the untrained base may write calls until max_tokens, but never anything else."""
+    choice = s.body["choices"][0]
+    if choice["finish_reason"] == "length":
+        assert choice["message"]["content"].startswith('<tool_call>\n{"name": "')
+    else:
+        check_forced_call(s)
+
+
 def check_json_object(s: Sent) -> None:
     assert text(s).startswith("{")  # free text from this prompt starts with a word
 
@@ -171,14 +209,23 @@ CASES = [
     Case("response_format", {"type": "json_object"}, Honoured("the grammar compiler", check_json_object)),
     Case("stream", True, Honoured("serve/sse.py", check_stream)),
     Case("stream_options", {"include_usage": True}, Honoured("chat._chunks", check_stream_usage), {"stream": True}),
+    Case("tools", [TOOL], Honoured("the chat template (tools=) and serve/tools.py", check_shows_tools)),
+    Case("tool_choice", "none", Honoured("serve/tools.py: tools shown, text answered", check_no_tool_calls),
+         {"tools": [TOOL]}),
+    Case("tool_choice", "auto", Honoured("serve/tools.py: calls parsed from the text (engine/tools.py)"),
+         {"tools": [TOOL]}),
+    Case("tool_choice", "required", Honoured("the tool-call grammar", check_forced_call),
+         {**TOOLS, "parallel_tool_calls": False}),
+    Case("tool_choice", {"type": "function", "function": {"name": "refund"}},
+         Honoured("the tool-call grammar, one function", check_named_call), TOOLS),
+    Case("tool_choice", {"type": "function", "function": {"name": "nope"}}, REFUSED, TOOLS),
+    Case("parallel_tool_calls", False, Honoured("the tool-call grammar: one call", check_one_call),
+         {**TOOLS, "tool_choice": "required"}),
+    Case("parallel_tool_calls", True, Honoured("the tool-call grammar: one or more calls", check_calls_only),
+         {**TOOLS, "tool_choice": "required"}),
     # accepted only where the value asks for what budwood does anyway
-    Case("tool_choice", "none", Honoured("no tools can be given, so none is called", check_no_tool_calls)),
-    Case("tool_choice", "auto", REFUSED),
-    Case("tool_choice", {"type": "function", "function": {"name": "order_status"}}, REFUSED),
     Case("function_call", "none", Honoured("no functions can be given, so none is called", check_no_tool_calls)),
     Case("function_call", "auto", REFUSED),
-    Case("parallel_tool_calls", False, Honoured("no tools can be given, so none is called in parallel",
-                                                check_no_tool_calls)),
     Case("modalities", ["text"], Honoured("budwood answers in text")),
     Case("modalities", ["text", "audio"], REFUSED),
     Case("store", False, Honoured("budwood stores no completions")),
@@ -186,7 +233,6 @@ CASES = [
     Case("service_tier", "auto", Honoured("budwood's one tier")),
     Case("service_tier", "flex", REFUSED),
     # OpenAI's fields that budwood refuses
-    Case("tools", [TOOL], REFUSED),
     Case("functions", [TOOL["function"]], REFUSED),
     Case("audio", {"voice": "alloy", "format": "wav"}, REFUSED),
     Case("metadata", {"team": "support"}, REFUSED),
@@ -297,7 +343,7 @@ def test_every_field_has_a_case():
 def test_a_field_accepted_only_with_one_value_is_walked_both_ways():
     for name in CHAT_ONLY:
         verdicts = {c.verdict is REFUSED for c in CASES if c.field == name}
-        assert verdicts == ({False} if name == "parallel_tool_calls" else {True, False}), name
+        assert verdicts == {True, False}, name
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
@@ -336,21 +382,33 @@ def test_an_unknown_stream_option_is_refused_by_name(client):
 
 
 @pytest.mark.parametrize("history, param", [
-    ([*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [CALL]}], "messages.1.tool_calls"),
     ([*MESSAGES, {"role": "assistant", "content": None, "function_call": CALL["function"]}],
      "messages.1.function_call"),
-    ([*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [CALL]},
-      {"role": "tool", "tool_call_id": "call_1", "content": '{"status": "shipped"}'}], "messages.1.tool_calls"),
-    ([*MESSAGES, {"role": "tool", "tool_call_id": "call_1", "content": "shipped"}], "messages.1.role"),
+    ([*MESSAGES, {"role": "tool", "tool_call_id": "call_1", "content": "shipped"}], "messages.1.tool_call_id"),
+    ([*MESSAGES, {"role": "tool", "content": "shipped"}], "messages.1.tool_call_id"),
+    ([*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [{**CALL, "function": {"name": "x"}}]}],
+     "messages.1"),
+    ([*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [{**CALL, "function": {
+        "name": "order_status", "arguments": "{not json"}}]}], "messages.1"),
+    ([*MESSAGES, {"role": "user", "content": None, "tool_calls": [CALL]}], "messages.1.tool_calls"),
     ([*MESSAGES, {"role": "function", "name": "order_status", "content": "shipped"}], "messages.1.role"),
     ([{"role": "user", "content": "Hi", "name": "alice"}], "messages.0.name"),
     ([{"role": "user", "content": "Hi", "tool_call_id": "call_1"}], "messages.0.tool_call_id"),
 ])
-def test_tool_history_and_other_message_fields_are_refused_not_dropped(client, history, param):
+def test_bad_tool_history_and_other_message_fields_are_refused_not_dropped(client, history, param):
     s = post(client, {"model": BASE, "messages": history, "max_tokens": 1})
     assert_refused(s, param)
-    if param.endswith(("tool_calls", "role")):
-        assert "tool" in s.body["error"]["message"]
+
+
+def test_tool_calls_and_results_in_the_history_are_rendered_not_dropped(client):
+    called = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [CALL]}]
+    answered = [*called, {"role": "tool", "tool_call_id": "call_1", "content": '{"status": "shipped"}'}]
+    sizes = []
+    for history in (MESSAGES, called, answered):
+        s = post(client, {"model": BASE, "messages": history, "tools": [TOOL], "max_tokens": 1})
+        assert s.status == 200, s.body
+        sizes.append(usage(s)["prompt_tokens"])
+    assert sizes[0] < sizes[1] < sizes[2]
 
 
 def test_an_assistant_message_with_empty_tool_calls_is_plain_text(client):
