@@ -1,7 +1,8 @@
 """`budwood serve --engine vllm`: the same base and adapter folders, served by vLLM on a GPU.
 
 vLLM loads PEFT adapter directories unchanged; budwood only translates its options to vLLM's
-OpenAI server (`vllm serve`), so clients see the same model names and routes.
+OpenAI server (`vllm serve`), so clients see the same model names and routes, and tool calls read with the
+parser that matches the base's chat template (vLLM's `--tool-call-parser`, as budwood's engine picks it).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from budwood.engine.tools import ToolFormat, template_tool_format
 from budwood.errors import BudwoodError
 from budwood.models.load import resolve_model_path
 
@@ -26,9 +28,26 @@ def vllm_command(base: str, adapters: Path | None, host: str, port: int, api_key
             ranks = [json.loads((p / "adapter_config.json").read_text()).get("r", 16) for p in subdirs]
             cmd += ["--max-lora-rank", str(max(ranks)), "--lora-modules",
                     *[f"{p.name}={p}" for p in subdirs]]
+    fmt = _tool_format(resolve_model_path(base))
+    if fmt is not None:  # tool_choice auto, as budwood serves it; required and named need no flag in vLLM
+        cmd += ["--enable-auto-tool-choice", "--tool-call-parser", fmt.value]
     if api_key:
         cmd += ["--api-key", api_key]
     return cmd
+
+
+def _tool_format(model_dir: str) -> ToolFormat | None:
+    """The tool-call format the base's chat template teaches (its chat_template.jinja, else the template in its
+    tokenizer_config.json)."""
+    import json
+
+    folder = Path(model_dir)
+    template = None
+    if (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text()
+    elif (folder / "tokenizer_config.json").is_file():
+        template = json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template")
+    return template_tool_format(template if isinstance(template, str) else None)
 
 
 def serve_vllm(base: str, adapters: Path | None, host: str, port: int, api_key: str | None, max_loras: int) -> None:

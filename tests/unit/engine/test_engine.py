@@ -298,6 +298,8 @@ def test_vllm_command_serves_the_same_folders(tiny_adapters):
     assert cmd[i + 1:i + 4] == [f"{n}={tiny_adapters / n}" for n in ("alpha", "beta", "gamma")]
     assert cmd[cmd.index("--max-lora-rank") + 1] == "16" and cmd[cmd.index("--served-model-name") + 1] == "budwood-tiny"
     assert cmd[cmd.index("--api-key") + 1] == "k" and "--enable-lora" in cmd
+    # budwood-tiny's template writes Hermes-style calls: vLLM reads them with its hermes parser
+    assert "--enable-auto-tool-choice" in cmd and cmd[cmd.index("--tool-call-parser") + 1] == "hermes"
 
 
 def test_a_prompt_longer_than_a_step_alone_and_as_a_context(engines):
