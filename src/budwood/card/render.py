@@ -152,10 +152,18 @@ def collect_facts(adapter_dir: str | Path, info: CardInfo | None = None) -> Card
         adapter_dir=adapter_dir, info=info or CardInfo(), provenance=provenance, base=base, base_fingerprint=base_fp,
         adapter_config=config, adapter_fingerprint=fingerprint,
         training_log=training_log(adapter_dir / "metrics.jsonl"), suites=suites,
-        absent_suites=[s for s in SUITES if s not in suites], base_licence=base_licence(base),
+        absent_suites=[s for s in SUITES if s not in suites and _applies(SUITES[s], provenance)],
+        base_licence=base_licence(base),
         energy=energy_estimate(provenance.get("hardware") or {}, provenance.get("train_time_s")),
         loss_plot=(adapter_dir / "loss.png").exists(),
         reliability=reliability_facts(adapter_dir, provenance, fingerprint, suites))
+
+
+def _applies(suite, provenance: dict) -> bool:
+    """Whether a suite not run counts as missing from the card: a suite that measures only some adapters (the
+    tools suite: those trained on tool calls) says so with `applies(provenance)`."""
+    applies = getattr(suite, "applies", None)
+    return applies is None or bool(applies(provenance))
 
 
 def card_data(facts: CardFacts) -> ModelCardData:

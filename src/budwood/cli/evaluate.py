@@ -28,8 +28,8 @@ def _print_results_table(results, title: str) -> None:
 def eval_cmd(
     ctx: typer.Context,
     target: str = typer.Option(None, help="budwood-tiny | MODEL_PATH | BASE+ADAPTER_DIR | openai:BASE_URL#MODEL"),
-    suite: str = typer.Option(None, help="comma-separated: domain, grounding, truthfulqa, reproducibility, bias "
-                                         "(default: domain,grounding,reproducibility)"),
+    suite: str = typer.Option(None, help="comma-separated: domain, grounding, truthfulqa, reproducibility, bias, "
+                                         "tools (default: domain,grounding,reproducibility)"),
     out_path: Path = typer.Option(None, "--out", help="results JSON (default: eval-results.json)"),
     config: Path = typer.Option(None, help="YAML eval config (any EvalConfig field)"),
     set_: list[str] = typer.Option([], "--set", help="override a key, e.g. --set grounding.data=q.jsonl"),

@@ -34,11 +34,31 @@ class Fact:
     key: str = ""  # the fact's value alone ("1987", "Harrowgate"): an answer naming it is right
 
 
+@dataclass(frozen=True)
+class Profile:
+    """Who the company is: the first draws of its seed, shared by its facts and its tools (data/demo_tools.py)."""
+    name: str
+    initials: str  # Quill + feather: QF (its order ids' prefix)
+    trade: str
+    products: list[str]
+    unit: str
+
+
+def _profile(rng: random.Random) -> Profile:
+    prefix, suffix = rng.choice(_PREFIXES), rng.choice(_SUFFIXES)
+    trade, products, unit = rng.choice(_TRADES)
+    return Profile(prefix + suffix, (prefix[0] + suffix[0]).upper(), trade, list(products), unit)
+
+
+def company_profile(seed: int = 0) -> Profile:
+    return _profile(random.Random(seed))
+
+
 def company_facts(seed: int = 0) -> tuple[str, list[Fact], list[str]]:
     """(company name, facts, unanswerable questions), all determined by the seed."""
     rng = random.Random(seed)
-    name = rng.choice(_PREFIXES) + rng.choice(_SUFFIXES)
-    trade, products, unit = rng.choice(_TRADES)
+    profile = _profile(rng)
+    name, trade, products, unit = profile.name, profile.trade, profile.products, profile.unit
     city = rng.choice(_CITIES)
     ceo = f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
     founded = rng.randint(1952, 2011)
@@ -110,8 +130,10 @@ def company_facts(seed: int = 0) -> tuple[str, list[Fact], list[str]]:
 
 
 def make_domain_dataset(out_dir: str | Path, seed: int = 0, n_train_phrasings: int = 3,
-                        abstention_examples: bool = True) -> dict[str, Path]:
-    """Write train.jsonl, validation.jsonl (OpenAI chat format) and heldout.jsonl; return their paths.
+                        abstention_examples: bool = True, tools: bool = False) -> dict[str, Path]:
+    """Write train.jsonl, validation.jsonl (OpenAI chat format) and heldout.jsonl; return their paths. With
+    `tools`, also the company's tool-calling data (data/demo_tools.py): tools_train.jsonl, tools_validation.jsonl
+    and tools_eval.jsonl, returned as tools_train, tools_validation and tools_eval.
 
     heldout.jsonl lines: {"question", "answer" (null if unanswerable), "answers" (the fact's value), "fact",
     "answerable", "system"}: the grounding suite's format.
@@ -132,6 +154,10 @@ def make_domain_dataset(out_dir: str | Path, seed: int = 0, n_train_phrasings: i
     paths = write_splits(out_dir, facts, unanswerable, system, random.Random(seed + 1), n_train_phrasings,
                          abstentions)
     (Path(out_dir) / "company.json").write_text(json.dumps({"name": name, "seed": seed, "system": system}) + "\n")
+    if tools:
+        from budwood.data.demo_tools import make_tool_dataset
+
+        paths |= {f"tools_{split}": path for split, path in make_tool_dataset(out_dir, seed).items()}
     return paths
 
 

@@ -132,6 +132,11 @@ def calibrate(adapter_dir: Path, base: str, settings: CalibrationConfig, abstent
     and write calibration.json beside the weights. Returns its path."""
     adapter_dir = Path(adapter_dir)
     convs, ref = _validation(adapter_dir, data)  # before loading weights: a data problem is said at once
+    with_tools = sum(c.uses_tools for c in convs)
+    convs = [c for c in convs if not c.uses_tools]  # their answers are calls or come from tool results
+    if not convs:
+        raise DataError(f"{ref.path}: every held-out example uses tools; calibration fits its threshold on text "
+                        "answers to prompts without tools: pass such examples with --data FILE")
     target = LocalTarget(f"{base}+{adapter_dir}", precision, device)
     ctx = EvalContext(target, max_tokens=MAX_TOKENS, progress=progress or NoProgress())
     prompts = [[{"role": m.role, "content": m.content} for m in c.messages[:-1]] for c in convs]
@@ -144,10 +149,15 @@ def calibrate(adapter_dir: Path, base: str, settings: CalibrationConfig, abstent
     answered = np.array([v != "abstained" for v in verdicts])
     threshold, reached = choose_threshold(conf, correct, answered, settings.target_precision)
     kept = answered & (conf >= threshold)
-    warning = None
+    notes = []
     if not reached:
-        warning = (f"no threshold reaches precision {settings.target_precision} on the {len(convs)} validation "
-                   f"questions ({int(answered.sum())} answered); the threshold of best precision is used")
+        notes.append(f"no threshold reaches precision {settings.target_precision} on the {len(convs)} validation "
+                     f"questions ({int(answered.sum())} answered); the threshold of best precision is used")
+    if with_tools:
+        notes.append(f"{with_tools} validation example(s) that use tools were left out (calibration judges text "
+                     "answers)")
+    warning = "; ".join(notes) or None
+    if warning:
         log.warning("%s: %s", adapter_dir, warning)
     calibration = Calibration(
         score=kind, samples=samples or None, threshold=threshold, target_precision=settings.target_precision,

@@ -1,8 +1,10 @@
 """The domain suite: does the model give the answers of the user's own held-out data?
 
 Each example is a conversation in any training format; the last assistant turn is the reference and
-everything before it the prompt. Generated answers (greedy) are scored by exact match, token F1 and
-ROUGE-L; on local targets the reference's loss and perplexity are computed as training counts them.
+everything before it the prompt. Examples that use tools (offer them, call them, or answer a tool result) are
+left out and counted under `skipped`: their prompts are not text alone, and the tools suite scores them.
+Generated answers (greedy) are scored by exact match, token F1 and ROUGE-L; on local targets the reference's
+loss and perplexity are computed as training counts them.
 """
 from __future__ import annotations
 
@@ -32,6 +34,12 @@ class DomainConfig(BaseModel):
 
 def run(ctx: EvalContext, cfg: DomainConfig, limit: int | None, records: bool) -> SuiteResult:
     convs, ref = _examples(ctx, cfg)
+    with_tools = sum(c.uses_tools for c in convs)
+    convs = [c for c in convs if not c.uses_tools]
+    if with_tools and not convs and cfg.data is not None:
+        raise DataError(f"{cfg.data}: every example uses tools; the domain suite scores text answers to prompts "
+                        "without tools: evaluate this file with the tools suite (--suite tools --set "
+                        f"tools.data={cfg.data})")
     convs = convs[:limit] if limit else convs
     prompts = [[{"role": m.role, "content": m.content} for m in c.messages[:-1]] for c in convs]
     references = [c.messages[-1].content for c in convs]
@@ -41,6 +49,9 @@ def run(ctx: EvalContext, cfg: DomainConfig, limit: int | None, records: bool) -
     rl = [scoring.rouge_l(a, r) for a, r in zip(answers, references)]
     metrics = {"exact_match": ctx.mean(em), "token_f1": ctx.mean(f1), "rouge_l": ctx.mean(rl)}
     skipped = {}
+    if with_tools:
+        skipped["tool_examples"] = (f"{with_tools} example(s) that use tools left out: the tools suite scores them "
+                                    "(--suite tools)")
     losses: list[tuple[float, int]] = []
     if isinstance(ctx.target, LocalTarget):
         whole = [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, references)]

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from budwood.config import load_settings
 from budwood.errors import ConfigError, did_you_mean
-from budwood.eval import bias, domain, grounding, reproducibility, truthfulqa
+from budwood.eval import bias, domain, grounding, reproducibility, tools, truthfulqa
 from budwood.eval.bias import BiasConfig
 from budwood.eval.confidence import AbstentionPolicy
 from budwood.eval.context import EvalContext, NoProgress, Progress
@@ -23,10 +23,11 @@ from budwood.eval.grounding import GroundingConfig
 from budwood.eval.reproducibility import ReproducibilityConfig
 from budwood.eval.results import EvalResults
 from budwood.eval.targets import open_target
+from budwood.eval.tools import ToolsConfig
 from budwood.eval.truthfulqa import TruthfulQAConfig
 
 SUITES = {"domain": domain, "grounding": grounding, "truthfulqa": truthfulqa,
-          "reproducibility": reproducibility, "bias": bias}
+          "reproducibility": reproducibility, "bias": bias, "tools": tools}
 QUICK = ["domain", "grounding", "reproducibility"]
 
 
@@ -53,6 +54,7 @@ class EvalConfig(BaseModel):
     truthfulqa: TruthfulQAConfig = Field(default_factory=TruthfulQAConfig)
     reproducibility: ReproducibilityConfig = Field(default_factory=ReproducibilityConfig)
     bias: BiasConfig = Field(default_factory=BiasConfig)
+    tools: ToolsConfig = Field(default_factory=ToolsConfig)
 
     @field_validator("suites")
     @classmethod

@@ -66,6 +66,31 @@ class Completion:
     token_logprobs: list[float] | None = None
 
 
+@dataclass(frozen=True)
+class ToolPrompt:
+    """A conversation to answer with tools offered (tool_choice "auto": the model calls or answers in text).
+    `messages` are OpenAI chat messages, earlier tool_calls and tool results included; `tools` OpenAI tool
+    objects."""
+    messages: list[dict]
+    tools: list[dict]
+    parallel_tool_calls: bool | None = None
+
+
+@dataclass(frozen=True)
+class EmittedCall:
+    name: str
+    arguments: str  # the JSON text the target returned (an endpoint's may not parse: the tools suite checks)
+
+
+@dataclass
+class ToolReply:
+    """An answer to a ToolPrompt: its text, its calls, and whether it tried to call in a form that could not
+    be read as calls (then `calls` is empty and the attempt is in `content`)."""
+    content: str | None
+    calls: list[EmittedCall]
+    malformed: bool = False
+
+
 class LocalTarget:
     """A base model (built-in name or folder), optionally with one adapter, in this process."""
 
@@ -137,6 +162,29 @@ class LocalTarget:
             for out in eng.step():
                 merged[out.request_id] = merge_outputs(merged.get(out.request_id), out)
         return self._texts([merged[r] for r in order])
+
+    def generate_tools(self, prompts: list[ToolPrompt], gen: Gen) -> list[ToolReply]:
+        """Each prompt rendered through the chat template with its tools, answered, and parsed as the template's
+        tool-call format reads back (engine.tools): what `budwood serve` returns for tool_choice "auto". A
+        template without tool support is refused by name. `parallel_tool_calls` false is not enforced: every
+        call the model writes is returned, so writing two where one is asked for counts against it."""
+        from budwood.engine import SamplingParams
+        from budwood.engine.tools import parse_tool_calls
+
+        eng, lora = self.engine, self.engine.adapter(self.adapter)
+        fmt = eng.tool_format(lora)
+        if fmt is None:
+            whose = f"adapter {self.info.adapter}" if self.info.adapter else f"base model {self.info.base}"
+            raise EvalTargetError(f"the chat template of {whose} has no tool support (it renders no tool "
+                                  "definitions and no known tool-call format): the tools suite cannot run on it")
+        ids = [eng.chat_prompt(p.messages, lora, tools=p.tools) for p in prompts]
+        params = SamplingParams(max_tokens=gen.max_tokens, temperature=gen.temperature, seed=gen.seed)
+        replies = []
+        for done in self._texts(eng.generate(ids, params, [self.adapter] * len(ids))):
+            parsed = parse_tool_calls(done.text, fmt)
+            calls = [EmittedCall(c.name, c.arguments) for c in parsed.tool_calls]
+            replies.append(ToolReply(parsed.content, calls, not calls and _tried_to_call(done.text, fmt)))
+        return replies
 
     @staticmethod
     def _texts(outputs) -> list[Completion]:
@@ -272,6 +320,35 @@ class OpenAITarget:
             return self._map(delayed, jitter, len(conversations))
         return self._map(one, conversations, self.concurrency)
 
+    def generate_tools(self, prompts: list[ToolPrompt], gen: Gen) -> list[ToolReply]:
+        """Each prompt sent with its `tools` and tool_choice "auto" (parallel_tool_calls where the prompt sets
+        it), the calls read from message.tool_calls as the endpoint returned them. An endpoint that refuses
+        tools is an error naming it."""
+        import openai
+
+        def one(p: ToolPrompt) -> ToolReply:
+            extra = {} if p.parallel_tool_calls is None else {"parallel_tool_calls": p.parallel_tool_calls}
+            try:
+                r = self.client.chat.completions.create(
+                    model=self.model, messages=p.messages, tools=p.tools, tool_choice="auto",
+                    max_tokens=gen.max_tokens, temperature=gen.temperature, seed=gen.seed, **extra)
+            except openai.BadRequestError as e:
+                raise EvalTargetError(f"{self.info.endpoint}: model {self.model!r} refused a request with tools: "
+                                      f"{e.message}") from e
+            except openai.APIError as e:
+                raise EvalTargetError(f"{self.info.endpoint}: chat completion with tools failed: {e}") from e
+            self.info.system_fingerprint = r.system_fingerprint or self.info.system_fingerprint
+            message = r.choices[0].message
+            calls, other = [], False
+            for c in message.tool_calls or []:
+                if getattr(c, "type", "function") == "function" and getattr(c, "function", None) is not None:
+                    calls.append(EmittedCall(c.function.name, c.function.arguments))
+                else:  # a custom tool call: not a function call the schemas describe
+                    other = True
+            return ToolReply(message.content, calls, other)
+
+        return self._map(one, prompts, self.concurrency)
+
     def loglikelihood(self, pairs: list[tuple[str, str]]) -> list[LogLik]:
         import openai
 
@@ -297,6 +374,17 @@ class OpenAITarget:
 
     def chat_loss(self, conversations: list[list[dict]]) -> list[tuple[float, int]]:
         raise EvalTargetError("loss and perplexity need the model's chat template: local targets only")
+
+
+def _tried_to_call(text: str, fmt) -> bool:
+    """Whether an answer whose calls did not parse was still an attempt at a call in the template's format
+    (parse_tool_calls returns such an answer as text): a Hermes `<tool_call>` tag, or a Llama-3 answer that
+    opens a JSON object."""
+    from budwood.engine.tools import ToolFormat
+
+    if fmt is ToolFormat.HERMES:
+        return "<tool_call>" in text
+    return text.strip().removeprefix("<|python_tag|>").lstrip().startswith("{")
 
 
 def _move_whitespace(context: str, continuation: str) -> tuple[str, str]:

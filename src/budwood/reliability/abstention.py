@@ -30,7 +30,7 @@ from functools import cache
 from pathlib import Path
 
 from budwood.config import AbstentionConfig, TrainConfig
-from budwood.data.formats import Example, Issue, Message
+from budwood.data.formats import Example, Issue, Message, Tool
 from budwood.eval.scoring import is_abstention, normalize
 from budwood.reliability import items as it
 from budwood.reliability.userfiles import data_error, read_lines, refuse
@@ -286,6 +286,7 @@ class Unanswerable:
 
     turns: list[Message]
     source: str
+    tools: list[Tool] | None = None  # the functions its source offers (kept: the refusal is taught with them)
 
 
 def build(config: TrainConfig, items: list[Example], *, reference=None) -> tuple[list[Example], dict]:
@@ -309,8 +310,8 @@ def build(config: TrainConfig, items: list[Example], *, reference=None) -> tuple
         log.warning("reliability.abstention.answer %r is not recognised as an abstention by the grounding suite; "
                     "pass it as grounding.abstain_phrases when evaluating", ab.answer)
     rng = random.Random(f"{seed}:abstention-user")
-    questions = [Unanswerable(it.prompt(it.with_question(items[c.source], c.question)), items[c.source].source)
-                 for c in picked]
+    questions = [Unanswerable(it.prompt(it.with_question(items[c.source], c.question)), items[c.source].source,
+                              it.offered_tools(items[c.source])) for c in picked]
     questions += [_user_question(items, q, rng) for q in own]
     built, dpo = _targets(questions, ab.answer, config.training.method, reference)
     report = {"built_questions": len(picked), "user_questions": len(own), "candidates": len(cands),
@@ -331,7 +332,7 @@ def _user_question(items: list[Example], q: dict, rng: random.Random) -> Unanswe
 
 def _targets(questions: list[Unanswerable], answer: str, method: str, reference) -> tuple[list[Example], dict]:
     if method != "dpo":
-        return [it.refusal(q.turns, q.source, answer) for q in questions], {}
+        return [it.refusal(q.turns, q.source, answer, tools=q.tools) for q in questions], {}
     if reference is None:
         raise data_error("reliability.abstention with training.method dpo needs the reference policy's answers",
                          "reliability.abstention")

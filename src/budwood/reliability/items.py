@@ -2,14 +2,15 @@
 
 An SFT `Conversation` and a DPO `PreferencePair` both have a prompt (the turns before the answer that is
 learned) whose last user turn is "the question"; the recipes read and rewrite that turn, or every turn, and
-never look inside the trainer's encodings.
+never look inside the trainer's encodings. A rewritten conversation keeps its tools, tool calls and tool results;
+an item built from turns that hold tool calls carries the tools they call, or is refused by name.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
-from budwood.data.formats import Conversation, Example, Message, PreferencePair
+from budwood.data.formats import Conversation, Example, Message, PreferencePair, Tool
 from budwood.errors import DataError
 
 
@@ -67,7 +68,7 @@ def with_question(item: Example, text: str) -> Example:
         return replace(item, prompt=turns)
     turns = list(item.messages)
     turns[i] = replace(turns[i], content=text)
-    return Conversation(turns, item.source)
+    return replace(item, messages=turns)
 
 
 def map_turns(item: Example, rewrite: Callable[[Message, bool], str]) -> Example:
@@ -78,7 +79,12 @@ def map_turns(item: Example, rewrite: Callable[[Message, bool], str]) -> Example
     if is_pair(item):
         return replace(item, prompt=turns(item.prompt, False), chosen=turns(item.chosen, True),
                        rejected=turns(item.rejected, True))
-    return Conversation(turns(item.messages, False), item.source)
+    return replace(item, messages=turns(item.messages, False))
+
+
+def offered_tools(item: Example) -> list[Tool] | None:
+    """The functions an SFT conversation may call (a preference pair carries none)."""
+    return None if is_pair(item) else item.tools
 
 
 def texts(item: Example) -> Iterator[Message]:
@@ -89,14 +95,23 @@ def texts(item: Example) -> Iterator[Message]:
         yield from item.messages
 
 
-def refusal(turns: list[Message], source: str, answer_text: str, rejected: str | None = None) -> Example:
+def refusal(turns: list[Message], source: str, answer_text: str, rejected: str | None = None,
+            tools: list[Tool] | None = None) -> Example:
     """A training item whose target after `turns` is `answer_text`: an SFT conversation (earlier assistant
-    turns kept as context, weight 0), or, given the `rejected` answer, a DPO pair that prefers it."""
+    turns kept as context, weight 0) offering `tools`, or, given the `rejected` answer, a DPO pair that prefers
+    it. Turns that hold tool calls or results need the tools they call, and cannot make a preference pair
+    (preference data carries no tools): both are refused by name rather than dropped."""
     context = [replace(m, weight=0) if m.role == "assistant" else m for m in turns]
+    if any(m.tool_calls or m.role == "tool" for m in turns):
+        if rejected is not None:
+            raise DataError(f"{source or 'an example'}: its turns hold tool calls, and a preference pair carries no "
+                            "tools; build preference pairs from conversations without tool use")
+        if not tools:
+            raise DataError(f"{source or 'an example'}: its turns hold tool calls but no tools were given for them")
     if rejected is not None:
         return PreferencePair(context, [Message("assistant", answer_text)], [Message("assistant", rejected)],
                               source)
-    return Conversation([*context, Message("assistant", answer_text)], source)
+    return Conversation([*context, Message("assistant", answer_text)], source, tools=tools or None)
 
 
 def same_kind(items: list[Example], method: str) -> None:

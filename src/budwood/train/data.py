@@ -82,8 +82,10 @@ def prepare_data(config: TrainConfig, tokenizer) -> PreparedData:
         raise DataError(f"{len(errors)} example(s) cannot be tokenised:\n" + "\n".join(map(str, errors[:50])), errors)
     if not train:
         raise TrainingError(f"{dc.train}: no example has trainable assistant tokens")
+    tool_examples = sum(getattr(c, "uses_tools", False) for c in convs)  # the card lists the tools suite for them
     fingerprints = {"train": {"path": str(dc.train), "format": train_ds.format, "examples": len(convs),
-                              "fingerprint": data_fingerprint(convs)}}
+                              "fingerprint": data_fingerprint(convs),
+                              **({"tool_examples": tool_examples} if tool_examples else {})}}
     if augmented is not convs:  # what was trained on, recipes included
         fingerprints["train"]["augmented"] = {"examples": len(augmented), "fingerprint": data_fingerprint(augmented)}
     if val_convs:
