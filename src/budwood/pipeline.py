@@ -291,6 +291,95 @@ def _publish_and_ask(workdir: Path, adapter_dir: Path, rows: list[dict], max_tok
     return Shared(card, signer, workdir / "registry", info.ref, asked)
 
 
+# -- the demo's tool-calling stage ------------------------------------------------------------------------------
+# the tool adapter: the demo's LoRA on the demo company's tool data (data/demo_tools.py); longer sequences (the
+# tools' schemas are in every prompt), a fixed step budget
+DEMO_TOOLS_TRAIN = ["training.batch_size=8", "training.learning_rate=3e-3", "training.max_seq_len=1024",
+                    "training.eval_every=1000", "training.save_every=1000"]
+DEMO_TOOLS_EVAL = {"suites": ["tools"], "records": True, "precision": "fp32", "tools": {"max_tokens": 128}}
+DEMO_TOOLS_TABLE = ("accuracy", "ast_match", "exact_match", "function_match", "irrelevance", "valid_json", "call_rate")
+DEMO_TOOLS_CARD = {
+    "name": "demo/company-tools", "license": "apache-2.0", "languages": ["en"], "authors": "the budwood demo",
+    "description": "Calls a fictional company's order_status, request_refund and product_stock functions, and answers "
+                   "in text when "
+                   "no function fits, grown by `budwood demo` on generated tool-calling data. It exists to show "
+                   "tool calling in the budwood flow, not to be useful.",
+    "intended_use": "Trying budwood's tool calling: training on function-calling data, the tools suite, serving "
+                    "tools and tool_choice.",
+    "out_of_scope": "Anything real: the company, its orders and functions are invented, and the base model is a toy.",
+}
+
+
+@dataclass
+class ToolDemo:
+    adapter_dir: Path
+    steps: int
+    table: list[dict]  # metric, base and adapter Metric, significant (the intervals do not overlap)
+    results: dict[str, Path]  # side -> eval results JSON
+    card: Path
+    messages: list[dict]  # one held-out request, sent to the served adapter with the tools
+    tools: list[dict]
+    reference: list[dict]  # the calls the data expects
+    served: dict  # the served answer's message (content, tool_calls) as the openai client returns it
+
+
+def run_tool_demo(workdir: str | Path, steps: int = 120, overrides: list[str] | None = None,
+                  progress: Progress | None = None, eval_progress: EvalProgress | None = None,
+                  eval_overrides: list[str] | None = None) -> ToolDemo:
+    """The demo company's tool data -> a tool-calling adapter (`steps` steps) -> the tools suite on the base and
+    the adapter, side by side -> its card -> served by `budwood serve`, asked one held-out request with tools."""
+    from budwood.card.render import CardInfo, render_card
+    from budwood.data.demo_tools import make_tool_dataset
+    from budwood.eval.run import load_eval_config
+
+    workdir = Path(workdir)
+    settings = load_eval_config(None, {**DEMO_TOOLS_EVAL, "target": "-"}, eval_overrides).model_dump(
+        mode="json", exclude={"target"})
+    shutil.rmtree(workdir / "tools", ignore_errors=True)
+    files = make_tool_dataset(workdir / "data", seed=0)
+    if progress is not None:
+        progress.note("tools: the company's order_status, request_refund and product_stock calls")
+    config = load_config(None, DEMO_OVERRIDES + DEMO_TOOLS_TRAIN + [
+        f"data.train={files['train']}", f"data.validation={files['validation']}", f"output_dir={workdir / 'tools'}",
+        f"training.max_steps={steps}"] + [o for o in overrides or [] if not o.startswith("reliability.")])
+    adapter_dir = train_adapter(config, "budwood demo: tool calling on budwood-tiny", progress)
+    if progress is not None:
+        progress.stop()
+    base = config.base_model
+    evals = evaluate_sides(adapter_dir, {"base": base, "adapted": adapter_target(base, adapter_dir)}, settings,
+                           eval_progress)
+    table = []
+    for name in DEMO_TOOLS_TABLE:
+        b, a = (evals[side].suites["tools"].metrics.get(name) for side in ("base", "adapted"))
+        if a is None or a.value is None:
+            continue
+        apart = bool(b and b.ci and a.ci and b.value is not None and (a.ci[0] > b.ci[1] or b.ci[0] > a.ci[1]))
+        table.append({"metric": name, "base": b, "adapted": a, "significant": apart})
+    card = render_card(adapter_dir, CardInfo(**DEMO_TOOLS_CARD))
+    row = next(json.loads(line) for line in files["eval"].read_text().splitlines()
+               if json.loads(line)["messages"][-1].get("tool_calls"))
+    served = ask_tools_served(adapter_dir, row["messages"][:-1], row["tools"], settings["tools"]["max_tokens"])
+    return ToolDemo(adapter_dir, json.loads((adapter_dir / "budwood.json").read_text())["steps"], table,
+                    {side: adapter_dir / "eval" / f"{side}.json" for side in ("base", "adapted")}, card,
+                    row["messages"][:-1], row["tools"], row["messages"][-1]["tool_calls"], served)
+
+
+def ask_tools_served(adapter_dir: Path, messages: list[dict], tools: list[dict], max_tokens: int) -> dict:
+    """Serve the adapter's folder (budwood serve's app, on a free local port) and send it `messages` with `tools`
+    (tool_choice auto) through the openai client, greedily: the answer's message."""
+    from openai import OpenAI
+
+    from budwood.engine import Engine, EngineConfig
+    from budwood.serve.app import create_app, serving
+
+    engine = Engine(EngineConfig(precision="fp32", kv_cache_tokens=4096, adapters=str(adapter_dir.parent)))
+    with serving(create_app(engine=engine)) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key="-")
+        reply = client.chat.completions.create(model=adapter_dir.name, messages=messages, tools=tools, temperature=0,
+                                               max_tokens=max_tokens)
+    return reply.choices[0].message.model_dump(exclude_none=True)
+
+
 def side_table(evals: dict) -> list[dict]:
     """DEMO_TABLE's metrics that the reliable side reported: each side's Metric (None where it has none), and
     whether reliable and plain differ beyond both 95% intervals."""

@@ -19,7 +19,7 @@ def budwood(*args: str, cwd: Path | None = None, columns: int | None = None) -> 
 
 def test_demo_runs_end_to_end(tmp_path):
     r = budwood("demo", "--workdir", str(tmp_path / "demo"), "--set", "training.epochs=4", "--eval-set", "limit=8",
-                columns=160)
+                "--tool-steps", "20", columns=160)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "held-out questions" in r.stdout and "loss curve:" in r.stdout
     assert "vs plain" in r.stdout and "determinism_greedy" in r.stdout
@@ -59,6 +59,17 @@ def test_demo_runs_end_to_end(tmp_path):
     # the served answers are the table's: the same messages (system prompt + question) as the grounding suite's
     records = {rec["question"]: rec for rec in results["adapted"]["suites"]["grounding"]["records"]}
     served = r.stdout.split("with the table's messages:\n")[1].split("\nadapter:")[0]
+    # the tool-calling stage: base and tool adapter by the tools suite on the same items, carded, served with tools
+    tools_dir = demo / "tools"
+    sides = {side: json.loads((tools_dir / "eval" / f"{side}.json").read_text()) for side in ("base", "adapted")}
+    assert {s_["suites"]["tools"]["data"][0]["sha256"] for s_ in sides.values()} == \
+        {sides["base"]["suites"]["tools"]["data"][0]["sha256"]}
+    assert sides["adapted"]["target"]["adapter_fingerprint"] == adapter_fingerprint(tools_dir)
+    assert "tool calling: the tools suite" in r.stdout
+    row = next(line for line in r.stdout.splitlines() if " ast_match " in line)
+    assert len(re.findall(r"(?<![\d.,\[])-?\d+\.\d\d\b", row)) == 2, row  # base and the tool adapter
+    assert "ast_match" in (tools_dir / "README.md").read_text()
+    assert re.search(r"  calls: .*\n  \(the data's: (order_status|request_refund)\(", r.stdout), r.stdout[-2000:]
     asked = re.findall(r"  system: (.*)\n  Q: (.*)\n  A: (.*)\n  \((.*?);", served)
     assert len(asked) == 2, served
     for system, question, answer, same in asked:

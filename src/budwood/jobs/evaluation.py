@@ -3,11 +3,13 @@
 budwood eval's suites default to the demo company's questions, which say nothing about an adapter
 trained on a library help desk's data. A job's evaluation is planned here instead, from its data:
 
-- domain: the held-out examples (the job's validation file, or the split it trained beside);
+- domain: the held-out examples that use no tools (the job's validation file, or the split it trained beside);
 - grounding: the questions those held-out examples ask, and unanswerable ones that the abstention
   recipe builds from the tenant's data (questions that the training and held-out data support nowhere);
 - reproducibility and bias's counterfactual probes: the same questions (the shipped TruthfulQA,
   ParaRel, CrowS-Pairs and BBQ parts are general benchmarks and stay as they are);
+- tools: the held-out examples that offer tools (their last assistant turn the reference call, or text
+  where no tool fits), scored as the Berkeley Function-Calling Leaderboard does;
 - truthfulqa: general, as it is.
 A suite that needs held-out data the job does not have is left out, with its reason in the job's
 events, rather than measured on someone else's data.
@@ -24,7 +26,8 @@ from budwood.data.split import split_validation
 from budwood.eval.data import Question
 
 # the settings of each suite that name its data: set per job from the tenant's data, never by the service's config
-DATA_SETTINGS = {"domain": "data", "grounding": "data", "reproducibility": "data", "bias": "counterfactual_data"}
+DATA_SETTINGS = {"domain": "data", "grounding": "data", "reproducibility": "data", "bias": "counterfactual_data",
+                 "tools": "data"}
 
 
 @dataclass
@@ -82,13 +85,21 @@ def plan_evaluation(suites: list[str], settings: dict, data: TenantData, folder:
     plan = EvaluationPlan([], {name: dict(value) if isinstance(value, dict) else value
                                for name, value in settings.items()})
     asked, built = [], []
-    if data.held_out:
+    tool_items = [c for c in data.held_out if c.tools and c.messages[-1].role == "assistant"]
+    if tool_items:
+        items = folder / "tool_items.jsonl"
+        items.write_text("".join(json.dumps(c.canonical(), ensure_ascii=False) + "\n" for c in tool_items))
+        _point(plan, "tools", items)
+        plan.notes.append(f"tools: the {len(tool_items)} held-out examples that offer tools")
+    texts = [c for c in data.held_out if not c.uses_tools]  # tool use is the tools suite's to score
+    if texts:
         held_out = folder / "held_out.jsonl"
-        held_out.write_text("".join(json.dumps(c.canonical(), ensure_ascii=False) + "\n" for c in data.held_out))
+        held_out.write_text("".join(json.dumps(c.canonical(), ensure_ascii=False) + "\n" for c in texts))
         _point(plan, "domain", held_out)
-        plan.notes.append(f"{len(data.held_out)} held-out examples from {data.source}")
-        asked = questions_from_conversations(data.held_out)
-        built = unanswerable_questions(data.training + data.held_out, sum(q.answerable for q in asked), seed)
+        plan.notes.append(f"{len(texts)} held-out examples from {data.source}")
+        asked = questions_from_conversations(texts)
+        built = unanswerable_questions([c for c in data.training if not c.uses_tools] + texts,
+                                       sum(q.answerable for q in asked), seed)
     answerable = sum(q.answerable for q in asked)
     if answerable:
         questions = write_questions(folder / "questions.jsonl", asked + built)
@@ -97,7 +108,7 @@ def plan_evaluation(suites: list[str], settings: dict, data: TenantData, folder:
         plan.notes.append(f"grounding: the {len(asked)} questions they ask, {answerable} with an answer, and "
                           f"{len(built)} that the tenant's data does not answer")
     for suite in suites:
-        why = _missing(suite, data, answerable)
+        why = _missing(suite, data, answerable, len(tool_items), len(texts))
         if why:
             plan.left_out[suite] = why
         else:
@@ -109,7 +120,7 @@ def _point(plan: EvaluationPlan, suite: str, path: Path) -> None:
     plan.settings[suite] = {**plan.settings.get(suite, {}), DATA_SETTINGS[suite]: str(path)}
 
 
-def _missing(suite: str, data: TenantData, answerable: int) -> str | None:
+def _missing(suite: str, data: TenantData, answerable: int, tool_items: int, texts: int) -> str | None:
     """Why `suite` cannot be measured on the tenant's data (its defaults would be the demo company's), or None
     for one it can, or a general benchmark."""
     if suite not in DATA_SETTINGS:
@@ -117,6 +128,10 @@ def _missing(suite: str, data: TenantData, answerable: int) -> str | None:
     if not data.held_out:
         return ("the job has no held-out data (no validation file, and the service holds none of the training "
                 "file out: training.validation_split is 0)")
+    if suite == "tools":
+        return None if tool_items else f"no held-out example offers tools ({data.source})"
+    if not texts:
+        return f"every held-out example uses tools ({data.source}): the tools suite measures them"
     if suite != "domain" and not answerable:
         return f"no question with an answer could be made from {data.source}"
     return None

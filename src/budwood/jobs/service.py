@@ -58,11 +58,13 @@ class ServiceTraining(_Strict):
 
 class ServiceEvaluation(_Strict):
     """The quick suites every finished adapter is measured with before it is published."""
-    suites: list[str] = Field(default_factory=lambda: ["domain", "grounding", "truthfulqa", "bias", "reproducibility"],
+    suites: list[str] = Field(default_factory=lambda: ["domain", "grounding", "truthfulqa", "bias", "reproducibility",
+                                                          "tools"],
                               description="measured on the tenant's own domain (jobs/evaluation.py): domain on "
                                           "the held-out examples, grounding on questions from them plus "
                                           "unanswerable ones built from the training data, reproducibility and "
-                                          "bias's counterfactual probes on the same questions; a suite without "
+                                          "bias's counterfactual probes on the same questions, tools on the "
+                                          "held-out examples that offer tools; a suite without "
                                           "such data is left out, its reason in the job's events")
     limit: int | None = Field(100, ge=1, description="examples per suite (per category for bias)")
     compare_base: bool = Field(True, description="also measure the base, so the card shows what the job changed")

@@ -161,14 +161,37 @@ def test_a_jobs_suites_read_the_tenants_data_or_are_left_out_with_a_reason(tmp_p
     assert [q.answerable for q in questions] == [True] * 3 + [False] * 3
     assert questions[0].question == "Where is office 0?" and questions[0].reference == "In building 0."
     assert plan.settings["grounding"]["abstain_phrases"] == ["no idea"] and plan.settings["max_tokens"] == 8
-    for suite, key in evaluation.DATA_SETTINGS.items():  # never None: the demo company is nobody's default here
-        assert Path(plan.settings[suite][key]).parent == tmp_path
+    for suite in plan.suites:  # never None: the demo company is nobody's default here
+        if suite in evaluation.DATA_SETTINGS:
+            assert Path(plan.settings[suite][evaluation.DATA_SETTINGS[suite]]).parent == tmp_path
     assert len(Path(plan.settings["domain"]["data"]).read_text().splitlines()) == 3
     bare = plan_evaluation(suites, {}, TenantData([], training, "no held-out data"), tmp_path / "bare", seed=0)
     assert bare.suites == ["truthfulqa"]
     assert set(bare.left_out) == {"domain", "grounding", "bias", "reproducibility"}
     assert all("no held-out data" in why for why in bare.left_out.values())
     assert not any(key in bare.settings.get(suite, {}) for suite, key in evaluation.DATA_SETTINGS.items())
+    with_tools = plan_evaluation([*suites, "tools"], {}, TenantData(held, training, "the job's validation file"),
+                                 tmp_path / "plain", seed=0)
+    assert with_tools.suites == suites and "no held-out example offers tools" in with_tools.left_out["tools"]
+
+
+def test_held_out_tool_examples_become_the_tools_suites_items(tmp_path, monkeypatch):
+    from budwood.data.demo_tools import make_tool_dataset
+    from budwood.data.formats import read_dataset
+    from budwood.eval.tools import read_items
+    from budwood.jobs import evaluation
+    from budwood.jobs.evaluation import TenantData, plan_evaluation
+
+    monkeypatch.setattr(evaluation, "unanswerable_questions", lambda training, n, seed: [])
+    files = make_tool_dataset(tmp_path / "data")
+    held = read_dataset(files["validation"]).conversations
+    plan = plan_evaluation(["domain", "tools"], {}, TenantData(held, [], "the job's validation file"),
+                           tmp_path / "eval", seed=0)
+    assert plan.suites == ["tools"]  # every held-out example offers tools: the domain suite has nothing to score
+    assert "every held-out example uses tools" in plan.left_out["domain"]
+    items, _, left_out = read_items(plan.settings["tools"]["data"])
+    assert len(items) == sum(1 for c in held if c.tools) and left_out == 0
+    assert {i.category for i in items} >= {"simple", "irrelevance"}
 
 
 def _write(path: Path, rows: list[dict]) -> Path:
