@@ -7,7 +7,7 @@ import pytest
 from budwood.data.demo_tools import make_tool_dataset
 from tests.conftest import live_service, upload
 
-TRAIN_ROWS = 160  # of the demo's 312, so that the job trains in 40 steps
+TRAIN_ROWS = 48  # of the demo's examples: a short job (that an adapter learns to call is tests/e2e/test_tools_e2e.py's)
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def job(tmp_path_factory):
         created = client.fine_tuning.jobs.create(
             model="budwood-tiny", training_file=train.id, validation_file=valid.id, suffix="tools", seed=3,
             method={"type": "supervised", "supervised": {"hyperparameters": {
-                "n_epochs": 2, "batch_size": 8, "learning_rate_multiplier": 3.0}}})
+                "n_epochs": 1, "batch_size": 8, "learning_rate_multiplier": 3.0}}})
         done = live.wait(client, created.id, timeout=900)
         yield live, client, done, files
 
@@ -54,14 +54,9 @@ def test_the_ft_model_serves_tool_calls(job):
     call = forced.choices[0].message.tool_calls[0]
     assert call.function.name in names and isinstance(json.loads(call.function.arguments), dict)
     assert forced.choices[0].finish_reason == "tool_calls"
-    # unforced, the trained model calls the wanted function on its own for held-out requests; the base never does
-    def right_calls(model: str) -> int:
-        called = 0
-        for row in rows[:8]:
-            message = client.chat.completions.create(model=model, messages=row["messages"][:-1], tools=row["tools"],
-                                                     max_tokens=96, temperature=0).choices[0].message
-            want = row["messages"][-1]["tool_calls"][0]["function"]["name"]
-            called += bool(message.tool_calls) and message.tool_calls[0].function.name == want
-        return called
-
-    assert right_calls(done.fine_tuned_model) >= 3 and right_calls("budwood-tiny") == 0
+    # unforced (tool_choice auto), streamed: whatever it writes comes back as text or as calls, finish_reason to match
+    chunks = list(client.chat.completions.create(model=done.fine_tuned_model, messages=prompt, tools=row["tools"],
+                                                 max_tokens=64, temperature=0, stream=True))
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    called = any(c.choices[0].delta.tool_calls for c in chunks if c.choices)
+    assert len(finish) == 1 and finish[0] in (("tool_calls", "length") if called else ("stop", "length"))
