@@ -112,6 +112,21 @@ def test_v1_needs_a_key_and_health_does_not(served):
     assert client.get("/health").json() == {"status": "ok", "model": "base", "in_flight": 2}
 
 
+@pytest.mark.parametrize("header", ["Bearer ", "Bearer", "Bearer anything", "Basic dXNlcjo=", ""])
+def test_a_server_without_a_key_takes_any_authorization(header):
+    """As vLLM without --api-key: lm-evaluation-harness sends 'Bearer ' (an empty key) by default."""
+    app = create_app()
+    app.state.openai_serving = StandIn()
+    r = TestClient(app).get("/v1/models", headers={"Authorization": header} if header else {})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("header", ["Bearer ", "Bearer", "Basic dXNlcjo="])
+def test_a_server_with_a_key_refuses_an_empty_or_other_authorization(served, header):
+    r = served[0].get("/v1/models", headers={"Authorization": header})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
 # -- the registry surface ---------------------------------------------------------------------------------
 class Registry:
     """The LocalRegistry methods the read routes call: nothing exists."""
