@@ -33,6 +33,11 @@ def serve_cmd(
     limit: list[str] = typer.Option([], "--limit", help="a request limit NAME=VALUE, repeatable (e.g. "
                                     "max_body_bytes=16777216, max_stop=8); the limits, their defaults and "
                                     "errors: docs/serving.md, Limits"),
+    served_model_name: list[str] = typer.Option([], "--served-model-name", help="a name the base answers to, as "
+                                                "vLLM's (repeatable; the first is listed); default: --base"),
+    lora_modules: list[str] = typer.Option([], "--lora-modules", help="an adapter served by name, as vLLM's: "
+                                           "name=path or JSON {\"name\": ..., \"path\": ...} (repeat the flag for "
+                                           "more)"),
 ) -> None:
     """Serve the base and every adapter behind an OpenAI-compatible API.
 
@@ -43,6 +48,7 @@ def serve_cmd(
     from budwood.serve.limits import ServeLimits
 
     limits = ServeLimits.from_options(limit)  # checked first: a typo is refused before a model is loaded
+    modules = dict(lora_module(spec, served_model_name or [base]) for spec in lora_modules)
     if engine == "vllm" and limit:
         raise BudwoodError("--limit applies to --engine budwood; vLLM has its own options")
     if engine == "vllm" and registry:
@@ -50,7 +56,7 @@ def serve_cmd(
                            "--adapters folder")
     if engine == "vllm":
         from budwood.serve.vllm import serve_vllm
-        serve_vllm(base, adapters, host, port, api_key, max_loaded_adapters)
+        serve_vllm(base, adapters, host, port, api_key, max_loaded_adapters, served_model_name, modules)
         return
     if engine != "budwood":
         raise BudwoodError(f"--engine {engine!r}: expected budwood or vllm")
@@ -59,7 +65,8 @@ def serve_cmd(
     config = EngineConfig(base=base, adapters=str(adapters) if adapters else None, precision=precision,
                           device=device, max_loaded_adapters=max_loaded_adapters, max_lora_rank=max_lora_rank,
                           max_num_seqs=max_num_seqs,
-                          kv_cache_tokens=kv_cache_tokens, max_queue=max_queue)
+                          kv_cache_tokens=kv_cache_tokens, max_queue=max_queue,
+                          served_model_name=served_model_name, lora_modules=modules)
     if adapters is not None and not adapters.is_dir():
         raise BudwoodError(f"--adapters {adapters}: no such folder")
 
@@ -67,3 +74,27 @@ def serve_cmd(
     from budwood.serve import serve
 
     serve(config, host, port, api_key, open_registry(registry, registry_key) if registry else None, limits)
+
+
+def lora_module(spec: str, base_names: list[str]) -> tuple[str, str]:
+    """One --lora-modules value in either of vLLM's forms: name=path, or JSON with "name" and "path"
+    ("base_model_name", vLLM's, must be one of the base's names if given: one base is served)."""
+    import json
+
+    if spec.lstrip().startswith("{"):
+        try:
+            obj = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise BudwoodError(f"--lora-modules {spec!r}: not valid JSON ({e.msg})") from None
+        unknown = set(obj) - {"name", "path", "base_model_name"}
+        if unknown or not isinstance(obj.get("name"), str) or not isinstance(obj.get("path"), str):
+            raise BudwoodError(f"--lora-modules {spec!r}: expected {{\"name\": ..., \"path\": ...}}"
+                               + (f"; unknown key(s) {', '.join(sorted(unknown))}" if unknown else ""))
+        if obj.get("base_model_name") not in (None, *base_names):
+            raise BudwoodError(f"--lora-modules {spec!r}: base_model_name {obj['base_model_name']!r} is not the served "
+                               f"base ({', '.join(base_names)})")
+        return obj["name"], obj["path"]
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise BudwoodError(f"--lora-modules {spec!r}: expected name=path or JSON {{\"name\": ..., \"path\": ...}}")
+    return name, path

@@ -56,6 +56,10 @@ class EngineConfig(BaseModel):
                                "padded to it, so an adapter's numbers never depend on its batch)")
     batch_invariant: bool = Field(True, description="seeded outputs independent of the batch (see docs)")
     max_queue: int = Field(256, ge=1, description="requests waiting or running before 429")
+    served_model_name: list[str] = Field(default_factory=list, description="the names the base answers to (vLLM's "
+                                         "--served-model-name; the first is listed); default: `base`")
+    lora_modules: dict[str, str] = Field(default_factory=dict, description="adapters served by name from a folder "
+                                         "each (vLLM's --lora-modules name=path), checked at start")
 
 
 class ToolsUnsupported(ParamError):
@@ -99,7 +103,8 @@ class Engine:
         device = pick_device(config.device)
         dtype = pick_dtype(config.precision, device)
         base = load_base(config.base, dtype=dtype, device=device)
-        self.base_name, self.tokenizer = config.base, base.tokenizer
+        self.base_names = list(dict.fromkeys(config.served_model_name)) or [config.base]
+        self.base_name, self.tokenizer = self.base_names[0], base.tokenizer
         self.base_fingerprint = model_fingerprint(config.base)
         num_blocks = -(-config.kv_cache_tokens // config.block_size) + 1
         self.runner = Runner(base.model, block_size=config.block_size, num_blocks=num_blocks,
@@ -108,6 +113,13 @@ class Engine:
         self.scheduler = Scheduler(BlockPool(num_blocks, config.block_size), config.max_batch_tokens,
                                    config.max_num_seqs)
         self.static = StaticResolver()
+        for name, folder in config.lora_modules.items():  # vLLM's --lora-modules: served by name, loaded on first use
+            path = Path(folder).expanduser().resolve()
+            if name in self.base_names or not name:
+                raise AdapterError(f"lora_modules: {name!r} is the base's name; give the adapter another")
+            if not (path / "adapter_config.json").is_file():
+                raise AdapterError(f"lora_modules: {name}={folder}: not an adapter directory (no adapter_config.json)")
+            self.static.paths[name] = path
         resolvers = [self.static] + ([FolderResolver(config.adapters)] if config.adapters else []) + (resolvers or [])
         self.adapters = AdapterCache(resolvers, self._load_adapter, config.max_loaded_adapters)
         self.stop_ids = _stop_ids(base.model, self.tokenizer)
@@ -127,7 +139,7 @@ class Engine:
 
     def adapter(self, name: str | None) -> LoadedAdapter | None:
         """None or the base's own name mean the bare base."""
-        if name is None or name == self.base_name:
+        if name is None or name in self.base_names:
             return None
         return self.adapters.get(name)
 

@@ -338,7 +338,7 @@ class OpenAIServing:
         if root != path and root not in path.parents:
             raise BudwoodError(f"lora_path {body.lora_path!r} is outside the adapters folder {root}",
                                param="lora_path")
-        if body.lora_name == e.base_name:
+        if body.lora_name in e.base_names:
             raise BudwoodError(f"{body.lora_name!r} is the base model's name", param="lora_name")
         if not ADAPTER_NAME.match(body.lora_name) or body.lora_name.startswith("ft:"):
             raise BudwoodError(f"lora_name {body.lora_name!r}: use letters, digits and . _ - : @ / (names starting "

@@ -17,17 +17,20 @@ from budwood.models.load import resolve_model_path
 
 
 def vllm_command(base: str, adapters: Path | None, host: str, port: int, api_key: str | None,
-                 max_loras: int) -> list[str]:
-    """The `vllm serve` command line for these options (adapters named by their folder names)."""
-    cmd = ["vllm", "serve", resolve_model_path(base), "--served-model-name", base, "--host", host,
-           "--port", str(port), "--enable-lora", "--max-loras", str(max_loras)]
+                 max_loras: int, served_model_name: list[str] | None = None,
+                 lora_modules: dict[str, str] | None = None) -> list[str]:
+    """The `vllm serve` command line for these options (a folder's adapters named by their folder names, then
+    `lora_modules` by theirs)."""
+    cmd = ["vllm", "serve", resolve_model_path(base), "--served-model-name", *(served_model_name or [base]),
+           "--host", host, "--port", str(port), "--enable-lora", "--max-loras", str(max_loras)]
+    modules = {}
     if adapters is not None:
-        subdirs = sorted(p for p in Path(adapters).iterdir() if (p / "adapter_config.json").exists())
-        if subdirs:
-            import json
-            ranks = [json.loads((p / "adapter_config.json").read_text()).get("r", 16) for p in subdirs]
-            cmd += ["--max-lora-rank", str(max(ranks)), "--lora-modules",
-                    *[f"{p.name}={p}" for p in subdirs]]
+        modules = {p.name: p for p in sorted(Path(adapters).iterdir()) if (p / "adapter_config.json").exists()}
+    modules |= {name: Path(path) for name, path in (lora_modules or {}).items()}
+    if modules:
+        import json
+        ranks = [json.loads((p / "adapter_config.json").read_text()).get("r", 16) for p in modules.values()]
+        cmd += ["--max-lora-rank", str(max(ranks)), "--lora-modules", *[f"{n}={p}" for n, p in modules.items()]]
     fmt = _tool_format(resolve_model_path(base))
     if fmt is not None:  # tool_choice auto, as budwood serves it; required and named need no flag in vLLM
         cmd += ["--enable-auto-tool-choice", "--tool-call-parser", fmt.value]
@@ -50,10 +53,11 @@ def _tool_format(model_dir: str) -> ToolFormat | None:
     return template_tool_format(template if isinstance(template, str) else None)
 
 
-def serve_vllm(base: str, adapters: Path | None, host: str, port: int, api_key: str | None, max_loras: int) -> None:
+def serve_vllm(base: str, adapters: Path | None, host: str, port: int, api_key: str | None, max_loras: int,
+               served_model_name: list[str] | None = None, lora_modules: dict[str, str] | None = None) -> None:
     if shutil.which("vllm") is None:
         raise BudwoodError("--engine vllm: vLLM is not installed (pip install vllm, on a machine with a GPU)")
-    cmd = vllm_command(base, adapters, host, port, api_key, max_loras)
+    cmd = vllm_command(base, adapters, host, port, api_key, max_loras, served_model_name, lora_modules)
     env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")  # load/unload_lora_adapter, as budwood has
     sys.stdout.flush()
     os.execvpe(cmd[0], cmd, env)

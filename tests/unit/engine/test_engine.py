@@ -334,3 +334,34 @@ def test_a_grammar_ends_generation_even_with_ignore_eos_and_limits_come_from_the
         engine.register_adapter("alpha", tiny_adapters / "beta")
     with pytest.raises(AdapterError, match="not loaded with load_lora_adapter"):
         engine.unregister_adapter("alpha")
+
+
+def test_served_model_names_and_lora_modules_as_vllm_takes_them(tiny_adapters, tmp_path):
+    engine = Engine(EngineConfig(precision="fp32", served_model_name=["tiny", "rootstock"],
+                                 lora_modules={"support": str(tiny_adapters / "alpha")}))
+    assert engine.base_name == "tiny" and engine.adapter("rootstock") is None and engine.adapter("tiny") is None
+    assert engine.adapter("support").name == "support"
+    messages = [{"role": "user", "content": "Hi"}]
+    assert engine.chat_prompt(messages, engine.adapter("support")) == engine.chat_prompt(messages)
+    with pytest.raises(AdapterError, match="not an adapter directory"):
+        Engine(EngineConfig(precision="fp32", lora_modules={"x": str(tmp_path)}))
+    with pytest.raises(AdapterError, match="the base's name"):
+        Engine(EngineConfig(precision="fp32", lora_modules={"budwood-tiny": str(tiny_adapters / "alpha")}))
+
+
+def test_lora_modules_flags_in_both_of_vllms_forms(tiny_adapters):
+    from budwood.cli.serve import lora_module
+    from budwood.errors import BudwoodError
+    from budwood.serve.vllm import vllm_command
+
+    path = str(tiny_adapters / "beta")
+    assert lora_module(f"b={path}", ["budwood-tiny"]) == ("b", path)
+    assert lora_module(json.dumps({"name": "b", "path": path, "base_model_name": "budwood-tiny"}),
+                       ["budwood-tiny"]) == ("b", path)
+    for bad in ("b", "=x", '{"name": "b"}', '{"name": "b", "path": "p", "rank": 8}', "{nope",
+                json.dumps({"name": "b", "path": path, "base_model_name": "other"})):
+        with pytest.raises(BudwoodError, match="--lora-modules"):
+            lora_module(bad, ["budwood-tiny"])
+    cmd = vllm_command("budwood-tiny", None, "0.0.0.0", 9000, None, 4, ["tiny", "t"], {"b": path})
+    assert cmd[cmd.index("--served-model-name") + 1:cmd.index("--served-model-name") + 3] == ["tiny", "t"]
+    assert cmd[cmd.index("--lora-modules") + 1] == f"b={path}"
