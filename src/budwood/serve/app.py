@@ -62,7 +62,8 @@ def create_app(config: EngineConfig | None = None, api_key: str | None = None, e
     app.state.serve_limits = limits = limits or ServeLimits()
     app.state.serve_options = ServeOptions(config, engine, resolvers, access or RegistryAccess(registry),
                                            metrics_token, limits)
-    app.add_middleware(AuthMiddleware, authenticator=auth or (SingleKey(api_key) if api_key else NoKey()))
+    app.add_middleware(AuthMiddleware, authenticator=auth or (SingleKey(api_key) if api_key else NoKey()),
+                       prefixes=("/v1/", "/tokenize", "/detokenize"))
     install_error_handlers(app)
     if registry is not None:
         from budwood.registry.local import LocalRegistry
