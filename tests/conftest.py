@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import time
 import uuid
@@ -101,20 +102,40 @@ def budwood_home(tmp_path, monkeypatch) -> Path:
     return home
 
 
-PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+_THROWAWAY_PG = []  # the pgserver started for this session, if one was
+
+
+def postgres_url() -> str:
+    """The PostgreSQL the tests use: BUDWOOD_TEST_POSTGRES where it is set (CI sets the machine's server), else a
+    throwaway server from the pip-installable `pgserver`, started on first use (under a second) and stopped when
+    the session ends, so a machine with nothing but Python runs every test."""
+    url = os.environ.get("BUDWOOD_TEST_POSTGRES")
+    if url:
+        return url
+    if not _THROWAWAY_PG:
+        import atexit
+        import tempfile
+
+        import pgserver
+
+        server = pgserver.get_server(tempfile.mkdtemp(prefix="budwood-test-pg-"), cleanup_mode="delete")
+        atexit.register(server.cleanup)
+        _THROWAWAY_PG.append(server)
+    return _THROWAWAY_PG[0].get_uri()
 
 
 @contextmanager
 def pg_schema() -> Iterator[str]:
-    """A fresh PostgreSQL schema in the `test` database; yields a URL whose search_path is that schema."""
+    """A fresh PostgreSQL schema in the tests' database; yields a URL whose search_path is that schema."""
     from sqlalchemy import create_engine, text
 
+    base = postgres_url()
     name = f"bw_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_URL.replace("postgresql://", "postgresql+psycopg://"))
+    admin = create_engine(base.replace("postgresql://", "postgresql+psycopg://", 1))
     with admin.begin() as c:
         c.execute(text(f"CREATE SCHEMA {name}"))
     try:
-        yield f"{PG_URL}?options=-csearch_path%3D{name}"
+        yield f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{name}"
     finally:
         with admin.begin() as c:
             c.execute(text(f"DROP SCHEMA {name} CASCADE"))
