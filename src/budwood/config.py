@@ -74,6 +74,13 @@ class TrainingConfig(_Strict):
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
     learning_rate: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd", "adafactor"] = Field(
+        "adamw", description="adamw (torch's, fused on CPU and CUDA); adamw_8bit and paged_adamw_8bit "
+        "(bitsandbytes, CUDA only); sgd (with momentum); adafactor (transformers', at the given learning rate)")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="the adamw optimizers' beta1")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="the adamw optimizers' beta2")
+    adam_epsilon: float = Field(1e-8, gt=0, description="the adamw optimizers' epsilon")
+    momentum: float = Field(0.0, ge=0, lt=1, description="sgd's momentum")
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
     warmup_steps: int | None = Field(None, ge=0)
     warmup_ratio: float = Field(0.03, ge=0, le=1)
@@ -103,6 +110,16 @@ class TrainingConfig(_Strict):
 
     @model_validator(mode="after")
     def _method_settings(self) -> TrainingConfig:
+        adam = self.optimizer in ("adamw", "adamw_8bit", "paged_adamw_8bit")
+        changed = {n for n in ("adam_beta1", "adam_beta2", "adam_epsilon", "momentum")
+                   if getattr(self, n) != type(self).model_fields[n].default}  # a saved config repeats the defaults
+        for name in ("adam_beta1", "adam_beta2", "adam_epsilon"):
+            if name in changed and not adam:
+                raise ValueError(f"training.{name} is set but training.optimizer is {self.optimizer}: it applies to "
+                                 "the adamw optimizers only")
+        if "momentum" in changed and self.optimizer != "sgd":
+            raise ValueError(f"training.momentum is set but training.optimizer is {self.optimizer}: it applies to "
+                             "sgd only")
         if self.method == "sft" and self.dpo is not None:
             raise ValueError("training.dpo is set but training.method is sft; set training.method=dpo or drop it")
         if self.method == "dpo" and self.dpo is None:

@@ -34,6 +34,7 @@ from budwood.train.distributed import Chunking, Strategy
 from budwood.train.init_adapter import AdapterResolver, InitAdapter, load_init_weights, resolve_init_adapter
 from budwood.train.loss import LossModule, Objective, ReferenceLogps, objective_for
 from budwood.train.metrics import MetricsLog
+from budwood.train.optim import make_optimizer
 from budwood.train.outputs import hardware, locked_output_dir, portable_config, versions, write_provenance
 from budwood.train.state import RunIdentity, RunState, StopReason, resume_hash
 
@@ -342,8 +343,7 @@ class TrainingRun:
         from transformers import get_scheduler
 
         t = self.t
-        self.opt = torch.optim.AdamW(self.params, lr=t.learning_rate, weight_decay=t.weight_decay,
-                                     fused=self.device.type in ("cuda", "cpu"))
+        self.opt = make_optimizer(t, self.params, self.device)
         warmup = t.warmup_steps if t.warmup_steps is not None else round(t.warmup_ratio * self.total_steps)
         self.scheduler = get_scheduler(t.scheduler, self.opt, num_warmup_steps=warmup,
                                        num_training_steps=self.total_steps)
