@@ -191,10 +191,22 @@ class ReliabilityConfig(_Strict):
 
 
 class LoggingConfig(_Strict):
-    tensorboard: bool = False
-    wandb: bool = False
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="trackers that get every metrics line, as transformers' report_to "
+        "(each an optional extra: pip install budwood[trackers]); metrics.jsonl is always written")
+    tensorboard: bool = Field(False, description="the same as report_to: [tensorboard]")
+    wandb: bool = Field(False, description="the same as report_to: [wandb]")
     wandb_project: str = "budwood"
+    mlflow_experiment: str = Field("budwood", description="the MLflow experiment the run is logged under")
+    mlflow_tracking_uri: str | None = Field(None, description="MLflow's tracking URI (sqlite:///mlflow.db, "
+                                            "http://host:5000); default: MLFLOW_TRACKING_URI, else MLflow's own")
+    run_name: str | None = Field(None, description="the run's name in W&B and MLflow (default: theirs)")
     every: int = Field(1, ge=1, description="optimizer steps between metrics lines")
+
+    @property
+    def trackers(self) -> list[str]:
+        named = [*self.report_to, *(["tensorboard"] if self.tensorboard else []), *(["wandb"] if self.wandb else [])]
+        return list(dict.fromkeys(named))
 
 
 class TrainConfig(_Strict):

@@ -1,19 +1,19 @@
-"""Training metrics: metrics.jsonl always, TensorBoard and W&B when asked; loss plots."""
+"""Training metrics: metrics.jsonl always, the trackers logging.report_to names (train/trackers.py); loss plots."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from budwood.errors import ConfigError
-
 SPARK = "▁▂▃▄▅▆▇█"
 
 
 class MetricsLog:
-    """Appends one JSON object per line; on resume, lines past the checkpoint are dropped."""
+    """Appends one JSON object per line, and hands its numbers to the trackers (train/trackers.py); on resume,
+    lines past the checkpoint are dropped."""
 
-    def __init__(self, path: Path, resume_step: int | None, tensorboard: bool, wandb: bool,
-                 wandb_project: str, run_config: dict):
+    def __init__(self, path: Path, resume_step: int | None, logging, run_config: dict):
+        from budwood.train.trackers import open_trackers
+
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
@@ -22,37 +22,20 @@ class MetricsLog:
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
-        self._tb = self._wandb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ConfigError("logging.tensorboard: install tensorboard (pip install budwood[tensorboard])"
-                                  ) from None
-            self._tb = SummaryWriter(str(path.parent / "tensorboard"))
-        if wandb:
-            try:
-                import wandb as wb
-            except ImportError:
-                raise ConfigError("logging.wandb: install wandb (pip install budwood[wandb])") from None
-            self._wandb = wb.init(project=wandb_project, config=run_config, resume="allow")
+        self.trackers = open_trackers(logging, path.parent, run_config, resume_step)
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         step = record.get("step", 0)
-        numbers = {k: v for k, v in record.items() if isinstance(v, int | float) and k != "step"}
-        if self._tb:
-            for k, v in numbers.items():
-                self._tb.add_scalar(k, v, step)
-        if self._wandb:
-            self._wandb.log(numbers, step=step)
+        numbers = {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)
+                   and k != "step"}
+        for tracker in self.trackers:
+            tracker.log(numbers, step)
 
     def close(self) -> None:
-        if self._tb:
-            self._tb.close()
-        if self._wandb:
-            self._wandb.finish()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -250,8 +250,7 @@ class TrainingRun:
             self._load_checkpoint(checkpoints[-1])
         if self.strategy.is_main:
             self.metrics = MetricsLog(self.out / "metrics.jsonl", self.state.step if resume else None,
-                                      self.config.logging.tensorboard, self.config.logging.wandb,
-                                      self.config.logging.wandb_project, self.config.resolved())
+                                      self.config.logging, self.config.resolved())
 
     def _setup_data(self) -> None:
         t = self.t
