@@ -37,6 +37,13 @@ def max_diff(a, b) -> float:
     return max((x[k] - y[k]).abs().max().item() for k in x)
 
 
+def relative_diff(a, b) -> float:
+    """|a - b| / |a| over every LoRA weight together (Frobenius norms)."""
+    x, y = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    diff = sum(((x[k] - y[k]) ** 2).sum().item() for k in x) ** 0.5
+    return diff / sum((x[k] ** 2).sum().item() for k in x) ** 0.5
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, preference_data):
     tmp = tmp_path_factory.mktemp("dpo")
@@ -140,4 +147,8 @@ def test_two_processes_train_what_one_does(preference_data, tmp_path):
     one, two = ([r for r in steps(a) if "loss" in r] for a in (single, tmp_path / "two"))
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-4)
     assert [r["rewards/margins"] for r in two] == pytest.approx([r["rewards/margins"] for r in one], abs=1e-4)
-    assert max_diff(single, tmp_path / "two") < 1e-4
+    # the weights: Adam divides each update by sqrt(v), so an entry whose gradient is near zero, summed by two ranks
+    # in another order than by one process, moves by a different fraction of the learning rate; a few such entries
+    # differ by up to ~2e-4 after 6 steps (lr 2e-3) while the adapter as a whole agrees to 1.5e-5 of its norm
+    assert max_diff(single, tmp_path / "two") < 5e-4
+    assert relative_diff(single, tmp_path / "two") < 1e-4
