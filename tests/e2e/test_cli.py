@@ -11,15 +11,16 @@ from conftest import write_jsonl
 from budwood.models.fingerprint import adapter_fingerprint
 
 
-def budwood(*args: str, cwd: Path | None = None, columns: int | None = None) -> subprocess.CompletedProcess:
+def budwood(*args: str, cwd: Path | None = None, columns: int | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": str(columns)} if columns else None  # rich's width when not on a terminal
     return subprocess.run([sys.executable, "-m", "budwood", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=600, env=env)
+                          cwd=cwd, timeout=timeout, env=env)
 
 
 def test_demo_runs_end_to_end(tmp_path):
     r = budwood("demo", "--workdir", str(tmp_path / "demo"), "--set", "training.epochs=4", "--eval-set", "limit=8",
-                "--tool-steps", "20", columns=160)
+                "--tool-steps", "20", columns=160, timeout=1800)  # ~2 min; room for a slow or busy machine
     assert r.returncode == 0, r.stderr[-3000:]
     assert "held-out questions" in r.stdout and "loss curve:" in r.stdout
     assert "vs plain" in r.stdout and "determinism_greedy" in r.stdout
