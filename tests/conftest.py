@@ -64,6 +64,21 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+def chat_rows(n: int, question: str, answer: str) -> list[dict]:
+    """n one-turn chat examples; `question` and `answer` are formats of i."""
+    return [{"messages": [{"role": "user", "content": question.format(i=i, x=i * 7)},
+                          {"role": "assistant", "content": answer.format(i=i, x=i * 7)}]} for i in range(n)]
+
+
+def tiny_train_config(data: Path, out: Path, *extra: str):
+    """A few quick steps of budwood-tiny on `data`: fp32, no compile, no validation split."""
+    from budwood.config import load_config
+
+    return load_config(None, ["base_model=budwood-tiny", f"data.train={data}", "data.validation_split=0",
+                              "data.min_examples=1", f"output_dir={out}", "training.batch_size=4",
+                              "training.precision=fp32", "training.compile=false", *extra])
+
+
 def make_random_adapter(out: Path, seed: int, r: int = 8, targets: list[str] | None = None) -> Path:
     """A peft LoRA adapter on budwood-tiny with random A and B, so it really changes outputs."""
     import torch

@@ -7,26 +7,20 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from budwood.config import load_config
 from budwood.errors import ConfigError
 from budwood.train.recipe import train
+from tests.conftest import chat_rows, tiny_train_config, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("opt") / "train.jsonl"
-    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is code {i}?"},
-                                                     {"role": "assistant", "content": f"Code {i} is {i * 7}."}]}) + "\n"
-                            for i in range(16)))
-    return path
+    rows = chat_rows(16, "What is code {i}?", "Code {i} is {x}.")
+    return write_jsonl(tmp_path_factory.mktemp("opt") / "train.jsonl", rows)
 
 
 def config(data, out, *extra):
-    return load_config(None, ["base_model=budwood-tiny", f"data.train={data}", "data.validation_split=0",
-                              "data.min_examples=1", f"output_dir={out}", "training.batch_size=4",
-                              "training.precision=fp32", "training.compile=false", "training.scheduler=constant",
-                              "training.warmup_steps=0", "training.learning_rate=1e-2", "training.save_every=2",
-                              *extra])
+    return tiny_train_config(data, out, "training.scheduler=constant", "training.warmup_steps=0",
+                             "training.learning_rate=1e-2", "training.save_every=2", *extra)
 
 
 @pytest.mark.parametrize("optimizer, extra", [("adamw", ["training.adam_beta2=0.99"]),

@@ -7,24 +7,18 @@ import json
 
 import pytest
 
-from budwood.config import load_config
 from budwood.errors import ConfigError
 from budwood.train.recipe import train
+from tests.conftest import chat_rows, tiny_train_config, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("trk") / "train.jsonl"
-    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {i}."},
-                                                     {"role": "assistant", "content": f"{i}."}]}) + "\n"
-                            for i in range(8)))
-    return path
+    return write_jsonl(tmp_path_factory.mktemp("trk") / "train.jsonl", chat_rows(8, "Say {i}.", "{i}."))
 
 
 def config(data, out, *extra):
-    return load_config(None, ["base_model=budwood-tiny", f"data.train={data}", "data.validation_split=0",
-                              "data.min_examples=1", f"output_dir={out}", "training.batch_size=4",
-                              "training.precision=fp32", "training.compile=false", "training.max_steps=3", *extra])
+    return tiny_train_config(data, out, "training.max_steps=3", *extra)
 
 
 def test_tensorboard_and_mlflow_get_what_metrics_jsonl_gets(data, tmp_path):
