@@ -110,7 +110,7 @@ def template_messages(body: ChatCompletionRequest) -> list[dict]:
     return messages
 
 
-def _tool_format(serving: OpenAIServing, adapter, tools: ToolRequest | None, messages: list[dict]
+def tool_format_for(serving: OpenAIServing, adapter, tools: ToolRequest | None, messages: list[dict]
                  ) -> ToolFormat | None:
     """The call format of the template in use; a request with tools, or a history with tool calls or results,
     for a template that cannot render them is refused (400 naming the field)."""
@@ -143,7 +143,7 @@ async def create_chat_completion(serving: OpenAIServing, body: ChatCompletionReq
     messages = template_messages(body)
     check_chat(serving.limits, body, messages)  # counts and lengths first, before anything is loaded
     adapter = await serving.resolve(caller, body.model)
-    fmt = _tool_format(serving, adapter, tools, messages)
+    fmt = tool_format_for(serving, adapter, tools, messages)
     try:  # rendering and tokenising take a while for a long conversation: off the event loop
         prompt_ids = await asyncio.to_thread(serving.engine.chat_prompt, messages, adapter,
                                              body.add_generation_prompt, serving.limits.template_budget,

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from budwood import __version__
 from budwood.errors import BudwoodError
 from budwood.serve.auth import CallerDep
-from budwood.serve.chat import template_messages
+from budwood.serve.chat import template_messages, tool_format_for
 from budwood.serve.limits import LimitedRoute, check_chat, check_prompt_tokens, over
 from budwood.serve.protocol import ChatCompletionRequest, ChatMessage
 from budwood.serve.serving import ServingDep
@@ -61,8 +61,7 @@ async def tokenize(body: TokenizeRequest, serving: ServingDep, caller: CallerDep
         messages = template_messages(chat)
         check_chat(limits, chat, messages)
         adapter = await serving.resolve(caller, body.model)
-        if tools is not None and engine.tool_format(adapter) is None:
-            raise BudwoodError(f"tools: the chat template of {body.model!r} does not support tools", param="tools")
+        tool_format_for(serving, adapter, tools, messages)  # tools or a tool history the template cannot render
         ids = await asyncio.to_thread(engine.chat_prompt, messages, adapter, body.add_generation_prompt,
                                       limits.template_budget, tools.tools if tools else None)
     check_prompt_tokens(limits, "prompt" if body.prompt is not None else "messages", [ids])
