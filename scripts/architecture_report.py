@@ -101,6 +101,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors", "hashing", "allocator"),
     ("db", "models", "data", "safeyaml"),
     ("config", "artifacts"),
+    ("interop",),
     ("engine",),
     ("eval",),
     ("reliability",),

@@ -22,23 +22,80 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _check_format(value: str) -> str:
+    from budwood.data.formats import FORMATS
+
+    if value != "auto" and value not in FORMATS:
+        raise ValueError(f"unknown format {value!r}{did_you_mean(value, FORMATS)}; expected auto or one of "
+                         f"{', '.join(FORMATS)}")
+    return value
+
+
+class DataSource(_Strict):
+    """One of several training sources, mixed by weight (data.sources)."""
+
+    path: str = Field(description="a JSONL, JSON, CSV or Parquet file, a `datasets` folder, or a Hub dataset id")
+    weight: float = Field(1.0, gt=0, le=100, description="how many times each example is seen per epoch: 2 "
+                          "repeats the source, 0.5 draws a seeded half of it")
+    format: str = Field("auto", description="as data.format, for this source")
+    split: str = Field("train", description="the split read from a Hub dataset or a `datasets` folder")
+    subset: str | None = Field(None, description="a Hub dataset's configuration (load_dataset's `name`)")
+    columns: dict[str, str] = Field(default_factory=dict, description="budwood's field -> this source's field, "
+                                    "e.g. {messages: conversation}")
+    message_fields: dict[str, str] = Field(default_factory=dict, description="the format's message key -> this "
+                                           "source's, e.g. {role: from, content: value}")
+    roles: dict[str, list[str]] = Field(default_factory=dict, description="the format's role -> this source's "
+                                        "names for it, e.g. {user: [human], assistant: [gpt]}")
+    max_examples: int | None = Field(None, ge=1, description="read only this source's first N examples "
+                                     "(LLaMA-Factory's max_samples)")
+
+    _format = field_validator("format")(classmethod(lambda cls, v: _check_format(v)))
+
+    def field_map(self):
+        from budwood.data.sources import FieldMap
+
+        return FieldMap(dict(self.columns), dict(self.message_fields),
+                        {k: tuple(v) for k, v in self.roles.items()})
+
+
 class DataConfig(_Strict):
-    train: Path = Field(description="training JSONL file")
-    validation: Path | None = Field(None, description="validation JSONL file")
+    train: Path | None = Field(None, description="the training file (or use sources for several)")
+    sources: list[DataSource] = Field(default_factory=list, max_length=64,
+                                      description="several training sources with mixing weights, instead of train")
+    validation: Path | None = Field(None, description="validation file")
     validation_split: float = Field(0.0, ge=0.0, lt=0.5, description="share of train held out if no file")
     format: str = Field("auto", description="auto (detect from the first record) or a registered format: "
                         "openai, prompt_completion, alpaca, sharegpt")
     min_examples: int = Field(1, ge=1, description="fewer valid examples than this is an error")
+    chat_template: str | None = Field(None, description="the chat template family the data must be rendered with "
+                                      "(llama3, chatml, mistral, gemma, phi_3, ...): budwood renders with the base "
+                                      "tokenizer's own template and refuses to train if it is another family")
 
-    @field_validator("format")
+    _format = field_validator("format")(classmethod(lambda cls, v: _check_format(v)))
+
+    @field_validator("chat_template")
     @classmethod
-    def _registered(cls, value: str) -> str:
-        from budwood.data.formats import FORMATS
+    def _known_family(cls, value: str | None) -> str | None:
+        from budwood.data.template import FAMILY_MARKERS
 
-        if value != "auto" and value not in FORMATS:
-            raise ValueError(f"unknown format {value!r}{did_you_mean(value, FORMATS)}; expected auto or one of "
-                             f"{', '.join(FORMATS)}")
+        if value is not None and value not in FAMILY_MARKERS:
+            raise ValueError(f"unknown chat template family {value!r}{did_you_mean(value, FAMILY_MARKERS)}; "
+                             f"known: {', '.join(FAMILY_MARKERS)}")
         return value
+
+    @model_validator(mode="after")
+    def _one_kind_of_train(self) -> DataConfig:
+        if (self.train is None) == (not self.sources):
+            raise ValueError("give data.train (one file) or data.sources (several, with weights), "
+                             + ("not both" if self.sources else "one of them"))
+        return self
+
+    @property
+    def train_sources(self) -> list[DataSource]:
+        """What is trained on, as sources: data.train is one source of weight 1."""
+        if self.sources:
+            return list(self.sources)
+        return [DataSource(path=str(self.train), format=self.format)]
 
 
 class LoraConfig(_Strict):
@@ -101,6 +158,13 @@ class TrainingConfig(_Strict):
         "padded", description="padded: length-grouped rows; packed: examples share rows, exactly masked")
     eval_every: int = Field(50, ge=1, description="optimizer steps between validation losses")
     save_every: int = Field(100, ge=1, description="optimizer steps between checkpoints")
+    evals_per_epoch: int | None = Field(None, ge=1, description="validation losses per epoch, instead of "
+                                        "eval_every (Axolotl's evals_per_epoch)")
+    saves_per_epoch: int | None = Field(None, ge=1, description="checkpoints per epoch, instead of save_every")
+    loss_watchdog_threshold: float | None = Field(None, gt=0, description="stop the run (with a checkpoint) when "
+                                                  "the training loss stays above this (Axolotl's loss watchdog)")
+    loss_watchdog_patience: int = Field(3, ge=1, description="optimizer steps in a row above the threshold "
+                                        "before the watchdog stops the run")
     keep_checkpoints: int = Field(2, ge=1)
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto, cpu, cuda, cuda:1, mps")
     distributed: Literal["auto", "none", "ddp", "fsdp"] = Field(
@@ -197,6 +261,9 @@ class LoggingConfig(_Strict):
     tensorboard: bool = Field(False, description="the same as report_to: [tensorboard]")
     wandb: bool = Field(False, description="the same as report_to: [wandb]")
     wandb_project: str = "budwood"
+    wandb_entity: str | None = Field(None, description="the W&B team or user the run is logged under (default: "
+                                     "your default entity)")
+    wandb_tags: list[str] = Field(default_factory=list, max_length=64, description="tags on the W&B run")
     mlflow_experiment: str = Field("budwood", description="the MLflow experiment the run is logged under")
     mlflow_tracking_uri: str | None = Field(None, description="MLflow's tracking URI (sqlite:///mlflow.db, "
                                             "http://host:5000); default: MLFLOW_TRACKING_URI, else MLflow's own")
@@ -211,6 +278,9 @@ class LoggingConfig(_Strict):
 
 class TrainConfig(_Strict):
     base_model: str = Field("budwood-tiny", description="budwood-tiny, a local HF directory, or a hub id")
+    quantization: Literal["none", "nf4", "int8"] = Field(
+        "none", description="load the base's weights quantised and train LoRA on top (QLoRA): nf4 or int8; "
+        "docs/quantization.md says which devices run which")
     init_adapter: str | None = Field(None, description="start from this adapter (a folder, or a registry id): SFT "
                                      "continues it; DPO also uses it, frozen, as the reference policy")
     data: DataConfig
@@ -310,7 +380,7 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
 
 def load_settings(model: type[SettingsT], path: str | Path | None, overrides: list[str] | None = None, *,
                   base: dict[str, Any] | None = None, values: dict[str, Any] | None = None,
-                  labels: dict[str, str] | None = None) -> SettingsT:
+                  labels: dict[str, str] | None = None, source: str | None = None) -> SettingsT:
     """The one loader of every settings model (training, evaluation, card info, service): `base` defaults,
     then a YAML file, then `values` (dotted keys to typed values, as CLI options give them; `labels` names
     the option each came from), then `key=value` overrides (--set, parsed as YAML). Errors name the file,
@@ -326,7 +396,7 @@ def load_settings(model: type[SettingsT], path: str | Path | None, overrides: li
     except ValidationError as e:
         blame = {key: (labels or {}).get(key, key) for key in values or {}}
         blame |= {key: f"--set {key}" for key in (o.split("=", 1)[0].strip() for o in overrides or [])}
-        source = str(path) if path is not None else "--set" if overrides and not values else "settings"
+        source = source or (str(path) if path is not None else "--set" if overrides and not values else "settings")
         raise _explain(e, model, source, blame) from None
 
 

@@ -13,6 +13,7 @@ app = typer.Typer(cls=BoundaryGroup, add_completion=False, no_args_is_help=True,
                   help="Grow, prove, document, trade and serve LoRA adapters on open models.")
 app.add_typer(train.app)
 app.add_typer(train.data_app, name="data")
+app.add_typer(train.config_app, name="config")
 app.add_typer(evaluate.app, name="eval")
 app.add_typer(evaluate.calibrate_app)
 app.add_typer(registry.app)

@@ -13,25 +13,33 @@ from budwood.cli.console import EvalProgress, RichProgress, console, out, sigter
 
 app = typer.Typer()
 data_app = typer.Typer(no_args_is_help=True, help="Inspect training data.")
+config_app = typer.Typer(no_args_is_help=True, help="Read training configs, budwood's or Axolotl's or LLaMA-Factory's.")
 
 
 
 @app.command("train")
 def train_cmd(
-    config: Path = typer.Argument(..., help="YAML config (see configs/)"),
+    config: Path = typer.Argument(..., help="YAML config: budwood's (see configs/), Axolotl's or LLaMA-Factory's"),
     set_: list[str] = typer.Option([], "--set", help="override a key, e.g. --set training.max_steps=20"),
     resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in output_dir"),
 ) -> None:
     """Train a LoRA adapter.
 
+    An Axolotl or LLaMA-Factory config is read as budwood's own (how each key was read is printed; `budwood
+    config convert` writes the result); --set uses budwood's key names.
+
     Example: budwood train configs/tiny_company.yaml --set training.max_steps=50
     """
-    from budwood.config import load_config
+    from budwood.interop import load_train_config
     from budwood.pipeline import train_adapter
     from budwood.train.recipe import TrainingInterrupted
 
     sigterm_as_interrupt()
-    cfg = load_config(config, set_)
+    cfg, converted = load_train_config(config, set_)
+    if converted is not None and os.environ.get("RANK", "0") == "0":
+        console.print(f"[bold]{escape(str(config))}[/]: read as {converted.dialect.value} config")
+        for note in converted.notes:
+            console.print(f"  [dim]{escape(note)}[/]")
     with RichProgress() as progress:
         try:
             adapter_dir = train_adapter(cfg, f"budwood train: {cfg.output_dir}", progress, resume=resume)
@@ -40,6 +48,32 @@ def train_cmd(
             raise typer.Exit(130) from None
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
         out.print(f"adapter: {adapter_dir}")
+
+
+@config_app.command("convert")
+def config_convert_cmd(
+    config: Path = typer.Argument(..., help="an Axolotl or LLaMA-Factory YAML config"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="write budwood's config here (default: print)"),
+    set_: list[str] = typer.Option([], "--set", help="change a key of the result, in budwood's names"),
+) -> None:
+    """Write an Axolotl or LLaMA-Factory config as budwood's own, with how each key was read as comments.
+
+    Every key is mapped, noted (honoured with no effect on the result) or refused with what to do instead.
+
+    Example: budwood config convert examples/llama-3/lora-1b.yml -o lora-1b.budwood.yaml
+    """
+    from budwood.errors import ConfigError
+    from budwood.interop import convert, to_yaml
+
+    converted = convert(config)
+    if converted.dialect is None:
+        raise ConfigError(f"{config}: this is budwood's own config already (it has a data: section)")
+    text = to_yaml(converted, set_)
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    output.write_text(text, encoding="utf-8")
+    out.print(f"wrote {output} (budwood train {output})", markup=False)
 
 
 @app.command("generate")

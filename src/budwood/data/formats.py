@@ -34,32 +34,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from budwood.data.sources import MAX_JSON_DEPTH, FieldMap, RawRecord, json_depth, read_records  # noqa: F401
 from budwood.errors import BudwoodError, DataError, did_you_mean
 
 CHAT_ROLES = ("system", "user", "assistant")
 ROLES = (*CHAT_ROLES, "tool")
-MAX_JSON_DEPTH = 64  # a record nested deeper is refused before json.loads recurses into it
 MAX_TOOLS = 128  # per example, as OpenAI's API allows
 MAX_SCHEMA_DEPTH = 16  # nesting of one function's parameters schema
 MAX_SCHEMA_CHARS = 32_768  # one function's parameters schema, as JSON text
 _FUNCTION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # OpenAI's rule, plus dots (common in TRL/LLaMA-Factory data)
-
-# a JSON string, escapes included; an unterminated one runs to the end, so every match attempt succeeds (linear)
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\[\s\S][^"\\]*)*(?:"|\\?\Z)')
-_BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
-
-
-def json_depth(text: bytes) -> int:
-    """How deeply arrays and objects nest in a JSON text (brackets inside strings skipped), found by a
-    linear scan without parsing: json.loads and the code that walks its result recurse once per level."""
-    if b"[" not in text and b"{" not in text:
-        return 0
-    import numpy as np
-
-    steps = _JSON_STRING.sub(b"", text).translate(_BRACKET_STEPS, _NOT_BRACKETS)  # +1 per opener, -1 per closer
-    return int(np.frombuffer(steps, np.int8).cumsum(dtype=np.int64).max(initial=0))
-
 
 def _drop_none(obj):
     """A dataclass's asdict() without unset fields, so a form without tools keeps its canonical form (and
@@ -864,69 +847,23 @@ def _answered_call(m: Message, open_calls: list[ToolCall], rec: _Record, where: 
     return match
 
 
-def read_dataset(path: str | Path, format: str = "auto", min_examples: int = 1, raise_errors: bool = True
-                 ) -> Dataset:
-    """Parse a JSONL file; raise DataError listing every error unless raise_errors is False."""
-    path = Path(path)
+def read_dataset(path: str | Path, format: str = "auto", min_examples: int = 1, raise_errors: bool = True, *,
+                 split: str = "train", subset: str | None = None, fields: FieldMap | None = None) -> Dataset:
+    """Parse a data source (a JSONL, JSON, CSV or Parquet file, a `datasets` folder or a Hub dataset id:
+    data/sources.py); raise DataError listing every error unless raise_errors is False."""
     if format != "auto" and format not in FORMATS:
         raise DataError(f"unknown data format {format!r}{did_you_mean(format, FORMATS)}; "
                         f"expected auto or one of {', '.join(FORMATS)}")
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such data file") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, expected a JSONL file") from None
     ds = Dataset(str(path), format)
     file = str(path)
     records = 0
-    for lineno, line_bytes in enumerate(raw.splitlines(), start=1):
-        rec = _Record(file, lineno, ds.issues)
-        if not line_bytes.strip():
-            continue
+    for raw in read_records(path, split=split, subset=subset, fields=fields):
         records += 1
-        try:
-            line = line_bytes.decode("utf-8-sig" if lineno == 1 else "utf-8")
-        except UnicodeDecodeError as e:
-            rec.error("invalid_encoding", f"not UTF-8 at byte {e.start + 1}")
+        rec = _Record(file, raw.line, ds.issues)
+        if raw.error:
+            rec.error(*raw.error)
             continue
-        if json_depth(line_bytes) > MAX_JSON_DEPTH:
-            rec.error("too_deep", f"arrays and objects nested deeper than {MAX_JSON_DEPTH} levels")
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            rec.error("invalid_json", f"column {e.colno}: {e.msg}")
-            continue
-        if not isinstance(obj, dict):
-            rec.error("not_an_object", f"each line must be a JSON object, got {type(obj).__name__}")
-            continue
-        found = detect_format(obj)
-        if ds.format == "auto":
-            if found is None:
-                rec.error("unknown_format", f"cannot tell the format from keys {sorted(obj)}; expected "
-                                            "'messages', 'prompt'/'completion', 'instruction'/'output', "
-                                            "'conversations', or a preference pair's 'chosen'/'rejected' or "
-                                            "'preferred_output'/'non_preferred_output'")
-                continue
-            ds.format = found
-        elif found is not None and found != ds.format:
-            rec.error("format_mismatch", f"record looks like {found} but the file is {ds.format}")
-            continue
-        if ds.format in PREFERENCE_FORMATS:
-            pair = PREFERENCE_FORMATS[ds.format](obj, rec)
-            if pair is not None and not rec.failed:
-                ds.pairs.append(pair)
-            continue
-        parsed = FORMATS[ds.format](obj, rec)
-        if parsed is None or rec.failed:
-            continue
-        conv = parsed if isinstance(parsed, Conversation) else Conversation(parsed)
-        conv.source = f"{file}:{lineno}"
-        _check_conversation(conv.messages, rec)
-        _check_tool_use(conv, rec)
-        if not rec.failed:
-            ds.conversations.append(conv)
+        _parse_record(raw.obj, rec, ds, f"{file}:{raw.line}")
     if records == 0:
         ds.issues.append(Issue(file, 0, "empty_file", "the file has no records"))
     elif len(ds.examples) < min_examples:
@@ -937,3 +874,36 @@ def read_dataset(path: str | Path, format: str = "auto", min_examples: int = 1, 
         more = f"\n... and {len(ds.errors) - 50} more" if len(ds.errors) > 50 else ""
         raise DataError(f"{path}: {len(ds.errors)} problem(s):\n{shown}{more}", ds.issues)
     return ds
+
+
+def _parse_record(obj, rec: _Record, ds: Dataset, source: str) -> None:
+    """One record into ds (a conversation or a pair), or its problems into rec."""
+    if not isinstance(obj, dict):
+        rec.error("not_an_object", f"each record must be a JSON object, got {type(obj).__name__}")
+        return
+    found = detect_format(obj)
+    if ds.format == "auto":
+        if found is None:
+            rec.error("unknown_format", f"cannot tell the format from keys {sorted(obj)}; expected "
+                                        "'messages', 'prompt'/'completion', 'instruction'/'output', "
+                                        "'conversations', or a preference pair's 'chosen'/'rejected' or "
+                                        "'preferred_output'/'non_preferred_output'")
+            return
+        ds.format = found
+    elif found is not None and found != ds.format:
+        rec.error("format_mismatch", f"record looks like {found} but the file is {ds.format}")
+        return
+    if ds.format in PREFERENCE_FORMATS:
+        pair = PREFERENCE_FORMATS[ds.format](obj, rec)
+        if pair is not None and not rec.failed:
+            ds.pairs.append(pair)
+        return
+    parsed = FORMATS[ds.format](obj, rec)
+    if parsed is None or rec.failed:
+        return
+    conv = parsed if isinstance(parsed, Conversation) else Conversation(parsed)
+    conv.source = source
+    _check_conversation(conv.messages, rec)
+    _check_tool_use(conv, rec)
+    if not rec.failed:
+        ds.conversations.append(conv)

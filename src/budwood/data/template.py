@@ -21,6 +21,32 @@ from budwood.errors import DataError
 
 IGNORE = -100
 
+# chat template families as Axolotl's chat_template and LLaMA-Factory's template name them, each known by the
+# markers its template writes; budwood always renders with the base tokenizer's own template and checks it
+FAMILY_MARKERS: dict[str, tuple[str, ...]] = {
+    "llama3": ("<|start_header_id|>",), "llama4": ("<|header_start|>",),
+    "chatml": ("<|im_start|>",), "qwen": ("<|im_start|>",), "qwen2": ("<|im_start|>",),
+    "qwen2_5": ("<|im_start|>",), "qwen_25": ("<|im_start|>",), "qwen3": ("<|im_start|>",),
+    "mistral": ("[INST]",), "mistral_v1": ("[INST]",), "mistral_v2v3": ("[INST]",), "mistral_v3_tekken": ("[INST]",),
+    "mistral_v7_tekken": ("[INST]",), "llama2": ("[INST]",),
+    "gemma": ("<start_of_turn>",), "gemma2": ("<start_of_turn>",), "gemma3": ("<start_of_turn>",),
+    "phi": ("<|user|>", "<|end|>"), "phi_3": ("<|user|>", "<|end|>"), "phi_35": ("<|user|>", "<|end|>"),
+}
+
+
+def template_family_problem(tokenizer, family: str) -> str | None:
+    """Why the tokenizer's chat template is not of `family` (data.chat_template), or None when it is."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if family not in FAMILY_MARKERS:
+        return f"unknown chat template family {family!r}; known: {', '.join(FAMILY_MARKERS)}"
+    missing = [m for m in FAMILY_MARKERS[family] if m not in template]
+    if not missing:
+        return None
+    found = [name for name, marks in FAMILY_MARKERS.items() if all(m in template for m in marks)]
+    return (f"data.chat_template is {family!r} but the base tokenizer's chat template is not (it lacks "
+            f"{', '.join(missing)}" + (f"; it looks like {found[0]}" if found else "") + "); budwood renders with "
+            "the tokenizer's own template: set data.chat_template to its family or leave it out")
+
 
 @dataclass
 class Encoded:

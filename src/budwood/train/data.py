@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from budwood.config import TrainConfig
 from budwood.data.formats import Dataset, Example, Issue, data_fingerprint, read_dataset
 from budwood.data.split import split_validation
-from budwood.data.template import Encoded, EncodedPair, encode_conversations, encode_pairs
+from budwood.data.template import Encoded, EncodedPair, encode_conversations, encode_pairs, template_family_problem
 from budwood.errors import DataError, TrainingError
 
 KIND_OF_METHOD = {"sft": "sft", "dpo": "preference"}
@@ -27,10 +27,11 @@ class PreparedData:
     reliability: dict = field(default_factory=dict)  # what each reliability recipe added (provenance, the card)
 
 
-def read_for_method(path, config: TrainConfig, min_examples: int = 1) -> Dataset:
-    """A data file, refused by name when its kind is not the method's (preference pairs to SFT, or chat data to
-    DPO): training on it would silently learn something else."""
-    ds = read_dataset(path, config.data.format, min_examples)
+def read_for_method(path, config: TrainConfig, min_examples: int = 1, format: str | None = None,
+                    **where) -> Dataset:
+    """A data source, refused by name when its kind is not the method's (preference pairs to SFT, or chat data
+    to DPO): training on it would silently learn something else. `where`: split, subset, fields."""
+    ds = read_dataset(path, format or config.data.format, min_examples, **where)
     method = config.training.method
     if ds.kind != KIND_OF_METHOD[method]:
         hint = ("set training.method=dpo to learn from preference pairs" if ds.kind == "preference" else
@@ -39,6 +40,28 @@ def read_for_method(path, config: TrainConfig, min_examples: int = 1) -> Dataset
         raise DataError(f"{path}: this is {'preference' if ds.kind == 'preference' else 'chat (SFT)'} data "
                         f"({ds.format}) but training.method is {method}; {hint}")
     return ds
+
+
+def mix_sources(sources: list, pools: list[list[Example]], seed: int) -> list[Example]:
+    """The examples of several sources, each `weight` times: whole copies, then a seeded draw of the fraction
+    (the same draw every epoch, so an epoch's length and a resume's position are fixed). One source of
+    weight 1 is its examples as they are."""
+    import random
+
+    if len(sources) == 1 and sources[0].weight == 1:
+        return pools[0]
+    mixed: list[Example] = []
+    for i, (source, examples) in enumerate(zip(sources, pools)):
+        whole, fraction = divmod(source.weight, 1)
+        mixed += examples * int(whole)
+        take = round(len(examples) * fraction)
+        if take:
+            rng = random.Random(f"{seed}:{i}:{source.path}")
+            mixed += [examples[j] for j in sorted(rng.sample(range(len(examples)), take))]
+        if not examples or (not whole and not take):
+            raise DataError(f"{source.path}: weight {source.weight} of {len(examples)} examples leaves none to "
+                            "train on; raise its weight")
+    return mixed
 
 
 def encode(tokenizer, examples: list[Example], max_len: int, issues: list[Issue]) -> list:
@@ -52,21 +75,30 @@ def prepare_data(config: TrainConfig, tokenizer) -> PreparedData:
     dc = config.data
     from budwood.eval.data import is_eval_only
 
-    for path in (dc.train, dc.validation):
+    sources = dc.train_sources
+    for path in [*(s.path for s in sources), dc.validation]:
         if path is not None and is_eval_only(path):
             raise DataError(f"{path}: this is one of budwood's evaluation sets; training on it would void its "
                             "scores, and some are licensed for evaluation only")
-    train_ds = read_for_method(dc.train, config, dc.min_examples)
-    issues = list(train_ds.issues)
-    convs = train_ds.examples
+    read = [read_for_method(s.path, config, 1 if len(sources) > 1 else dc.min_examples, s.format,
+                            split=s.split, subset=s.subset, fields=s.field_map()) for s in sources]
+    issues = [i for ds in read for i in ds.issues]
+    pools = [ds.examples[:s.max_examples] for s, ds in zip(sources, read)]
+    if dc.chat_template and (problem := template_family_problem(tokenizer, dc.chat_template)):
+        raise DataError(problem)
     val_convs: list[Example] = []
     val_ds: Dataset | None = None
     if dc.validation is not None:
         val_ds = read_for_method(dc.validation, config)
         issues += val_ds.issues
         val_convs = val_ds.examples
-    elif dc.validation_split > 0:
-        convs, val_convs = split_validation(convs, dc.validation_split, config.training.seed)
+    elif dc.validation_split > 0:  # each source's share held out before mixing: no example on both sides
+        held = [split_validation(pool, dc.validation_split, config.training.seed) for pool in pools]
+        pools, val_convs = [t for t, _ in held], [v for _, vs in held for v in vs]
+    convs = mix_sources(sources, pools, config.training.seed)
+    if len(convs) < dc.min_examples:
+        raise DataError(f"{len(convs)} examples from {len(sources)} sources, at least {dc.min_examples} needed "
+                        "(data.min_examples)")
     reliability: dict = {}
     if {"abstention", "counterfactual", "format_augmentation"} & set(config.reliability.applied):
         from budwood.reliability import apply_recipes
@@ -81,11 +113,16 @@ def prepare_data(config: TrainConfig, tokenizer) -> PreparedData:
     if errors:
         raise DataError(f"{len(errors)} example(s) cannot be tokenised:\n" + "\n".join(map(str, errors[:50])), errors)
     if not train:
-        raise TrainingError(f"{dc.train}: no example has trainable assistant tokens")
+        raise TrainingError(f"{dc.train or 'data.sources'}: no example has trainable assistant tokens")
     tool_examples = sum(getattr(c, "uses_tools", False) for c in convs)  # the card lists the tools suite for them
-    fingerprints = {"train": {"path": str(dc.train), "format": train_ds.format, "examples": len(convs),
-                              "fingerprint": data_fingerprint(convs),
+    fingerprints = {"train": {"path": str(dc.train or sources[0].path), "format": read[0].format,
+                              "examples": len(convs), "fingerprint": data_fingerprint(convs),
                               **({"tool_examples": tool_examples} if tool_examples else {})}}
+    if dc.sources:  # each source as read, and how much of it the mix took
+        fingerprints["train"]["sources"] = [
+            {"path": s.path, "format": ds.format, "weight": s.weight, "examples": len(pool),
+             "fingerprint": data_fingerprint(pool), **({"split": s.split} if s.split != "train" else {})}
+            for s, ds, pool in zip(sources, read, pools)]
     if augmented is not convs:  # what was trained on, recipes included
         fingerprints["train"]["augmented"] = {"examples": len(augmented), "fingerprint": data_fingerprint(augmented)}
     if val_convs:

@@ -268,6 +268,10 @@ class TrainingRun:
         self.chunking = Chunking(self.lengths, t.batch_size, t.tokens_per_batch, t.batching == "packed")
         self.micro_per_epoch = len(self._plan(0))
         self.total_steps = count_steps(t, self.micro_per_epoch)
+        steps_per_epoch = max(1, -(-self.micro_per_epoch // t.gradient_accumulation))
+        self.eval_every = max(1, steps_per_epoch // t.evals_per_epoch) if t.evals_per_epoch else t.eval_every
+        self.save_every = max(1, steps_per_epoch // t.saves_per_epoch) if t.saves_per_epoch else t.save_every
+        self.high_loss_steps = 0  # the loss watchdog's count of steps in a row above its threshold
 
     def _plan(self, epoch: int) -> list[list[int]]:
         t = self.t
@@ -372,16 +376,28 @@ class TrainingRun:
                 step = self.state.step
                 if step % self.config.logging.every == 0 or step == self.total_steps:
                     self._log_step(result)
-                if self.data.validation and (step % self.t.eval_every == 0 or step == self.total_steps):
+                if self.data.validation and (step % self.eval_every == 0 or step == self.total_steps):
                     self._validate()
-                if step % self.t.save_every == 0 and step < self.total_steps:
+                if step % self.save_every == 0 and step < self.total_steps:
                     self.checkpoint()
-                reason = self._stop_requested()
+                reason = self._loss_watchdog(result) or self._stop_requested()
                 if reason:
                     return Stopped(reason, signal=False)
         except KeyboardInterrupt:
             return Stopped(StopReason.INTERRUPTED, signal=True)
         return None
+
+    def _loss_watchdog(self, result: StepResult) -> str | None:
+        """Axolotl's loss watchdog: a loss above the threshold for `patience` steps in a row stops the run with
+        a checkpoint (a diverging run wastes the rest of its budget). Every rank sees the same loss."""
+        threshold = self.t.loss_watchdog_threshold
+        if threshold is None:
+            return None
+        self.high_loss_steps = self.high_loss_steps + 1 if result.train_loss > threshold else 0
+        if self.high_loss_steps < self.t.loss_watchdog_patience:
+            return None
+        return (f"{StopReason.LOSS_WATCHDOG}: the training loss stayed above {threshold} for "
+                f"{self.high_loss_steps} steps (training.loss_watchdog_threshold)")
 
     def step(self) -> StepResult:
         """One optimizer step over the next gradient_accumulation micro-batches of the plan. The loss is

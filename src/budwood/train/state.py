@@ -27,6 +27,7 @@ class StopReason(StrEnum):
     CANCELLED = "cancelled"
     PAUSED = "paused"
     SHUTDOWN = "shutdown"  # the worker is shutting down; another continues the job
+    LOSS_WATCHDOG = "loss watchdog"  # training.loss_watchdog_threshold: the loss stayed too high
     LEASE_LOST = "lease lost"  # the job's lease ran out or was taken: another worker has it
 
 
@@ -86,14 +87,22 @@ def resume_hash(config: TrainConfig) -> str:
     Paths are not part of it (the data is checked by its fingerprints), so a run resumes in a moved
     folder or on another machine, as the fine-tuning service's workers do."""
     resolved = config.resolved()
-    for key in ("max_steps", "epochs", "save_every", "eval_every", "keep_checkpoints", "compile", "distributed"):
+    for key in ("max_steps", "epochs", "save_every", "eval_every", "keep_checkpoints", "compile", "distributed",
+                "evals_per_epoch", "saves_per_epoch", "loss_watchdog_threshold", "loss_watchdog_patience"):
         resolved["training"].pop(key, None)
     for key in ("train", "validation"):
         resolved["data"].pop(key, None)
+    for source in resolved["data"].get("sources") or []:
+        source.pop("path")  # checked by the data's fingerprints, as data.train is
     resolved.pop("logging", None)
     resolved.pop("output_dir", None)
     resolved.pop("init_adapter", None)  # checked by its fingerprint, as the data is
     # keys added since checkpoints were first written, at their defaults: those checkpoints still resume
+    for key, default in (("sources", []), ("chat_template", None)):
+        if resolved["data"].get(key, default) == default:
+            resolved["data"].pop(key, None)
+    if resolved.get("quantization") == "none":
+        resolved.pop("quantization")
     if resolved["training"].get("method") == "sft" and resolved["training"].get("dpo") is None:
         resolved["training"].pop("method"), resolved["training"].pop("dpo")
     dpo = resolved["training"].get("dpo") or {}

@@ -41,12 +41,14 @@ class TensorBoard:
 
 
 class WandB:
-    def __init__(self, project: str, run_name: str | None, run_config: dict):
+    def __init__(self, project: str, run_name: str | None, run_config: dict, entity: str | None = None,
+                 tags: list[str] | None = None):
         try:
             import wandb
         except ImportError:
             raise ConfigError("logging.report_to wandb: install it (pip install budwood[trackers])") from None
-        self.run = wandb.init(project=project, name=run_name, config=run_config, resume="allow")
+        self.run = wandb.init(project=project, name=run_name, config=run_config, resume="allow", entity=entity,
+                              tags=tags or None)
 
     def log(self, numbers: dict[str, float], step: int) -> None:
         self.run.log(numbers, step=step)
@@ -106,7 +108,8 @@ def open_trackers(logging, folder: Path, run_config: dict, resume_step: int | No
             if name == "tensorboard":
                 trackers.append(TensorBoard(folder))
             elif name == "wandb":
-                trackers.append(WandB(logging.wandb_project, logging.run_name, run_config))
+                trackers.append(WandB(logging.wandb_project, logging.run_name, run_config, logging.wandb_entity,
+                                      logging.wandb_tags))
             else:
                 trackers.append(MLflow(logging.mlflow_experiment, logging.run_name, run_config,
                                        logging.mlflow_tracking_uri, resume_step))

@@ -187,10 +187,10 @@ def test_not_an_object_names_type(tmp_path):
     ds = read(tmp_path, lines("[1]", "42", '"s"', "true", GOOD_PC))
     got = [(i.line, i.message) for i in ds.issues if i.code == "not_an_object"]
     assert got == [
-        (1, "each line must be a JSON object, got list"),
-        (2, "each line must be a JSON object, got int"),
-        (3, "each line must be a JSON object, got str"),
-        (4, "each line must be a JSON object, got bool"),
+        (1, "each record must be a JSON object, got list"),
+        (2, "each record must be a JSON object, got int"),
+        (3, "each record must be a JSON object, got str"),
+        (4, "each record must be a JSON object, got bool"),
     ]
 
 
@@ -422,7 +422,7 @@ def test_missing_file_raises(tmp_path):
 
 
 def test_directory_raises(tmp_path):
-    with pytest.raises(DataError, match="is a directory"):
+    with pytest.raises(DataError, match="not a dataset folder"):
         read_dataset(tmp_path, raise_errors=False)
 
 

@@ -44,11 +44,12 @@ def test_the_loss_module_runs_whatever_objective_setup_chose():
 class _Run(TrainingRun):
     """The loop without a model: step() only advances the state; checkpoints are recorded."""
 
-    def __init__(self, tmp: Path, total: int, stop=None, interrupt_at: int | None = None):
+    def __init__(self, tmp: Path, total: int, stop=None, interrupt_at: int | None = None, **training):
         config = TrainConfig.model_validate({"data": {"train": "t.jsonl"}, "output_dir": str(tmp),
-                                             "training": {"save_every": 2, "eval_every": 100}})
+                                             "training": {"save_every": 2, "eval_every": 100, **training}})
         super().__init__(config, Single(), _Silent(), stop)
         self.lengths, self.total_steps, self.interrupt_at = [1, 1, 1], total, interrupt_at
+        self.eval_every, self.save_every, self.high_loss_steps = 100, 2, 0  # what setup() resolves
         self.data = PreparedData([], [], {})
         self.saved_at: list[int] = []
 
@@ -98,6 +99,15 @@ def test_whatever_a_stop_callback_answers_stops_the_run_and_is_not_a_signal(tmp_
     for Ctrl-C: under DDP/FSDP a stop, decided by rank 0, finds the ranks together, so it is checkpointed."""
     run = _Run(tmp_path, total=10, stop=lambda: reason if run.state.step == 3 else None)
     assert run.train() == Stopped(reason, signal=False) and run.state.step == 3
+
+
+def test_the_loss_watchdog_stops_after_patience_steps_above_its_threshold(tmp_path):
+    """Axolotl's loss_watchdog_threshold/patience: every step's loss here is 1.0."""
+    run = _Run(tmp_path, total=10, loss_watchdog_threshold=0.5, loss_watchdog_patience=3)
+    stopped = run.train()
+    assert run.state.step == 3 and stopped.reason.startswith("loss watchdog: the training loss stayed above 0.5 for "
+                                                             "3 steps") and not stopped.signal
+    assert _Run(tmp_path, total=4, loss_watchdog_threshold=2.0).train() is None  # never above it
 
 
 def test_ctrl_c_in_a_step_saves_the_step_before(tmp_path):

@@ -11,7 +11,7 @@ from budwood.train.state import RunIdentity, RunState, StopReason, resume_hash
 
 def test_stop_reasons_are_the_words_the_worker_and_the_messages_use():
     assert {r.value for r in StopReason} == {"interrupted", "cancelled", "paused", "shutdown",
-                                             "lease lost"}
+                                             "lease lost", "loss watchdog"}
     assert StopReason.LEASE_LOST == "lease lost" and f"{StopReason.PAUSED} at step 3" == "paused at step 3"
     assert StopReason("shutdown") is StopReason.SHUTDOWN
 
