@@ -194,7 +194,8 @@ def test_bad_job_requests_are_refused_with_the_parameter_named(live, acme, finis
              ({"method": {"type": "reinforcement", "reinforcement": {}}}, "method.type", "supervised and dpo"),
              ({"method": {"type": "dpo"}}, "training_file", "method 'dpo' needs preference pairs"),
              ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs", "greater than or equal to 1"),
-             ({"integrations": [{"type": "wandb", "wandb": {"project": "p"}}]}, "integrations", "not supported"),
+             ({"integrations": [{"type": "wandb", "wandb": {"project": "a/b"}}]}, "integrations.0.wandb.project",
+              "cannot contain /"),
              ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata", "at most 16 keys")]
     for change, param, text in cases:
         body = {"model": "budwood-tiny", "training_file": train.id, **change}

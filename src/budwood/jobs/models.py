@@ -70,6 +70,7 @@ class Job(Base):
     seed: Mapped[int] = mapped_column(BigInteger)
     meta: Mapped[dict | None] = mapped_column("metadata", JSON)
     hyperparameters: Mapped[dict] = mapped_column(JSON)  # as asked ("auto" allowed), resolved once validated
+    integrations: Mapped[list | None] = mapped_column(JSON)  # OpenAI's `integrations` as asked (W&B's run settings)
     fine_tuned_model: Mapped[str | None] = mapped_column(String(400), unique=True)
     registry_ref: Mapped[str | None] = mapped_column(String(200))
     error: Mapped[dict | None] = mapped_column(JSON)

@@ -17,6 +17,7 @@ from budwood.jobs.models import Checkpoint, CheckpointPermission, Job, JobEvent,
 from budwood.jobs.states import JobStatus
 
 SUFFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # OpenAI allows 64 characters
+WANDB_PROJECT_FORBIDDEN = "/\\#?%:"  # W&B refuses these in a project's name (and names over 128 characters)
 
 
 class Hyperparameters(BaseModel):
@@ -50,6 +51,42 @@ class Method(BaseModel):
     reinforcement: dict | None = None
 
 
+class WandbIntegration(BaseModel):
+    """OpenAI's `integrations[].wandb`: the W&B run a job's training metrics go to. The bounds are W&B's own
+    (a project of 1-128 characters without / \\ # ? % :, tags of 1-64 characters), so a job W&B would refuse
+    is refused when it is created, not when a worker starts its run; the other bounds are budwood's."""
+
+    model_config = ConfigDict(extra="forbid")
+    project: str = Field(min_length=1, max_length=128)
+    name: str | None = Field(None, min_length=1, max_length=128, description="the run's name (default: the job id)")
+    entity: str | None = Field(None, min_length=1, max_length=128, description="the W&B team or user (default: "
+                               "the key's)")
+    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(None, max_length=50)
+
+    @field_validator("project")
+    @classmethod
+    def _project(cls, value: str) -> str:
+        found = sorted({c for c in value if c in WANDB_PROJECT_FORBIDDEN})
+        if found:
+            raise ValueError(f"a W&B project's name cannot contain {' '.join(found)}")
+        return value
+
+
+class Integration(BaseModel):
+    """OpenAI's one kind of integration: Weights & Biases."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: str
+    wandb: WandbIntegration
+
+    @field_validator("type")
+    @classmethod
+    def _type(cls, value: str) -> str:
+        if value != "wandb":
+            raise ValueError("the only integration is 'wandb' (Weights & Biases), as in OpenAI's API")
+        return value
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1, max_length=300)
@@ -60,7 +97,14 @@ class JobCreate(BaseModel):
     metadata: dict[str, str] | None = None
     hyperparameters: Hyperparameters | None = Field(None, description="deprecated by OpenAI: use method")
     method: Method | None = None
-    integrations: list[dict] | None = None
+    integrations: list[Integration] | None = None
+
+    @field_validator("integrations")
+    @classmethod
+    def _integrations(cls, value: list[Integration] | None) -> list[Integration] | None:
+        if value is not None and len(value) > 1:
+            raise ValueError(f"one W&B integration per job (its metrics go to one run), got {len(value)}")
+        return value
 
     @field_validator("suffix")
     @classmethod
@@ -215,7 +259,8 @@ class FineTuningJob(BaseModel):
     estimated_finish: int | None
     trained_assistant_tokens: int | None = Field(None, description="budwood's: the tokens the loss was taken on "
                                                  "(assistant tokens x epochs); trained_tokens is every token x epochs")
-    integrations: list[dict] = Field(default_factory=list)
+    integrations: list[dict] = Field(default_factory=list, description="as asked: OpenAI's type and wandb "
+                                     "settings (null fields included, as OpenAI answers)")
     metadata: dict[str, str] | None
     user_provided_suffix: str | None
     method: JobMethod
@@ -230,7 +275,7 @@ class FineTuningJob(BaseModel):
                    training_file=job.training_file,
                    validation_file=job.validation_file,
                    estimated_finish=_ts(job.estimated_finish) if job.status == JobStatus.RUNNING else None,
-                   metadata=job.meta, user_provided_suffix=job.suffix,
+                   integrations=list(job.integrations or []), metadata=job.meta, user_provided_suffix=job.suffix,
                    method=JobMethod.of(job))
 
 

@@ -1,8 +1,9 @@
 """What /v1/fine_tuning/jobs does, without HTTP: a tenant's jobs created, listed, steered and followed.
 
 A job request is checked in full before anything is written (the method, the model, the files and
-their purpose), each refusal naming its parameter as OpenAI does; the queue checks the files again in
-the transaction that creates the job. Another tenant's job is answered as one that does not exist.
+their purpose; the integrations' shape in protocol.py), each refusal naming its parameter as OpenAI does;
+the queue checks the files again in the transaction that creates the job. Another tenant's job is
+answered as one that does not exist.
 """
 from __future__ import annotations
 
@@ -80,10 +81,6 @@ class ServingFineTuning:
     def job_values(self, tenant: str, body: JobCreate) -> dict:
         """The new job's columns, once every part of the request has been checked."""
         check_method(body)
-        if body.integrations:
-            raise BudwoodError("integrations are not supported by this service (it reaches no outside service); "
-                               "follow training through /events or the dashboard", code="unsupported_parameter",
-                               param="integrations")
         if body.model != self.config.serving.base:
             raise BudwoodError(f"Model {body.model!r} is not available for fine-tuning here; this service "
                                f"fine-tunes {self.config.serving.base!r}", code="model_not_available", param="model")
@@ -92,6 +89,7 @@ class ServingFineTuning:
         return {"model": body.model, "training_file": body.training_file, "validation_file": body.validation_file,
                 "suffix": body.suffix, "seed": body.seed if body.seed is not None else secrets.randbelow(2**31),
                 "meta": body.metadata,
+                "integrations": [i.model_dump(mode="json") for i in body.integrations] if body.integrations else None,
                 "hyperparameters": {**body.requested_hyperparameters().model_dump(), "method": body.method_type}}
 
     async def create(self, tenant: str, body: JobCreate, idempotency_key: str | None) -> FineTuningJob:

@@ -32,6 +32,7 @@ from sqlalchemy.exc import DBAPIError
 
 from budwood.errors import BudwoodError, DataError, ModelError, TrainingError
 from budwood.jobs.heartbeat import ACCURACY, Heartbeat, JobEvalProgress, JobProgress
+from budwood.jobs.integrations import end_open_run, is_wandb_error, not_logged, wandb_run
 from budwood.jobs.models import Job
 from budwood.jobs.protocol import fine_tuned_model, method_of, registry_name, resolve_auto
 from budwood.jobs.queue import Lease, LeaseLost, new_id
@@ -46,10 +47,12 @@ class JobFailed(BudwoodError):
     """The job cannot succeed: it fails with this error's OpenAI fields (code, message, param)."""
 
 
-def train_config(config: ServiceConfig, job: Job, data_dir: Path, adapter_dir: Path, examples: int | None):
+def train_config(config: ServiceConfig, job: Job, data_dir: Path, adapter_dir: Path, examples: int | None,
+                 logging: dict | None = None):
     """The job as budwood train's config: the service's recipe, the job's data, seed, method and
-    hyperparameters. Without a validation file, the service's validation_split of the training file is held
-    out (the validation loss, and the data the adapter is evaluated on)."""
+    hyperparameters, and `logging` (the trackers the job's integrations ask for, jobs/integrations.py).
+    Without a validation file, the service's validation_split of the training file is held out (the
+    validation loss, and the data the adapter is evaluated on)."""
     from budwood.config import load_config
 
     t, hp = config.training, job.hyperparameters
@@ -70,7 +73,7 @@ def train_config(config: ServiceConfig, job: Job, data_dir: Path, adapter_dir: P
                         "precision": t.precision, "device": t.device, "compile": t.compile,
                         "save_every": save_every, "eval_every": save_every, "keep_checkpoints": 2,
                         **({"method": "dpo", "dpo": _beta(hp)} if dpo else {})},
-           "output_dir": str(adapter_dir)}
+           "output_dir": str(adapter_dir), **({"logging": logging} if logging else {})}
     return load_config(None, [], base=raw)
 
 
@@ -161,17 +164,39 @@ class JobRun:
         return examples
 
     def train(self) -> None:
-        """From the last checkpoint, if a worker before this one left any: queued (or running) -> running."""
+        """From the last checkpoint, if a worker before this one left any: queued (or running) -> running.
+        The job's W&B integration adds the recipe's wandb tracker where this worker can log to W&B; where
+        it cannot, or wandb fails (a refused key, its server out of reach), the job trains without it and
+        its events say why."""
         from budwood.pipeline import train_adapter
+        from budwood.train.checkpoint import list_checkpoints
 
         checkpoint = self.queue.latest_checkpoint(self.job.id)
         if checkpoint is not None:
             self.storage.restore_checkpoint(self.job.id, checkpoint.step, self.adapter_dir)
         self.job = self.queue.start(self.lease, checkpoint.step if checkpoint else None)
-        config = train_config(self.config, self.job, self.data_dir, self.adapter_dir, self.job.train_examples)
-        train_adapter(config, f"{self.job.id}: LoRA on {self.job.model}", JobProgress(self.beat),
-                      resume=checkpoint is not None, stop=lambda: self.beat.reason,
-                      on_checkpoint=self.upload_checkpoint)
+        tracked = wandb_run(self.job)
+        if tracked is not None:
+            self.beat.emit(tracked.message, EventLevel.INFO if tracked.logging else EventLevel.WARN, data=tracked.data)
+
+        def run(logging: dict | None, resume: bool) -> None:
+            config = train_config(self.config, self.job, self.data_dir, self.adapter_dir, self.job.train_examples,
+                                  logging)
+            train_adapter(config, f"{self.job.id}: LoRA on {self.job.model}", JobProgress(self.beat), resume=resume,
+                          stop=lambda: self.beat.reason, on_checkpoint=self.upload_checkpoint)
+
+        try:
+            run(tracked.logging if tracked is not None else None, checkpoint is not None)
+        except Exception as e:
+            if tracked is None or tracked.logging is None:
+                raise
+            end_open_run()  # the recipe leaves its trackers open when training raises
+            if not is_wandb_error(e):
+                raise
+            log.warning("job %s: wandb failed, training on without it: %s", self.job.id, e)
+            self.beat.emit(not_logged(f"wandb could not log the run ({type(e).__name__}: {e})"), EventLevel.WARN,
+                           data={"wandb": {**tracked.data["wandb"], "logged": False}})
+            run(None, bool(list_checkpoints(self.adapter_dir / "checkpoints")))  # from where wandb stopped it
 
     def _public(self, message: str) -> str:
         """A message fit for the tenant: the local copies named by the tenant's file ids, and no path of

@@ -145,7 +145,7 @@ def test_manifests_naming_odd_paths_or_missing_blobs_are_refused(registry_locati
 def test_schema_is_managed_by_alembic(registry_location):
     reg = open_registry(registry_location)
     with reg.engine.connect() as c:
-        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"  # the newest migration
+        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0004"  # the newest migration
     open_registry(registry_location)  # opening again is a no-op, not a second CREATE TABLE
 
 
