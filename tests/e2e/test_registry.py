@@ -493,7 +493,8 @@ def test_cli_sign_verify_publish_search_show_yank_pull_export(evaluated_adapter,
                                                     "adapter_model.safetensors", "attestation.json", "budwood.json",
                                                     "eval"]
     meta = yaml.safe_load((hf / "README.md").read_text().split("---\n")[1])
-    assert meta["library_name"] == "peft" and meta["license"] == "apache-2.0" and meta["base_model"]
+    assert meta["library_name"] == "peft" and meta["license"] == "apache-2.0"
+    assert "base_model" not in meta and meta["budwood"]["base_model"] == "budwood-tiny"
     assert "*.safetensors filter=lfs diff=lfs merge=lfs -text" in (hf / ".gitattributes").read_text().splitlines()
     assert verify(hf, {key_id}).ok  # the export can still be verified by whoever downloads it
     assert_refused(export_tampered, "attestation does not verify", "eval/adapted.json")

@@ -67,6 +67,23 @@ class Energy:
     basis: str  # the devices counted, in words
 
 
+def hub_model_id(name: object) -> str | None:
+    """`name` where it is a Hugging Face Hub repository id of the form ORG/NAME, else None: budwood-tiny (it
+    ships inside budwood and has no Hub id), a path, or a hub-shaped name that is a folder here (training
+    loaded `models/llama` from disk when that folder exists). Only such an id may go in a card's YAML
+    `base_model` or `datasets`, or in an exported adapter_config.json: the Hub rejects anything else, and no
+    other machine can resolve a local name."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(name, str) or name.count("/") != 1 or name == TINY_NAME:
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return None if Path(name).expanduser().exists() else name
+
+
 def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

@@ -27,6 +27,7 @@ from budwood.card.facts import (
     SuiteRun,
     base_licence,
     energy_estimate,
+    hub_model_id,
     read_evaluations,
     read_json,
     results_base_fingerprint,
@@ -73,6 +74,17 @@ class CardInfo(BaseModel):
     def _one_or_many(cls, value: object) -> object:
         """A single value (as a CLI option gives it) is a list of one; None is none."""
         return [] if value is None else [value] if isinstance(value, str) else value
+
+    @field_validator("datasets")
+    @classmethod
+    def _hub_datasets(cls, value: list[str]) -> list[str]:
+        """The card's YAML `datasets` links to Hub data sets: a path or bare name would be refused by the Hub
+        (local training files are listed under Training data from budwood.json anyway)."""
+        bad = [d for d in value if hub_model_id(d) is None]
+        if bad:
+            raise ValueError(f"{', '.join(map(repr, bad))}: not a Hugging Face Hub data set id ORG/NAME (only "
+                             "published data sets are named here; the training files are listed from budwood.json)")
+        return value
 
     @model_validator(mode="after")
     def _custom_licence_is_named(self) -> CardInfo:
@@ -167,7 +179,9 @@ def _applies(suite, provenance: dict) -> bool:
 
 
 def card_data(facts: CardFacts) -> ModelCardData:
-    """The YAML metadata: one EvalResult per adapter metric that has a value, grouped by suite."""
+    """The YAML metadata: one EvalResult per adapter metric that has a value, grouped by suite. `base_model`
+    (and its `base_model:adapter:` tag) only where the base is a Hub id ORG/NAME: the Hub refuses
+    budwood-tiny or a local path there; the body and `budwood.base_model` still name it."""
     results = []
     for run in facts.suites.values():
         suite = run.adapter.suite
@@ -180,12 +194,14 @@ def card_data(facts: CardFacts) -> ModelCardData:
                                       dataset_type=suite.name, dataset_name=data, metric_type=name,
                                       metric_value=m.value, metric_name=f"{name} (n={m.n}{ci})"))
     info = facts.info
-    own = {"name": info.name, "summary": info.description, "adapter_fingerprint": facts.adapter_fingerprint,
-           "base_fingerprint": facts.base_fingerprint}
+    own = {"name": info.name, "summary": info.description, "base_model": facts.base,
+           "adapter_fingerprint": facts.adapter_fingerprint, "base_fingerprint": facts.base_fingerprint}
+    hub_base = hub_model_id(facts.base)
     return ModelCardData(
         license=info.license, license_name=info.license_name, license_link=info.license_link,
-        base_model=facts.base, library_name="peft", pipeline_tag="text-generation",
-        tags=[f"base_model:adapter:{facts.base}", "lora", "peft", "budwood"], datasets=info.datasets or None,
+        base_model=hub_base, library_name="peft", pipeline_tag="text-generation",
+        tags=[*([f"base_model:adapter:{hub_base}"] if hub_base else []), "lora", "peft", "budwood"],
+        datasets=info.datasets or None,
         language=info.languages or None, model_name=info.name or facts.dirname, eval_results=results or None,
         budwood={k: v for k, v in own.items() if v is not None})
 

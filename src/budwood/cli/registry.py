@@ -286,13 +286,40 @@ def yank_cmd(
 @app.command("export")
 def export_cmd(
     adapter_dir: Path = typer.Argument(..., help="adapter directory with a card"),
-    hf: Path = typer.Option(..., "--hf", help="output folder in the Hugging Face Hub layout"),
+    hf: Path = typer.Option(..., "--hf", help="output folder in the Hugging Face Hub layout (empty or new)"),
+    base_id: str = typer.Option(None, "--base-id", help="the base model's Hub id ORG/NAME, written into the copy's "
+                                                        "adapter_config.json and card (required for a base trained "
+                                                        "from a local folder; budwood-tiny has none of its own)"),
+    key: str = typer.Option(None, help="sign the exported copy with this key (name or PEM file, as budwood sign)"),
+    push: str = typer.Option(None, "--push", help="then upload OUT to this Hub model repository ORG/NAME (token: "
+                                                  "HF_TOKEN or `hf auth login`)"),
+    private: bool = typer.Option(False, "--private", help="with --push: create the repository private (an existing "
+                                                          "public one is refused)"),
 ) -> None:
-    """Lay the adapter out as a Hugging Face Hub repository, ready to upload.
+    """Lay the adapter out as a Hugging Face Hub repository that loads elsewhere, and optionally upload it.
 
-    Example: budwood export runs/demo/adapter --hf out/support && huggingface-cli upload acme/support out/support
+    adapter_config.json's base_model_name_or_path must be something another machine resolves: a Hub id is
+    kept, a local folder needs --base-id ORG/NAME. A signed adapter whose config or card the export rewrites
+    (a new base id, Hub-valid card metadata) cannot keep its signature: --key signs the copy again; without
+    it attestation.json is left out, and the output and the exported card say so.
+
+    Example: budwood export runs/demo/adapter --hf out/support --base-id acme/budwood-tiny --push acme/support
     """
-    from budwood.registry.export import export_hf
+    from budwood.registry.export import check_repo_id, export_hf, push_hf
 
-    path = export_hf(adapter_dir, hf)
-    out.print(f"exported: {path}")
+    if private and not push:
+        raise BudwoodError("--private applies to --push: name the repository to create with --push ORG/NAME",
+                           param="private")
+    if push:
+        check_repo_id(push)
+    result = export_hf(adapter_dir, hf, base_id, key)
+    for w in result.warnings:
+        console.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
+    rewritten = f"; rewritten: {', '.join(result.rewritten)}" if result.rewritten else ""
+    signed = f"signed by {result.signer}" if result.signer else \
+        "[yellow]attestation left out[/]" if result.attestation_left_out else "unsigned"
+    out.print(f"exported: {escape(str(result.path))}  (base {escape(result.base_model)}, {signed}{rewritten})",
+              soft_wrap=True)
+    if push:
+        url = push_hf(result.path, push, private)
+        out.print(f"pushed: {escape(url)}", soft_wrap=True)

@@ -76,11 +76,12 @@ def adapter_fingerprint(adapter_dir: Path) -> str:
     the fingerprint it always had (config and weights bytes only); each such file adds its name and hash."""
     adapter_dir = Path(adapter_dir)
     digest = hashlib.sha256()
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        if (adapter_dir / name).exists():
-            with open(adapter_dir / name, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
+    if (adapter_dir / "adapter_config.json").exists():
+        digest.update(_config_bytes(adapter_dir))
+    if (adapter_dir / "adapter_model.safetensors").exists():
+        with open(adapter_dir / "adapter_model.safetensors", "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
     for name in BEHAVIOUR_FILES:
         if os.path.lexists(adapter_dir / name):
             # a symlink counts by its target's name, never its target's bytes (AdapterDir refuses it anyway)
@@ -88,3 +89,18 @@ def adapter_fingerprint(adapter_dir: Path) -> str:
                 hashlib.sha256((adapter_dir / name).read_bytes()).hexdigest().encode()
             digest.update(b"\0" + name.encode() + b"\0" + content)
     return digest.hexdigest()
+
+
+def _config_bytes(adapter_dir: Path) -> bytes:
+    """adapter_config.json as trained: an export that rewrote base_model_name_or_path (budwood export --base-id)
+    keeps the fingerprint its results and calibration name. Training writes sorted keys, indent 2, and
+    budwood.json's base name, so an unexported adapter hashes its file's bytes exactly as before."""
+    raw = (adapter_dir / "adapter_config.json").read_bytes()
+    try:
+        trained = json.loads((adapter_dir / "budwood.json").read_text())["base_model"]["name"]
+        cfg = json.loads(raw)
+    except (OSError, ValueError, KeyError, TypeError):
+        return raw
+    if not isinstance(cfg, dict) or cfg.get("base_model_name_or_path") in (None, trained):
+        return raw
+    return (json.dumps({**cfg, "base_model_name_or_path": trained}, indent=2, sort_keys=True) + "\n").encode()

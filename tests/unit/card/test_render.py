@@ -119,9 +119,10 @@ def adapter(tmp_path: Path) -> Path:
 def test_metadata_has_the_hub_fields_and_the_results_values(adapter):
     meta = front_matter(render(adapter, FULL_INFO))
     assert meta["license"] == "apache-2.0"  # lower-case, as the Hub writes SPDX ids
-    assert meta["base_model"] == "budwood-tiny"
+    assert "base_model" not in meta and meta["budwood"]["base_model"] == "budwood-tiny"  # not a Hub id
     assert meta["library_name"] == "peft" and meta["pipeline_tag"] == "text-generation"
-    assert {"base_model:adapter:budwood-tiny", "lora", "peft", "budwood"} <= set(meta["tags"])
+    assert {"lora", "peft", "budwood"} <= set(meta["tags"]) and not any(t.startswith("base_model:")
+                                                                      for t in meta["tags"])
     assert meta["language"] == ["en"] and meta["datasets"] == ["acme/support-faq"]
     (index,) = meta["model-index"]
     assert index["name"] == "acme/support-bot"
@@ -137,7 +138,7 @@ def test_hub_parser_reads_the_eval_results_back(adapter):
     assert {(r.dataset_type, r.metric_type, r.metric_value) for r in results} == {
         ("grounding", k, m.value) for k, m in grounding().metrics.items()} | {("domain", "exact_match", 0.5)}
     assert all(r.task_type == "text-generation" for r in results)
-    assert card.data.license == "apache-2.0" and card.data.base_model == "budwood-tiny"
+    assert card.data.license == "apache-2.0" and card.data.base_model is None
 
 
 def test_missing_facts_are_shown_missing_not_invented(adapter):
