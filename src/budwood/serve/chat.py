@@ -25,6 +25,7 @@ from budwood.engine.tools import (
     parse_tool_calls,
 )
 from budwood.errors import BudwoodError
+from budwood.serve import protocol
 from budwood.serve.auth import Caller
 from budwood.serve.limits import check_chat, check_prompt_tokens
 from budwood.serve.protocol import (
@@ -49,34 +50,11 @@ if TYPE_CHECKING:
     from budwood.serve.serving import OpenAIServing
 
 
-def _empty(value) -> bool:
-    """A field that says nothing (null, or an empty list, object or string): nothing is lost by not using it."""
-    return value is None or (isinstance(value, list | dict | str) and not value)
-
-
-def _same(value, allowed) -> bool:
-    return type(value) is type(allowed) and value == allowed  # so that 0 is not False
-
-
 def refuse_unsupported(body: ChatCompletionRequest) -> None:
     """Refuse by name (400, `param` the field) every sent field budwood does not implement, so no request is
     changed without telling its caller: CHAT_REFUSED, CHAT_ONLY with another value, and any field the
     request model does not declare. A field sent empty (null, [], {}, "") counts as not sent."""
-    for name, value in body.model_dump(exclude_unset=True).items():
-        if value is None or (name not in CHAT_ONLY and _empty(value)):
-            continue
-        if name in CHAT_REFUSED:
-            raise BudwoodError(f"{name}: not supported by budwood serve ({CHAT_REFUSED[name]})", param=name,
-                               code="unsupported_parameter")
-        if name in CHAT_ONLY:
-            allowed, why = CHAT_ONLY[name]
-            if not any(_same(value, a) for a in allowed):
-                shown = " or ".join(repr(a) for a in allowed)
-                raise BudwoodError(f"{name}: only {shown} is supported by budwood serve ({why}); got {value!r}",
-                                   param=name, code="unsupported_value")
-        elif name not in ChatCompletionRequest.model_fields:
-            raise BudwoodError(f"{name}: not a chat completions field that budwood serve implements", param=name,
-                               code="unsupported_parameter")
+    protocol.refuse_unsupported(body, CHAT_REFUSED, CHAT_ONLY, "chat completions")
 
 
 def _refuse_message_fields(i: int, m) -> None:
@@ -86,7 +64,7 @@ def _refuse_message_fields(i: int, m) -> None:
         raise BudwoodError(f"messages.{i}.role: 'function' messages are OpenAI's deprecated function calling; "
                            "send tool messages with tool_call_id", param=f"messages.{i}.role", code="unsupported_value")
     for name, value in (m.model_extra or {}).items():
-        if _empty(value):
+        if protocol.is_empty(value):
             continue
         what = ("OpenAI's deprecated function calling; send tool_calls" if name == "function_call"
                 else "budwood's chat templates are given each message's role, content, tool calls and tool call id")

@@ -2,9 +2,11 @@
 
 Choice `i` of prompt `p` has index `p * n + i`, as OpenAI numbers them. With `echo`, a choice's text
 starts with its prompt, and its logprobs with the prompt's (the first token has none): what
-lm-evaluation-harness's `local-completions` reads to score continuations. Calibrated abstention
-(`calibrated_abstention`) judges each generated text as chat does (serve/chat.py); an echoed prompt
-stays in front of the abstention text.
+lm-evaluation-harness's `local-completions` reads to score continuations (it sends echo, logprobs=1,
+max_tokens=1, temperature=0 and a seed, and reads token_logprobs[ctxlen:-1]). Every request field is honoured
+or refused by name (protocol.py COMPLETION_REFUSED, COMPLETION_ONLY), as chat's are: lm-evaluation-harness
+passes a task's generation_kwargs through as request fields. Calibrated abstention (`calibrated_abstention`)
+judges each generated text as chat does (serve/chat.py); an echoed prompt stays in front of the abstention text.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from budwood.errors import BudwoodError
 from budwood.serve.auth import Caller
 from budwood.serve.limits import check_completion, check_prompt_tokens
 from budwood.serve.protocol import (
+    COMPLETION_ONLY,
+    COMPLETION_REFUSED,
     AbstentionVerdict,
     CompletionChoice,
     CompletionRequest,
@@ -28,6 +32,7 @@ from budwood.serve.protocol import (
     Usage,
     new_id,
     now,
+    refuse_unsupported,
 )
 from budwood.serve.sse import stream_response
 
@@ -58,6 +63,7 @@ def prompt_ids(serving: OpenAIServing, body: CompletionRequest) -> list[list[int
 
 async def create_completion(serving: OpenAIServing, body: CompletionRequest, caller: Caller, request: Request):
     started = time.perf_counter()
+    refuse_unsupported(body, COMPLETION_REFUSED, COMPLETION_ONLY, "completions")
     check_completion(serving.limits, body)  # counts and lengths first, before anything is loaded
     adapter = await serving.resolve(caller, body.model)
     prompts = await asyncio.to_thread(prompt_ids, serving, body)  # tokenising takes a while: off the event loop
@@ -73,8 +79,8 @@ async def create_completion(serving: OpenAIServing, body: CompletionRequest, cal
     params = serving.sampling_params(body, body.max_tokens, serving.internal_logprobs(body.logprobs, policy),
                                      body.logprobs if body.echo and body.logprobs is not None else None,
                                      await serving.grammar(body.response_format), caller.tenant)
-    head = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": body.model,
-            "system_fingerprint": serving.engine.system_fingerprint}
+    head = {"id": f"cmpl-{body.request_id}" if body.request_id else new_id("cmpl"), "object": "text_completion",
+            "created": now(), "model": body.model, "system_fingerprint": serving.engine.system_fingerprint}
     held = Held(policy, [{} for _ in prompts])
     if body.stream:
         return await stream_response(_chunks(serving, body, head, prompts, params, adapter, started, held))

@@ -34,7 +34,8 @@ class ServeLimits(BaseModel):
                                                                   "length")
     max_prompts: int = Field(2048, ge=1, description="prompts in one /v1/completions request")
     max_messages: int = Field(2048, ge=1, description="messages in one chat request")
-    max_stop: int = Field(4, ge=0, le=64, description="stop strings (OpenAI allows 4)")
+    max_stop: int = Field(16, ge=0, le=64, description="stop strings (OpenAI allows 4; vLLM has no bound, and "
+                          "lm-evaluation-harness sends a task's until strings plus EOS)")
     max_stop_chars: int = Field(256, ge=1, description="characters of one stop string")
     max_stop_token_ids: int = Field(64, ge=0, description="entries of stop_token_ids")
     max_logit_bias: int = Field(300, ge=0, description="entries of logit_bias")

@@ -7,8 +7,10 @@ object). A chat request's every field is honoured or refused by name, never igno
 without telling its caller is the worst answer): the fields below that budwood does not implement are
 refused with a 400 naming them (CHAT_REFUSED), a few are accepted only with the value that asks for
 what budwood does anyway (CHAT_ONLY), and any other field the model does not declare is refused as
-unknown (serve/chat.py `refuse_unsupported`). A field sent empty (null, [], {}, "") counts as not sent. Completions
-requests still ignore unknown fields, as vLLM does.
+unknown (serve/chat.py `refuse_unsupported`). A field sent empty (null, [], {}, "") counts as not sent. Completion
+requests follow the same policy with their own tables (COMPLETION_REFUSED, COMPLETION_ONLY; `refuse_unsupported`
+here): lm-evaluation-harness passes a task's generation_kwargs through into the request, and one budwood does
+not implement must fail by name rather than change the evaluation unseen.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from budwood.errors import BudwoodError
 
 
 class StreamOptions(BaseModel):
@@ -137,6 +141,9 @@ CHAT_ONLY: dict[str, tuple[tuple, str]] = {
 
 
 class CompletionRequest(_Sampling):
+    """Fields not declared here are kept (extra="allow") for `refuse_unsupported` to refuse by name."""
+
+    model_config = ConfigDict(extra="allow")
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=20)
@@ -144,6 +151,53 @@ class CompletionRequest(_Sampling):
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
     response_format: dict[str, Any] | None = None
+    request_id: str | None = Field(None, min_length=1, max_length=128)  # vLLM's: the answer's id is cmpl-{it}
+
+
+# vLLM's completion request fields that budwood does not implement (OpenAI's are all honoured but `user`):
+# refused by name unless null. docs/serving.md "Completion request fields" lists them.
+COMPLETION_REFUSED: dict[str, str] = {
+    **{name: CHAT_REFUSED[name] for name in (
+        "user", "length_penalty", "spaces_between_special_tokens", "truncate_prompt_tokens", "allowed_token_ids",
+        "bad_words", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
+        "guided_whitespace_pattern", "structural_tag", "structured_outputs", "logits_processors", "cache_salt",
+        "kv_transfer_params", "vllm_xargs")},
+    "prompt_logprobs": "send echo=true with logprobs: each choice's logprobs then start with the prompt's",
+    "prompt_embeds": "send the prompt as text or token ids",
+}
+COMPLETION_ONLY: dict[str, tuple[tuple, str]] = {
+    **{name: CHAT_ONLY[name] for name in ("include_stop_str_in_output", "skip_special_tokens", "use_beam_search",
+                                          "min_tokens", "priority", "return_tokens_as_token_ids", "return_token_ids")},
+    "add_special_tokens": ((True,), "a text prompt gets the tokenizer's special tokens (its BOS), as vLLM's default "
+                                    "does; send token ids for a prompt without them"),
+}
+
+
+def is_empty(value) -> bool:
+    """A field that says nothing (null, or an empty list, object or string): nothing is lost by not using it."""
+    return value is None or (isinstance(value, list | dict | str) and not value)
+
+
+def refuse_unsupported(body: BaseModel, refused: dict[str, str], only: dict[str, tuple[tuple, str]],
+                       route: str) -> None:
+    """Refuse by name (400, `param` the field) every sent field budwood does not implement: one in `refused`,
+    one in `only` with another value, and any the request model does not declare (kept by extra="allow").
+    A field sent empty counts as not sent; `only` values compare with their types, so 0 is not False."""
+    for name, value in body.model_dump(exclude_unset=True).items():
+        if value is None or (name not in only and is_empty(value)):
+            continue
+        if name in refused:
+            raise BudwoodError(f"{name}: not supported by budwood serve ({refused[name]})", param=name,
+                               code="unsupported_parameter")
+        if name in only:
+            allowed, why = only[name]
+            if not any(type(value) is type(a) and value == a for a in allowed):
+                shown = " or ".join(repr(a) for a in allowed)
+                raise BudwoodError(f"{name}: only {shown} is supported by budwood serve ({why}); got {value!r}",
+                                   param=name, code="unsupported_value")
+        elif name not in type(body).model_fields:
+            raise BudwoodError(f"{name}: not a {route} field that budwood serve implements", param=name,
+                               code="unsupported_parameter")
 
 
 class LoadAdapterRequest(BaseModel):

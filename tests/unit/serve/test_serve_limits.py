@@ -92,7 +92,7 @@ def refused(check, *args) -> BudwoodError:
 
 @pytest.mark.parametrize("fields, param", [
     ({"stop": [f"stop {i} " * 20 for i in range(20_000)]}, "stop"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"stop": [chr(97 + i) for i in range(17)]}, "stop"),
     ({"stop": "x" * 257}, "stop"),
     ({"n": 128}, None),  # OpenAI's bound: allowed
     ({"logprobs": True, "top_logprobs": 20}, None),  # at the limit: allowed

@@ -37,6 +37,9 @@ def test_tokenize_a_prompt_as_vllm_answers(client, engine):
     assert plain.json()["tokens"] == engine.encode("Once upon a time")
     assert client.post("/detokenize", json={"model": BASE, "tokens": plain.json()["tokens"]}).json() == \
         {"prompt": "Once upon a time"}
+    # without a model, the base (vLLM's default; lm-evaluation-harness sends none)
+    assert client.post("/tokenize", json={"prompt": "Once upon a time"}).json()["tokens"] == body["tokens"]
+    assert client.post("/detokenize", json={"tokens": plain.json()["tokens"]}).json() == {"prompt": "Once upon a time"}
 
 
 @pytest.mark.parametrize("tools", [None, TOOLS])

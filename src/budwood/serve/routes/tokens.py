@@ -3,7 +3,8 @@
 /tokenize takes a completion `prompt` (special tokens added, as vLLM's default) or chat `messages` (through the
 model's or adapter's chat template, tools included, with the chat route's checks and limits) and answers
 {count, max_model_len, tokens, token_strs}; /detokenize turns ids back into text. Both need the key where the
-server has one, and scope `model` to the caller as the /v1 routes do.
+server has one, and scope `model` to the caller as the /v1 routes do; without `model` they use the base, as
+vLLM's do (lm-evaluation-harness leaves it out).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ router = APIRouter(route_class=LimitedRoute)  # bodies read under ServeLimits
 
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a field budwood does not honour is refused by name
-    model: str
+    model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     tools: list | None = None
@@ -37,7 +38,7 @@ class TokenizeRequest(BaseModel):
 
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str
+    model: str | None = None
     tokens: list[int]
 
 
@@ -46,21 +47,22 @@ async def tokenize(body: TokenizeRequest, serving: ServingDep, caller: CallerDep
     if (body.prompt is None) == (body.messages is None):
         raise BudwoodError("send either prompt or messages", param="prompt" if body.prompt is None else "messages")
     limits, engine = serving.limits, serving.engine
+    model = body.model or engine.base_name
     if body.prompt is not None:
         if len(body.prompt) > limits.max_prompt_chars:
             raise over("prompt", f"{len(body.prompt):,} characters; at most {limits.max_prompt_chars:,}",
                        "max_prompt_chars")
-        await serving.resolve(caller, body.model)
+        await serving.resolve(caller, model)
         ids = await asyncio.to_thread(engine.encode, body.prompt, body.add_special_tokens is not False)
     else:
         if body.add_special_tokens:
             raise BudwoodError("add_special_tokens: the chat template adds the special tokens; none are added "
                                "after it", param="add_special_tokens")
-        chat = ChatCompletionRequest(model=body.model, messages=body.messages, tools=body.tools)
+        chat = ChatCompletionRequest(model=model, messages=body.messages, tools=body.tools)
         tools = tool_request(chat)
         messages = template_messages(chat)
         check_chat(limits, chat, messages)
-        adapter = await serving.resolve(caller, body.model)
+        adapter = await serving.resolve(caller, model)
         tool_format_for(serving, adapter, tools, messages)  # tools or a tool history the template cannot render
         ids = await asyncio.to_thread(engine.chat_prompt, messages, adapter, body.add_generation_prompt,
                                       limits.template_budget, tools.tools if tools else None)
@@ -71,8 +73,8 @@ async def tokenize(body: TokenizeRequest, serving: ServingDep, caller: CallerDep
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, serving: ServingDep, caller: CallerDep) -> dict:
-    await serving.resolve(caller, body.model)
     engine = serving.engine
+    await serving.resolve(caller, body.model or engine.base_name)
     if len(body.tokens) > engine.runner.max_model_len:
         raise BudwoodError(f"tokens: {len(body.tokens):,} ids; at most the model's context, "
                            f"{engine.runner.max_model_len:,}", param="tokens")
