@@ -95,3 +95,20 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' (did you mean 'x'?)' when a close choice exists, else ''."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def require_extra(extra: str, what: str, *modules: str) -> None:
+    """Refuse by name when an optional extra is not installed (the core install trains, evaluates and serves;
+    the service, PostgreSQL, merge search, trackers and quantisation are extras)."""
+    import importlib.util
+
+    def absent(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is None
+        except (ValueError, ImportError):  # set to None in sys.modules: blocked, as good as absent
+            return True
+
+    missing = [m for m in modules if absent(m)]
+    if missing:
+        raise BudwoodError(f"{what} needs {', '.join(missing)}, which the core install leaves out: "
+                           f"pip install 'budwood[{extra}]'")

@@ -20,6 +20,10 @@ def create_service_app(service: Service, engine=None, supervisor=None) -> FastAP
     /v1/registry, /v1/files, /v1/fine_tuning and the dashboard, every one scoped to the caller's tenant.
     `engine`: an already loaded inference engine to share (tests); default, one made from config.serving.
     `supervisor`: the WorkerSupervisor of this process's workers, which /health reports."""
+    from budwood.errors import require_extra
+
+    require_extra("service", "the fine-tuning service (file uploads, the dashboard)", "python_multipart",
+                  "markdown_it")
     from budwood.jobs.resolver import FineTunedResolver, ServiceAccess
     from budwood.jobs.routes import files, fine_tuning, health, uploads
     from budwood.jobs.serving_files import ServingFiles, ServingUploads

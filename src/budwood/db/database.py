@@ -13,7 +13,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, sessionmaker
 
-from budwood.errors import BudwoodError
+from budwood.errors import BudwoodError, require_extra
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _PG_LOCK = 0x6275_6477  # "budw": the advisory lock id held while migrating
@@ -72,6 +72,8 @@ def open_database(url: str) -> Engine:
                             f"{parsed.get_backend_name()}")
     if parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.drivername == "postgresql+psycopg":
+        require_extra("postgres", f"database URL {parsed.render_as_string(hide_password=True)}", "psycopg")
     if parsed.get_backend_name() == "sqlite" and parsed.database:
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(parsed, pool_pre_ping=True)

@@ -50,6 +50,9 @@ def few_shot_batches(path: Path, tokenizer, max_seq_len: int, batch_size: int = 
 def compose(sources: list[str], examples: str | Path, out: str | Path, steps: int = 40, l1: float = 0.05,
             bound: float = 1.5, init: list[float] | None = None, seed: int = 0, max_seq_len: int = 1024,
             registry=None, accept_license: bool = False) -> ComposeResult:
+    from budwood.errors import require_extra
+
+    require_extra("merge", "budwood compose (the weight search)", "nevergrad")
     import nevergrad as ng
     import numpy as np
     from peft import PeftModel
