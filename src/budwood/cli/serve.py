@@ -19,6 +19,10 @@ def serve_cmd(
     api_key: str = typer.Option(None, envvar="BUDWOOD_API_KEY", help="require 'Authorization: Bearer KEY' on /v1"),
     precision: str = typer.Option("auto", help="auto, fp32 or bf16"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
+    quantization: str = typer.Option("none", "--quantization", "-q",
+                                     help="hold the base quantised: int8 (cpu: torchao; cuda: bitsandbytes) or nf4 "
+                                          "(cuda: bitsandbytes; vLLM's 'bitsandbytes' means nf4); "
+                                          "docs/quantization.md"),
     max_loaded_adapters: int = typer.Option(8, help="adapters kept in memory (least recently used evicted)"),
     max_lora_rank: int = typer.Option(16, help="largest adapter rank served (a cat merge's rank is the sum of its "
                                                  "parents')"),
@@ -48,6 +52,7 @@ def serve_cmd(
     from budwood.serve.limits import ServeLimits
 
     limits = ServeLimits.from_options(limit)  # checked first: a typo is refused before a model is loaded
+    quantization = serve_quantization(quantization)
     modules = dict(lora_module(spec, served_model_name or [base]) for spec in lora_modules)
     if engine == "vllm" and limit:
         raise BudwoodError("--limit applies to --engine budwood; vLLM has its own options")
@@ -56,14 +61,15 @@ def serve_cmd(
                            "--adapters folder")
     if engine == "vllm":
         from budwood.serve.vllm import serve_vllm
-        serve_vllm(base, adapters, host, port, api_key, max_loaded_adapters, served_model_name, modules)
+        serve_vllm(base, adapters, host, port, api_key, max_loaded_adapters, served_model_name, modules, quantization)
         return
     if engine != "budwood":
         raise BudwoodError(f"--engine {engine!r}: expected budwood or vllm")
     from budwood.engine import EngineConfig
 
     config = EngineConfig(base=base, adapters=str(adapters) if adapters else None, precision=precision,
-                          device=device, max_loaded_adapters=max_loaded_adapters, max_lora_rank=max_lora_rank,
+                          device=device, quantization=quantization, max_loaded_adapters=max_loaded_adapters,
+                          max_lora_rank=max_lora_rank,
                           max_num_seqs=max_num_seqs,
                           kv_cache_tokens=kv_cache_tokens, max_queue=max_queue,
                           served_model_name=served_model_name, lora_modules=modules)
@@ -74,6 +80,17 @@ def serve_cmd(
     from budwood.serve import serve
 
     serve(config, host, port, api_key, open_registry(registry, registry_key) if registry else None, limits)
+
+
+def serve_quantization(value: str) -> str:
+    """--quantization: none, nf4 or int8; vLLM's `bitsandbytes` (its in-flight 4-bit NF4) is read as nf4."""
+    value = value.strip().lower()
+    if value == "bitsandbytes":
+        return "nf4"
+    if value not in ("none", "nf4", "int8"):
+        raise BudwoodError(f"--quantization {value!r}: expected none, nf4 or int8 (or vLLM's bitsandbytes, read as "
+                           "nf4)")
+    return value
 
 
 def lora_module(spec: str, base_names: list[str]) -> tuple[str, str]:

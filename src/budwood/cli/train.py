@@ -85,14 +85,18 @@ def generate_cmd(
     temperature: float = typer.Option(0.0, help="0 = greedy"),
     seed: int = typer.Option(0),
     system: str | None = typer.Option(None, help="system message"),
+    quantization: str | None = typer.Option(None, "--quantization", "-q", help="the base's weights: none, nf4 or "
+                                            "int8; default: as the adapter was trained (its budwood.json)"),
 ) -> None:
     """Answer prompts with a base model, optionally with an adapter.
 
     Example: budwood generate --adapter runs/demo/adapter "What is the return policy?"
     """
     from budwood.engine import Engine, EngineConfig, SamplingParams
+    from budwood.models.quant import adapter_quantization
 
-    engine = Engine(EngineConfig(base=base, precision="fp32", kv_cache_tokens=4096))
+    quant = quantization or (adapter_quantization(adapter) if adapter is not None else "none")
+    engine = Engine(EngineConfig(base=base, precision="fp32", kv_cache_tokens=4096, quantization=quant))
     name = None
     if adapter is not None:
         name = "adapter"

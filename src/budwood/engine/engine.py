@@ -16,6 +16,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -47,6 +48,9 @@ class EngineConfig(BaseModel):
     precision: str = Field("auto", pattern="^(auto|fp32|bf16)$",
                            description="weights dtype; auto: bf16 where the device runs it fast, else fp32")
     device: str = Field("auto", description="auto (cuda, then mps, then cpu), or a torch device such as cuda:1")
+    quantization: Literal["none", "nf4", "int8"] = Field(
+        "none", description="hold the base's linear weights quantised: int8 (cpu: torchao; cuda: bitsandbytes) or "
+        "nf4 (cuda: bitsandbytes); adapters stay float (docs/quantization.md)")
     max_loaded_adapters: int = Field(8, ge=1, description="adapters kept in memory (LRU)")
     max_num_seqs: int = Field(64, ge=1, description="sequences decoding at once")
     max_batch_tokens: int = Field(512, ge=16, description="tokens per step (decode + prompt chunks)")
@@ -102,7 +106,7 @@ class Engine:
         self.config = config = (config or EngineConfig()).model_copy(update=overrides)
         device = pick_device(config.device)
         dtype = pick_dtype(config.precision, device)
-        base = load_base(config.base, dtype=dtype, device=device)
+        base = load_base(config.base, dtype=dtype, device=device, quantization=config.quantization)
         self.base_names = list(dict.fromkeys(config.served_model_name)) or [config.base]
         self.base_name, self.tokenizer = self.base_names[0], base.tokenizer
         self.base_fingerprint = model_fingerprint(config.base)
@@ -128,7 +132,8 @@ class Engine:
         # the same for the same weights, dtype, device and software: OpenAI's system_fingerprint
         self.system_fingerprint = "fp_" + uuid.uuid5(uuid.NAMESPACE_OID, "|".join(
             [self.base_fingerprint, str(dtype), device.type, torch.__version__, __version__,
-             str(config.batch_invariant)])).hex[:12]
+             str(config.batch_invariant)] + ([config.quantization] if config.quantization != "none" else [])
+        )).hex[:12]
 
     # -- adapters ---------------------------------------------------------------------------------
     def _load_adapter(self, name: str, path: Path) -> LoadedAdapter:

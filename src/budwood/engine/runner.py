@@ -25,6 +25,7 @@ import torch
 
 from budwood.engine.adapters import AdapterError, LoadedAdapter
 from budwood.errors import ModelError
+from budwood.models.quant import is_quantized_linear, linear_shape
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,21 @@ class DecodeKV:
     v: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [K, R, nb, bs, D]
 
 
+@dataclass
+class QuantizedProjection:
+    """Projections of one fused group whose weights are quantised (torchao int8, bitsandbytes nf4/int8): each
+    module's own forward multiplies, dequantising as its library does (so the numbers are the model's own), and
+    the outputs are concatenated as a fused weight's would be. `shape` is the fused (out, in), as a weight's."""
+
+    modules: list[torch.nn.Module]
+    shape: tuple[int, int]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.modules) == 1:
+            return self.modules[0](x)
+        return torch.cat([m(x) for m in self.modules], dim=-1)
+
+
 @dataclass(frozen=True)
 class RowFloor:
     """Row counts at which a matmul gives each row the same bits as any larger matmul does."""
@@ -145,20 +161,23 @@ class Runner:
         self.dtype = next(model.parameters()).dtype
         self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
         self.lm_head = model.lm_head
+        # a quantised head (none by default: transformers keeps the output embedding in float) runs its own forward
+        self.head = (QuantizedProjection([self.lm_head], linear_shape(self.lm_head))
+                     if is_quantized_linear(self.lm_head) else self.lm_head.weight)
         self.layers = layers
         self.num_heads = cfg.num_attention_heads
         self.num_kv = getattr(cfg, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
         self.group = self.num_heads // self.num_kv
-        self.vocab_size = self.lm_head.weight.shape[0]
+        self.vocab_size = linear_shape(self.lm_head)[0]
         self.max_model_len = int(getattr(cfg, "max_position_embeddings", 4096))
         self.block_size = block_size
         self.max_lora_rank = max_lora_rank
         self._decode_kv: DecodeKV | None = None
         self._stacks: OrderedDict[tuple, dict] = OrderedDict()
         self.act = first.mlp.act_fn
-        self.shapes = {name: tuple(getattr(first.self_attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))
-                                           else first.mlp, name).weight.shape)
+        self.shapes = {name: linear_shape(getattr(first.self_attn if name.endswith(("q_proj", "k_proj", "v_proj",
+                                                                                    "o_proj")) else first.mlp, name))
                        for names in _FUSED.values() for name in names}
         self.fused = [self._fuse(layer) for layer in layers]
         # [kv head, block, position in block, head dim]: gathered blocks are ready for batched matmuls
@@ -176,35 +195,45 @@ class Runner:
         log.info("engine: %d layers, %s, batch-invariant row counts %s (fp32: %s)",
                  len(layers), self.dtype, self.rows, self.rows_f32)
 
-    def _fuse(self, layer) -> dict[str, tuple[torch.Tensor, torch.Tensor | None, list[tuple[str, int, int]]]]:
-        """Concatenate q/k/v and gate/up so each layer runs four projections, not seven."""
+    def _fuse(self, layer) -> dict[str, tuple[torch.Tensor | QuantizedProjection, torch.Tensor | None,
+                                              list[tuple[str, int, int]]]]:
+        """Concatenate q/k/v and gate/up so each layer runs four projections, not seven. Quantised weights are
+        not concatenated (nor dequantised into a float copy, which would undo their saving): their modules run
+        one after another (QuantizedProjection), biases included."""
         out = {}
         for group, names in _FUSED.items():
             mods = [getattr(layer.self_attn if group in ("qkv", "o") else layer.mlp, n) for n in names]
+            shapes = [linear_shape(m) for m in mods]
+            slices, at = [], 0
+            for n, (rows, _) in zip(names, shapes):
+                slices.append((n, at, at + rows))
+                at += rows
+            if any(is_quantized_linear(m) for m in mods):
+                out[group] = (QuantizedProjection(mods, (at, shapes[0][1])), None, slices)
+                continue
             w = torch.cat([m.weight.detach() for m in mods]) if len(mods) > 1 else mods[0].weight.detach()
             biases = [m.bias for m in mods]
             b = (torch.cat([bb.detach() if bb is not None else torch.zeros(m.weight.shape[0], dtype=w.dtype,
                                                                            device=w.device)
                             for bb, m in zip(biases, mods)]) if any(bb is not None for bb in biases) else None)
-            slices, at = [], 0
-            for n, m in zip(names, mods):
-                slices.append((n, at, at + m.weight.shape[0]))
-                at += m.weight.shape[0]
             out[group] = (w, b, slices)
         return out
 
     # -- matmuls with a floor on rows -------------------------------------------------------------
-    def _mm(self, x: torch.Tensor, w: torch.Tensor, rows: RowFloor) -> torch.Tensor:
-        """x @ w.T computed on a safe row count (zero rows added), so each row gets the same kernel."""
+    def _mm(self, x: torch.Tensor, w: torch.Tensor | QuantizedProjection, rows: RowFloor) -> torch.Tensor:
+        """x @ w.T computed on a safe row count (zero rows added), so each row gets the same kernel. A quantised
+        projection multiplies through its modules on the same padded rows (torchao's int8 forward is a float
+        matmul by the int8 values, then a per-column scale, so the same row counts are safe)."""
         n = x.shape[0]
         m = rows.pad(n)
-        if rows.upcast:
-            dtype, x, w = x.dtype, x.float(), w.float()
-            return self._mm(x, w, RowFloor(rows.good, rows.floor)).to(dtype)
+        quantized = isinstance(w, QuantizedProjection)
+        if rows.upcast:  # a quantised module computes in its input's dtype: a float32 input upcasts it too
+            dtype, x = x.dtype, x.float()
+            return self._mm(x, w if quantized else w.float(), RowFloor(rows.good, rows.floor)).to(dtype)
         if m > n:
             x = torch.cat([x, x.new_zeros(m - n, x.shape[1])])
-            return (x @ w.T)[:n]
-        return x @ w.T
+        y = w(x) if quantized else x @ w.T
+        return y[:n] if m > n else y
 
     def _project(self, li: int, group: str, x: torch.Tensor, lora: list[LoraPlan]) -> torch.Tensor:
         w, b, _ = self.fused[li][group]
@@ -350,7 +379,7 @@ class Runner:
         if not len(keep):  # only prompt chunks that end mid-prompt: no logits wanted
             return torch.empty(0, self.vocab_size, device=dev)
         h = self.norm(x.index_select(0, keep))
-        return self._mm(h, self.lm_head.weight, self.rows).float()
+        return self._mm(h, self.head, self.rows).float()
 
     def _attention_meta(self, items: list[StepItem], offsets: list[int], decode: bool = False) -> AttentionMeta:
         """Block tables, query placement and the causal mask for one attention group of a step."""

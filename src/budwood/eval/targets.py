@@ -39,6 +39,7 @@ class TargetInfo(BaseModel):
     model: str | None = None  # the endpoint's model id
     endpoint: str | None = None
     precision: str | None = None
+    quantization: str | None = None  # local targets: how the base was held (none, nf4, int8)
     device: str | None = None
     system_fingerprint: str | None = None
 
@@ -96,10 +97,15 @@ class LocalTarget:
 
     can_score = True
 
-    def __init__(self, spec: str, precision: str = "auto", device: str = "auto"):
+    def __init__(self, spec: str, precision: str = "auto", device: str = "auto", quantization: str | None = None):
+        """`quantization` (none, nf4, int8): how the base is held; None loads it as the adapter was trained (its
+        budwood.json), so an adapter grown on an int8 base is measured on that base."""
         from budwood.engine import Engine, EngineConfig
+        from budwood.models.quant import adapter_quantization, check_quantization
 
         base, _, adapter_dir = spec.partition("+")
+        if quantization is None:
+            quantization = adapter_quantization(adapter_dir) if adapter_dir else "none"
         rank = 16
         if adapter_dir:  # room for the adapter's rank (a cat merge's is the sum of its parents')
             from budwood.artifacts import MAX_SERVED_RANK, AdapterDir
@@ -111,7 +117,8 @@ class LocalTarget:
                                    "model merged into its base (--into-base)")
         # larger steps than serving's: evaluation wants throughput, not latency
         self.engine = Engine(EngineConfig(base=base, precision=precision, device=device, max_num_seqs=128,
-                                          max_batch_tokens=1024, max_lora_rank=rank))
+                                          max_batch_tokens=1024, max_lora_rank=rank,
+                                          quantization=check_quantization(quantization)))
         self.adapter: str | None = None
         adapter_fp = None
         if adapter_dir:
@@ -123,7 +130,7 @@ class LocalTarget:
         self.info = TargetInfo(spec=spec, kind="local", base=base, base_fingerprint=eng.base_fingerprint,
                                adapter=adapter_dir or None, adapter_fingerprint=adapter_fp,
                                precision=str(eng.dtype).removeprefix("torch."), device=eng.device.type,
-                               system_fingerprint=eng.system_fingerprint)
+                               system_fingerprint=eng.system_fingerprint, quantization=quantization)
         tok = eng.tokenizer
         # lm-evaluation-harness scores an empty context from this token
         self.prefix_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id

@@ -60,6 +60,7 @@ class Base:
     tokenizer: object
     name: str
     path: str
+    quantization: str = "none"  # how the linear weights are held: none, nf4 or int8 (models/quant.py)
 
 
 def load_tokenizer(name: str):
@@ -79,15 +80,29 @@ def load_tokenizer(name: str):
 
 
 def load_base(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-              tokenizer=None) -> Base:
+              tokenizer=None, quantization: str = "none") -> Base:
     """Load weights from safetensors only: a pickled checkpoint could run code on load.
-    Pass `tokenizer` when it is already loaded (training reads the data before the weights)."""
+    Pass `tokenizer` when it is already loaded (training reads the data before the weights).
+    `quantization` (none, nf4, int8) loads the linear layers' weights quantised, placed on `device` as they load
+    (models/quant.py says which library runs which on which device, and refuses the rest by name)."""
     from transformers import AutoModelForCausalLM
 
+    from budwood.models.quant import quant_plan
+
+    plan = quant_plan(quantization, device, dtype)  # a refused combination fails before the weights load
     path = resolve_model_path(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **plan.kwargs)
     except (OSError, ValueError) as e:
         raise ModelError(f"{name}: could not load a safetensors causal LM: {str(e).splitlines()[0]}") from None
-    model.to(device)
-    return Base(model=model, tokenizer=tokenizer or load_tokenizer(name), name=name, path=path)
+    except ImportError as e:  # a quantisation library too old or broken for transformers
+        raise ModelError(f"{name}: quantization {quantization!r}: {str(e).splitlines()[0]}") from None
+    if not plan.quantized:  # quantised weights were placed by device_map; bitsandbytes' refuse .to()
+        model.to(device)
+    elif plan.library == "torchao":  # bitsandbytes' own autograd functions already keep its weights packed
+        from budwood.models.quant import keep_quantized_in_backward, release_freed_memory
+
+        keep_quantized_in_backward(model)
+        release_freed_memory()
+    return Base(model=model, tokenizer=tokenizer or load_tokenizer(name), name=name, path=path,
+                quantization=quantization)

@@ -189,9 +189,9 @@ def _hub_card(adapter: AdapterDir, result: Export, unsigned_copy: bool, changed:
         fingerprint = adapter.base_fingerprint or "not recorded"
         lines.append(f"`adapter_config.json` names the base `{result.base_model}` (`base_model_name_or_path`); the "
                      f"adapter was trained on `{trained_on}`, fingerprint `{fingerprint}`, which the model at that "
-                     "id must be. `budwood.json` keeps the name it was trained with, and the adapter fingerprint (which the "
-                     "results in this card and in `eval/` name) reads the configuration with that name, so it is "
-                     "the trained adapter's.")
+                     "id must be. `budwood.json` keeps the name it was trained with, and the adapter fingerprint "
+                     "(which the results in this card and in `eval/` name) reads the configuration with that name, "
+                     "so it is the trained adapter's.")
     if not hub_base:
         lines.append(f"The base `{trained_on}` has no Hugging Face Hub id, so the metadata names no `base_model`: "
                      "budwood ships it and loads it by that name; other libraries need it uploaded to the Hub and "

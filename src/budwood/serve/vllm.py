@@ -18,11 +18,12 @@ from budwood.models.load import resolve_model_path
 
 def vllm_command(base: str, adapters: Path | None, host: str, port: int, api_key: str | None,
                  max_loras: int, served_model_name: list[str] | None = None,
-                 lora_modules: dict[str, str] | None = None) -> list[str]:
+                 lora_modules: dict[str, str] | None = None, quantization: str = "none") -> list[str]:
     """The `vllm serve` command line for these options (a folder's adapters named by their folder names, then
     `lora_modules` by theirs)."""
     cmd = ["vllm", "serve", resolve_model_path(base), "--served-model-name", *(served_model_name or [base]),
            "--host", host, "--port", str(port), "--enable-lora", "--max-loras", str(max_loras)]
+    cmd += vllm_quantization_args(quantization)
     modules = {}
     if adapters is not None:
         modules = {p.name: p for p in sorted(Path(adapters).iterdir()) if (p / "adapter_config.json").exists()}
@@ -37,6 +38,19 @@ def vllm_command(base: str, adapters: Path | None, host: str, port: int, api_key
     if api_key:
         cmd += ["--api-key", api_key]
     return cmd
+
+
+def vllm_quantization_args(quantization: str) -> list[str]:
+    """budwood's --quantization in vLLM's words: nf4 is vLLM's in-flight bitsandbytes quantisation (4-bit NF4, as
+    QLoRA trains); vLLM quantises an unquantised checkpoint in flight to 4 bits only, so int8 is refused by name."""
+    if quantization == "none":
+        return []
+    if quantization == "nf4":
+        return ["--quantization", "bitsandbytes"]
+    if quantization == "int8":
+        raise BudwoodError("--quantization int8 with --engine vllm: vLLM quantises a checkpoint in flight to 4 bits "
+                           "only (bitsandbytes); use --quantization nf4 there, or --engine budwood for int8")
+    raise BudwoodError(f"--quantization {quantization!r}: expected none, nf4 or int8")
 
 
 def _tool_format(model_dir: str) -> ToolFormat | None:
@@ -54,10 +68,12 @@ def _tool_format(model_dir: str) -> ToolFormat | None:
 
 
 def serve_vllm(base: str, adapters: Path | None, host: str, port: int, api_key: str | None, max_loras: int,
-               served_model_name: list[str] | None = None, lora_modules: dict[str, str] | None = None) -> None:
+               served_model_name: list[str] | None = None, lora_modules: dict[str, str] | None = None,
+               quantization: str = "none") -> None:
+    cmd = vllm_command(base, adapters, host, port, api_key, max_loras, served_model_name, lora_modules,
+                       quantization)  # first: an option vLLM cannot honour is refused even where it is missing
     if shutil.which("vllm") is None:
         raise BudwoodError("--engine vllm: vLLM is not installed (pip install vllm, on a machine with a GPU)")
-    cmd = vllm_command(base, adapters, host, port, api_key, max_loras, served_model_name, lora_modules)
     env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")  # load/unload_lora_adapter, as budwood has
     sys.stdout.flush()
     os.execvpe(cmd[0], cmd, env)

@@ -27,6 +27,7 @@ from budwood.data.pack import plan_epoch
 from budwood.errors import TrainingError
 from budwood.models.fingerprint import model_fingerprint
 from budwood.models.load import load_base, load_tokenizer, pick_device, pick_dtype
+from budwood.models.quant import QuantPlan, prepare_for_kbit_training, quant_plan
 from budwood.train import checkpoint as ckpt
 from budwood.train import distributed
 from budwood.train.data import EpochCursor, PreparedData, prepare_data
@@ -206,6 +207,7 @@ class TrainingRun:
     total_steps: int
     device: torch.device
     dtype: torch.dtype
+    quant: QuantPlan  # how the base's weights are held (config.quantization on this device)
     model: torch.nn.Module  # the peft model: what checkpoints and the adapter are saved from
     objective: Objective
     loss_module: LossModule  # forward = the objective's losses; validation runs it
@@ -279,8 +281,16 @@ class TrainingRun:
 
     def _setup_model(self) -> None:
         t = self.t
-        base = load_base(self.config.base_model, dtype=self.dtype, device=self.device, tokenizer=self.tokenizer)
-        self.model = build_lora_model(base.model, self.config, self.init)
+        self.quant = quant_plan(self.config.quantization, self.device, self.dtype)
+        if self.quant.quantized and (self.strategy.name == "fsdp" or
+                                     (self.strategy.name == "ddp" and self.quant.library == "torchao")):
+            raise TrainingError(f"quantization {self.config.quantization!r} ({self.quant.library}) with "
+                                f"training.distributed {self.strategy.name}: its weights cannot be "
+                                f"{'sharded' if self.strategy.name == 'fsdp' else 'broadcast by DDP'}; train in one "
+                                "process, or with quantization none (docs/quantization.md)")
+        base = load_base(self.config.base_model, dtype=self.dtype, device=self.device, tokenizer=self.tokenizer,
+                         quantization=self.config.quantization)
+        self.model = build_lora_model(prepare_for_kbit_training(base.model, self.quant), self.config, self.init)
         if t.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()
@@ -549,7 +559,9 @@ class TrainingRun:
         config = self.config
         return {
             "budwood_version": budwood.__version__,
-            "base_model": {"name": config.base_model, "fingerprint": self.identity.base_fingerprint},
+            "base_model": {"name": config.base_model, "fingerprint": self.identity.base_fingerprint,
+                           "quantization": self.quant.quantization,  # eval loads the base the same way
+                           **({"quantized_with": self.quant.describe()} if self.quant.quantized else {})},
             "data": self.data.fingerprints,
             "config": config.resolved(),
             "config_hash": config.config_hash(),
