@@ -133,8 +133,10 @@ def _source(entry: Any, i: int, r: KeyReader) -> dict | None:
     if base_type == "chat_template":
         _chat_template_fields(entry, source)
     for key in ("train_on_eos", "train_on_eot"):
-        if entry.get(key) in (None, "turn", "all", True):
-            entry.pop(key, None)  # budwood trains on each assistant turn's end-of-turn token, as these ask
+        value = entry.pop(key, None)
+        if value not in (None, "turn"):  # budwood trains each trained turn's end-of-turn token, as "turn" asks
+            r.fail(f"{where}.{key}", f"{value!r}: budwood trains the end-of-turn token of each assistant turn "
+                   "(turn) and no other; remove it")
     left = {k: v for k, v in entry.items() if v is not None}
     for key in left:
         r.fail(f"{where}.{key}", "budwood does not know this dataset key; remove it or convert the file")
@@ -214,14 +216,15 @@ def _training(r: KeyReader) -> None:
                 "warmup_ratio"):
         r.rename(key, f"training.{key}", as_float)
     r.rename("warmup_steps", "training.warmup_steps")
+    if r.get("training.warmup_steps") is None and r.get("training.warmup_ratio") is None:
+        r.set("training.warmup_ratio", 0.0)  # no warmup unless asked, as there (budwood's own default is 0.03)
     r.choose("lr_scheduler", "training.scheduler", SCHEDULERS)
-    if "bf16" in r.raw:
-        r.take("bf16")
-        value = r.raw["bf16"]
-        if value in PRECISION:
-            r.set("training.precision", PRECISION[value] if value is not None else "auto")
-        elif value is not None:
-            r.fail("bf16", f"{value!r}: expected true, false or auto")
+    r.take("bf16")
+    value = r.raw.get("bf16")  # unset, as false, trains in fp32 there (budwood's own default is auto)
+    if value in PRECISION or value is None:
+        r.set("training.precision", PRECISION.get(value, "fp32"))
+    else:
+        r.fail("bf16", f"{value!r}: expected true, false or auto")
     r.refuse("fp16", "budwood trains in bf16 or fp32; set bf16: true (or auto) instead")
     r.refuse("tf32", "budwood keeps fp32 matrix products at full precision; use bf16 for speed")
     r.rename("gradient_checkpointing", "training.gradient_checkpointing")

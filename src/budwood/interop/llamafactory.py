@@ -248,6 +248,13 @@ def _data(r: KeyReader) -> None:
     r.refuse("mask_history", "budwood trains on every assistant turn: remove it")
 
 
+# transformers' TrainingArguments defaults (and LLaMA-Factory's cutoff_len), which a LLaMA-Factory run gets for
+# keys its file leaves out; budwood's own defaults differ for these
+DEFAULTS = {"training.learning_rate": 5e-5, "training.scheduler": "linear", "training.warmup_ratio": 0.0,
+            "training.weight_decay": 0.0, "training.epochs": 3.0, "training.batch_size": 8,
+            "training.max_seq_len": 2048, "training.precision": "fp32"}
+
+
 def _training(r: KeyReader) -> None:
     r.rename("per_device_train_batch_size", "training.batch_size")
     r.rename("gradient_accumulation_steps", "training.gradient_accumulation")
@@ -259,10 +266,9 @@ def _training(r: KeyReader) -> None:
     r.rename("warmup_steps", "training.warmup_steps")
     r.choose("lr_scheduler_type", "training.scheduler", SCHEDULERS)
     r.choose("optim", "training.optimizer", OPTIMIZERS)
-    if "bf16" in r.raw:
-        r.take("bf16")
-        if r.raw["bf16"] in PRECISION:
-            r.set("training.precision", PRECISION[r.raw["bf16"]])
+    r.take("bf16")
+    if r.raw.get("bf16") in PRECISION:
+        r.set("training.precision", PRECISION[r.raw["bf16"]])
     r.refuse("fp16", "budwood trains in bf16 or fp32; set bf16: true instead")
     r.refuse("pure_bf16", "budwood keeps the LoRA weights and optimizer state in fp32 under bf16; use bf16: true")
     r.set("training.gradient_checkpointing", not r.take("disable_gradient_checkpointing"))  # on by default there
@@ -283,6 +289,9 @@ def _training(r: KeyReader) -> None:
              "output_dir's last checkpoint")
     r.refuse("deepspeed", "budwood distributes with torchrun: training.distributed ddp or fsdp (docs/distributed.md)")
     r.note("ddp_timeout", "no effect on what budwood trains")
+    for dotted, value in DEFAULTS.items():
+        if r.get(dotted) is None and not (dotted == "training.warmup_ratio" and r.get("training.warmup_steps")):
+            r.set(dotted, value)
 
 
 def _output(r: KeyReader) -> None:

@@ -138,3 +138,19 @@ def test_convert_writes_budwood_yaml_that_loads_to_the_same_config(tmp_path):
 def test_budwood_configs_are_not_converted():
     cfg, converted = load_train_config(Path(__file__).resolve().parents[3] / "configs" / "tiny_company.yaml")
     assert converted is None and cfg.data.train is not None
+
+
+def test_keys_left_out_get_the_dialects_defaults_not_budwoods(tmp_path, monkeypatch):
+    _llama_factory_data(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lf.yaml").write_text("model_name_or_path: x/y\ndataset: identity\n")
+    t = load_train_config(tmp_path / "lf.yaml")[0].training
+    assert (t.learning_rate, t.scheduler, t.warmup_ratio, t.epochs, t.batch_size, t.max_seq_len, t.precision) == (
+        5e-5, "linear", 0.0, 3.0, 8, 2048, "fp32")
+    (tmp_path / "ax.yml").write_text("base_model: x/y\nadapter: lora\ndatasets: [{path: d.jsonl}]\n")
+    t = load_train_config(tmp_path / "ax.yml")[0].training
+    assert (t.warmup_ratio, t.warmup_steps, t.precision) == (0.0, None, "fp32")
+    (tmp_path / "ax2.yml").write_text("base_model: x/y\nadapter: lora\ndatasets: [{path: d.jsonl, "
+                                      "train_on_eos: all}]\nwarmup_steps: 5\n")
+    with pytest.raises(ConfigError, match="datasets\\[0\\].train_on_eos: 'all': budwood trains the end-of-turn"):
+        load_train_config(tmp_path / "ax2.yml")
