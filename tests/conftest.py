@@ -241,8 +241,11 @@ def evaluated_adapter(tmp_path_factory) -> Path:
     from budwood.eval.run import EvalConfig, run_eval
     from budwood.models.fingerprint import model_fingerprint
 
+    from budwood.train.outputs import portable_config
+
     path = make_random_adapter(tmp_path_factory.mktemp("evaluated") / "adapter", seed=7, r=8)
     (path / "README.md").unlink(missing_ok=True)  # peft's placeholder card
+    portable_config(path / "adapter_config.json", "budwood-tiny")  # the base's name, as training writes it
     (path / "budwood.json").write_text(json.dumps({
         "budwood_version": "0.1.0", "created": "2026-11-01T00:00:00Z",
         "base_model": {"name": "budwood-tiny", "fingerprint": model_fingerprint("budwood-tiny")}}))
