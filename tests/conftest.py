@@ -240,7 +240,6 @@ def evaluated_adapter(tmp_path_factory) -> Path:
     from budwood.eval.results import write_results
     from budwood.eval.run import EvalConfig, run_eval
     from budwood.models.fingerprint import model_fingerprint
-
     from budwood.train.outputs import portable_config
 
     path = make_random_adapter(tmp_path_factory.mktemp("evaluated") / "adapter", seed=7, r=8)

@@ -88,6 +88,9 @@ class DataConfig(_Strict):
         if (self.train is None) == (not self.sources):
             raise ValueError("give data.train (one file) or data.sources (several, with weights), "
                              + ("not both" if self.sources else "one of them"))
+        if self.sources and self.format != "auto":
+            raise ValueError(f"data.format is {self.format!r} but data.sources has its own: set the format of each "
+                             "source (data.sources[i].format)")
         return self
 
     @property
@@ -174,6 +177,10 @@ class TrainingConfig(_Strict):
 
     @model_validator(mode="after")
     def _method_settings(self) -> TrainingConfig:
+        for per_epoch, every in (("evals_per_epoch", "eval_every"), ("saves_per_epoch", "save_every")):
+            if getattr(self, per_epoch) is not None and every in self.model_fields_set \
+                    and getattr(self, every) != type(self).model_fields[every].default:
+                raise ValueError(f"training.{per_epoch} and training.{every} are both set; give one")
         adam = self.optimizer in ("adamw", "adamw_8bit", "paged_adamw_8bit")
         changed = {n for n in ("adam_beta1", "adam_beta2", "adam_epsilon", "momentum")
                    if getattr(self, n) != type(self).model_fields[n].default}  # a saved config repeats the defaults

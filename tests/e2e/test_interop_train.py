@@ -57,7 +57,7 @@ def test_axolotl_example_trains_with_its_own_settings(tmp_path):
 def test_loss_watchdog_stops_a_run_with_a_checkpoint(tmp_path):
     cfg, _ = load_train_config(AXOLOTL, _overrides(tmp_path, "training.loss_watchdog_threshold=0.01",
                                                    "training.loss_watchdog_patience=2"))
-    with pytest.raises(TrainingInterrupted, match="loss watchdog: the training loss stayed above 0.01 for 2 steps") \
+    with pytest.raises(TrainingInterrupted, match="^loss watchdog: the training loss stayed above 0.01 for 2 steps")\
             as e:
         train(cfg)
     assert e.value.step == 2 and e.value.checkpoint is not None and e.value.checkpoint.is_dir()

@@ -32,7 +32,7 @@ def train_cmd(
     """
     from budwood.interop import load_train_config
     from budwood.pipeline import train_adapter
-    from budwood.train.recipe import TrainingInterrupted
+    from budwood.train.recipe import StopReason, TrainingInterrupted
 
     sigterm_as_interrupt()
     cfg, converted = load_train_config(config, set_)
@@ -45,7 +45,7 @@ def train_cmd(
             adapter_dir = train_adapter(cfg, f"budwood train: {cfg.output_dir}", progress, resume=resume)
         except TrainingInterrupted as e:
             console.print(f"[yellow]{escape(str(e))}[/]")
-            raise typer.Exit(130) from None
+            raise typer.Exit(1 if e.reason is StopReason.LOSS_WATCHDOG else 130) from None
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
         out.print(f"adapter: {adapter_dir}")
 

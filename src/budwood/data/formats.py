@@ -351,6 +351,9 @@ def _loads(text: str, rec: _Record, code: str, where: str):
     except json.JSONDecodeError as e:
         rec.error(code, f"{where} is not valid JSON (column {e.colno}: {e.msg})")
         return None
+    except ValueError as e:  # an integer of over 4,300 digits
+        rec.error(code, f"{where} is not valid JSON ({str(e)[:200]})")
+        return None
 
 
 def _arguments(raw, rec: _Record, where: str) -> str | None:

@@ -66,10 +66,7 @@ class FieldMap:
         return bool(self.columns or self.message_fields or self.roles)
 
     def apply(self, obj: dict) -> dict:
-        out = dict(obj)
-        for ours, theirs in self.columns.items():
-            if theirs in out:
-                out[ours] = out.pop(theirs)
+        out = _renamed(obj, self.columns)
         for key in ("chosen", "rejected"):  # LLaMA-Factory's pairs hold one answer message each
             if isinstance(out.get(key), dict):
                 out[key] = [out[key]]
@@ -85,14 +82,25 @@ class FieldMap:
     def _message(self, turn, role_of: dict[str, str]):
         if not isinstance(turn, dict):
             return turn
-        turn = dict(turn)
-        for ours, theirs in self.message_fields.items():
-            if theirs in turn and theirs != ours:
-                turn[ours] = turn.pop(theirs)
+        turn = _renamed(turn, self.message_fields)
         for key in ("role", "from"):
             if isinstance(turn.get(key), str) and turn[key] in role_of:
                 turn[key] = role_of[turn[key]]
         return turn
+
+
+def _renamed(obj: dict, renames: dict[str, str]) -> dict:
+    """All renames at once (ours <- theirs), so {instruction: question, input: instruction} swaps rather than
+    chains; a key renamed onto replaces the one of that name."""
+    moved = {ours: obj[theirs] for ours, theirs in renames.items() if theirs in obj}
+    out = {k: v for k, v in obj.items() if k not in renames.values()}
+    out.update(moved)
+    return out
+
+
+# CSV columns whose cells may hold JSON, and which decoded shapes each takes (others stay text)
+STRUCTURED = {"messages": (list,), "conversations": (list,), "tools": (list,), "chosen": (list, dict, str),
+              "rejected": (list, dict, str), "prompt": (list,), "completion": (list,), "input": (dict,)}
 
 
 def is_hub_id(path: str) -> bool:
@@ -105,15 +113,19 @@ def read_records(path: str | Path, *, split: str = "train", subset: str | None =
     a bad record is yielded with its error so that all of a file's problems are reported at once."""
     text = str(path)
     p = Path(path)
+    csv_cells = False
     if p.is_dir():
         rows = _folder_rows(p, split)
     elif p.exists() or not is_hub_id(text):
         rows = _file_rows(p)
+        csv_cells = SUFFIXES.get(p.suffix.lower()) == "csv"
     else:
         rows = _hub_rows(text, split, subset)
     for rec in rows:
         if fields and isinstance(rec.obj, dict):
             rec.obj = fields.apply(rec.obj)
+        if csv_cells and isinstance(rec.obj, dict):
+            rec.obj = {k: _cell(v, STRUCTURED[k]) if k in STRUCTURED else v for k, v in rec.obj.items()}
         yield rec
 
 
@@ -128,6 +140,8 @@ def _file_rows(path: Path) -> Iterator[RawRecord]:
         raise DataError(f"{path}: no such data file") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a directory, expected a data file") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror or e.__class__.__name__})") from None
     if raw is None:
         raise DataError(f"{path}: a JSON file over {MAX_WHOLE_FILE_BYTES >> 20} MiB is parsed whole; write it as "
                         "JSONL (one record per line) instead")
@@ -148,9 +162,18 @@ def _parsed(line_bytes: bytes, line: int) -> RawRecord:
     if json_depth(line_bytes) > MAX_JSON_DEPTH:
         return RawRecord(line, error=("too_deep", f"arrays and objects nested deeper than {MAX_JSON_DEPTH} levels"))
     try:
-        return RawRecord(line, json.loads(text))
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
-        return RawRecord(line, error=("invalid_json", f"column {e.colno}: {e.msg}"))
+        return RawRecord(line + e.lineno - 1, error=("invalid_json", f"column {e.colno}: {e.msg}"))
+    except ValueError as e:  # an integer of over 4,300 digits
+        return RawRecord(line, error=("invalid_json", str(e)[:200]))
+    if b"\\u" in line_bytes:
+        try:
+            json.dumps(obj, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            return RawRecord(line, error=("invalid_unicode", "a lone UTF-16 surrogate escape (\\ud800-\\udfff) is not "
+                                          "text"))
+    return RawRecord(line, obj)
 
 
 def _jsonl_rows(raw: bytes) -> Iterator[RawRecord]:
@@ -163,7 +186,7 @@ def _json_rows(raw: bytes) -> Iterator[RawRecord]:
     """A JSON array of records (Alpaca's and LLaMA-Factory's files), or an object holding one under "data";
     records are numbered from 1 in place of lines. A file holding one JSON object per line is JSONL."""
     whole = _parsed(raw, 1)
-    if whole.error and whole.error[0] == "invalid_json" and raw.lstrip()[:1] == b"{":
+    if whole.error and "Extra data" in whole.error[1] and raw.lstrip()[:1] == b"{":
         yield from _jsonl_rows(raw)
         return
     if whole.error:
@@ -178,14 +201,20 @@ def _json_rows(raw: bytes) -> Iterator[RawRecord]:
         yield RawRecord(i, item)
 
 
-def _cell(value: str):
-    """CSV cells are text; one holding a JSON array or object (a messages list) is that value."""
+def _cell(value, shapes: tuple[type, ...]):
+    """CSV cells are text; one in a structured field (messages, conversations, tools, a pair's answers, a
+    conversational prompt, OpenAI's preference input) holding JSON of the shape that field takes is that
+    value. Anything else stays text, so an Alpaca answer that is JSON is trained as written."""
+    if not isinstance(value, str):
+        return value
     stripped = value.strip()
     if stripped[:1] in ("[", "{") and json_depth(stripped.encode()) <= MAX_JSON_DEPTH:
         try:
-            return json.loads(stripped)
-        except json.JSONDecodeError:
-            pass
+            decoded = json.loads(stripped)
+        except ValueError:
+            return value
+        if isinstance(decoded, shapes):
+            return decoded
     return value
 
 
@@ -204,7 +233,7 @@ def _csv_rows(raw: bytes) -> Iterator[RawRecord]:
                 yield RawRecord(reader.line_num, error=("csv_columns", f"{len(reader.fieldnames) + len(row[None])} "
                                                         f"cells for {len(reader.fieldnames)} header columns"))
                 continue
-            cells = {k: _cell(v) for k, v in row.items() if v is not None and v != ""}
+            cells = {k: v for k, v in row.items() if v is not None and v != ""}
             yield RawRecord(reader.line_num, cells)
     except csv.Error as e:
         yield RawRecord(reader.line_num, error=("invalid_csv", str(e)))
@@ -238,7 +267,7 @@ def _folder_rows(path: Path, split: str) -> Iterator[RawRecord]:
             loaded = datasets.load_dataset(str(path), keep_in_memory=True)
     except Exception as e:  # noqa: BLE001  (datasets raises many kinds for a folder it cannot read)
         raise DataError(f"{path}: not a dataset folder `datasets` can read ({e.__class__.__name__}: "
-                        f"{str(e).splitlines()[0][:200]})") from None
+                        f"{(str(e).splitlines() or [''])[0][:200]})") from None
     yield from _rows_of(_split_of(loaded, split, str(path)))
 
 
@@ -251,7 +280,7 @@ def _hub_rows(dataset_id: str, split: str, subset: str | None) -> Iterator[RawRe
     except Exception as e:  # noqa: BLE001  (network, auth and missing-split errors all mean: cannot read it)
         raise DataError(f"{dataset_id}: could not load this Hub dataset (split {split!r}"
                         f"{f', subset {subset!r}' if subset else ''}): {e.__class__.__name__}: "
-                        f"{str(e).splitlines()[0][:300]}") from None
+                        f"{(str(e).splitlines() or [''])[0][:300]}") from None
     yield from _rows_of(loaded)
 
 

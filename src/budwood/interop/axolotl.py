@@ -5,8 +5,10 @@ are honoured and noted; keys whose effect budwood cannot reproduce are refused w
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from budwood.data.sources import SUFFIXES
 from budwood.interop.keys import (
     OPTIMIZERS,
     PRECISION,
@@ -119,19 +121,26 @@ def _source(entry: Any, i: int, r: KeyReader) -> dict | None:
         return None
     entry = dict(entry)
     kind = entry.pop("type", None)
-    base_type = kind.split(".")[0] if isinstance(kind, str) else kind
-    if base_type not in DATASET_TYPES or (isinstance(kind, str) and "." in kind and base_type != "chat_template"):
+    if not (kind is None or isinstance(kind, str)) or kind not in DATASET_TYPES:
         r.fail(f"{where}.type", f"{kind!r}: budwood reads alpaca, chat_template and sharegpt data (or any form "
-               "budwood detects, with no type); convert the file, or name the type of its layout")
+               "budwood detects, with no type); custom prompt formats and preference strategies (chat_template.*, "
+               "chatml.*) are not read: convert the file to OpenAI's or TRL's form")
         return None
-    source: dict[str, Any] = {"path": str(entry.pop("path")), "format": DATASET_TYPES[base_type]}
+    path = str(entry.pop("path"))
+    ds_type = entry.pop("ds_type", None)
+    found = SUFFIXES.get(Path(path).suffix.lower())
+    if ds_type is not None and found is not None and ds_type != found and not (ds_type == "json" and found == "jsonl"):
+        r.fail(f"{where}.ds_type", f"{ds_type!r} but the file is named {Path(path).name}: budwood reads the kind "
+               "from the name; rename the file")
+    elif ds_type is not None and found is None and not Path(path).is_dir() and ds_type != "json":
+        r.fail(f"{where}.ds_type", f"{ds_type!r}: budwood reads the kind from the file name; name it .{ds_type}")
+    source: dict[str, Any] = {"path": path, "format": DATASET_TYPES[kind]}
     for theirs, ours in (("split", "split"), ("name", "subset")):
         if entry.get(theirs) is not None:
             source[ours] = entry.pop(theirs)
         entry.pop(theirs, None)
-    entry.pop("ds_type", None)  # json/csv/parquet: budwood reads the kind from the file name
-    if base_type == "chat_template":
-        _chat_template_fields(entry, source)
+    if kind == "chat_template":
+        _chat_template_fields(entry, source, r, where)
     for key in ("train_on_eos", "train_on_eot"):
         value = entry.pop(key, None)
         if value not in (None, "turn"):  # budwood trains each trained turn's end-of-turn token, as "turn" asks
@@ -143,7 +152,7 @@ def _source(entry: Any, i: int, r: KeyReader) -> dict | None:
     return source
 
 
-def _chat_template_fields(entry: dict, source: dict) -> None:
+def _chat_template_fields(entry: dict, source: dict, r: KeyReader, where: str) -> None:
     messages = entry.pop("field_messages", None) or "messages"
     if messages != "messages":
         source["columns"] = {"messages": messages}
@@ -155,7 +164,12 @@ def _chat_template_fields(entry: dict, source: dict) -> None:
     if mapping:
         entry["message_property_mappings"] = mapping
     roles = entry.pop("roles", None)
-    roles = {ours: as_list(names) for ours, names in (roles or {}).items()}
+    if roles is not None and not isinstance(roles, dict):
+        r.fail(f"{where}.roles", f"{roles!r}: expected a mapping of role to the names it has in the data")
+        roles = None
+    # Axolotl's default names ShareGPT's roles too: human -> user, gpt -> assistant
+    roles = {ours: as_list(names) for ours, names in roles.items()} if roles else {"user": ["human", "user"],
+                                                                                   "assistant": ["gpt", "assistant"]}
     if any(names != [ours] for ours, names in roles.items()):  # {user: [user]} renames nothing
         source["roles"] = roles
     if entry.get("roles_to_train") in (["assistant"], ["gpt"]):  # what budwood trains on anyway
@@ -175,11 +189,20 @@ def _data(r: KeyReader) -> None:
     tests = r.take("test_datasets")
     if tests is not None:
         tests = as_list(tests)
-        if len(tests) != 1 or not isinstance(tests[0], dict) or set(tests[0]) - {"path", "type", "split", "ds_type"}:
-            r.fail("test_datasets", "budwood validates on one file: give one entry with a path")
+        entry = tests[0] if len(tests) == 1 and isinstance(tests[0], dict) else {}
+        if not entry.get("path") or set(entry) - {"path", "type", "split"} or entry.get("split", "train") != "train" \
+                or entry.get("type") not in (None, "alpaca", "sharegpt"):
+            r.fail("test_datasets", "budwood validates on one file in a form it detects (alpaca, sharegpt, OpenAI "
+                   "chat): give one entry with a path, no split and no field mapping")
         else:
-            r.set("data.validation", str(tests[0]["path"]))
-    r.rename("val_set_size", "data.validation_split", as_float)
+            r.set("data.validation", str(entry["path"]))
+    share = as_float(r.take("val_set_size"))
+    if share is not None:
+        if isinstance(share, (int, float)) and not isinstance(share, bool) and 0 <= share < 0.5:
+            r.set("data.validation_split", float(share))
+        else:
+            r.fail("val_set_size", f"{share!r}: budwood holds out a share below 0.5 of the training data; give one, "
+                   "or a validation file as test_datasets")
     template = r.take("chat_template")
     if template is not None and template != "tokenizer_default":
         r.set("data.chat_template", template)
@@ -189,27 +212,30 @@ def _data(r: KeyReader) -> None:
              "template in the base's tokenizer_config.json (chat_template) or its chat_template.jinja")
     for key in ("dataset_prepared_path", "dataset_processes", "dataset_num_proc"):
         r.note(key, "budwood tokenises in memory once per run; " + SPEED_ONLY)
-    r.refuse("shuffle_merged_datasets", "budwood always shuffles each epoch (seeded); remove it",
-             unless=lambda v: v is True)
+    if r.flag("shuffle_merged_datasets", True) is not True:
+        r.fail("shuffle_merged_datasets", "false: budwood always shuffles each epoch (seeded); remove it")
     r.refuse("push_dataset_to_hub", "budwood does not upload data; remove it")
     r.refuse("train_on_inputs", "budwood trains on the assistant turns only; remove it or set it false")
 
 
 def _training(r: KeyReader) -> None:
-    r.rename("sequence_len", "training.max_seq_len")
     if r.take("sample_packing"):
         r.set("training.batching", "packed")
     r.note("eval_sample_packing", "budwood's validation loss is the same packed or padded (exact masks)")
     r.note("pad_to_sequence_len", "padding is masked out of the loss, so " + SPEED_ONLY)
     r.note("group_by_length", "budwood's padded batches are always grouped by length (the loss per example is "
            "the same; only the order differs)")
-    r.rename("micro_batch_size", "training.batch_size")
+    micro = r.integer("micro_batch_size", r.take("micro_batch_size", 1))  # Axolotl's defaults where unset
+    r.set("training.batch_size", micro)
     accumulation, total = r.take("gradient_accumulation_steps"), r.take("batch_size")
-    if accumulation is None and total is not None:
-        accumulation = max(1, int(total) // int(r.get("training.batch_size", 1)))
-    if accumulation is not None:
+    if accumulation is not None and total is not None:
+        r.fail("batch_size", "and gradient_accumulation_steps are both set; give one")
+    elif total is not None and (total := r.integer("batch_size", total)) is not None and micro:
+        r.set("training.gradient_accumulation", max(1, total // micro))
+    elif accumulation is not None:
         r.set("training.gradient_accumulation", accumulation)
-    r.rename("num_epochs", "training.epochs", as_float)
+    r.set("training.epochs", as_float(r.take("num_epochs", 1.0)))
+    r.set("training.max_seq_len", r.take("sequence_len", 512))
     r.rename("max_steps", "training.max_steps")
     r.choose("optimizer", "training.optimizer", OPTIMIZERS)
     for key in ("adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "learning_rate", "weight_decay",
@@ -221,7 +247,7 @@ def _training(r: KeyReader) -> None:
     r.choose("lr_scheduler", "training.scheduler", SCHEDULERS)
     r.take("bf16")
     value = r.raw.get("bf16")  # unset, as false, trains in fp32 there (budwood's own default is auto)
-    if value in PRECISION or value is None:
+    if value is None or (isinstance(value, (str, bool)) and value in PRECISION):
         r.set("training.precision", PRECISION.get(value, "fp32"))
     else:
         r.fail("bf16", f"{value!r}: expected true, false or auto")
@@ -230,9 +256,16 @@ def _training(r: KeyReader) -> None:
     r.rename("gradient_checkpointing", "training.gradient_checkpointing")
     r.note("gradient_checkpointing_kwargs", "budwood checkpoints each decoder layer its own way; " + SPEED_ONLY)
     r.rename("seed", "training.seed")
-    r.rename("eval_steps", "training.eval_every")
+    for key, dotted, per_epoch in (("eval_steps", "training.eval_every", "evals_per_epoch"),
+                                   ("save_steps", "training.save_every", "saves_per_epoch")):
+        value = as_float(r.take(key))
+        if isinstance(value, float) and 0 < value < 1:
+            r.fail(key, f"{value!r}: a fraction of the run; budwood counts steps: give {per_epoch} instead")
+        elif value is not None:
+            r.set(dotted, r.integer(key, value))
+        if r.has(per_epoch) and value is not None:
+            r.fail(per_epoch, f"and {key} are both set; give one")
     r.rename("evals_per_epoch", "training.evals_per_epoch")
-    r.rename("save_steps", "training.save_every")
     r.rename("saves_per_epoch", "training.saves_per_epoch")
     r.rename("save_total_limit", "training.keep_checkpoints")
     r.rename("loss_watchdog_threshold", "training.loss_watchdog_threshold", as_float)
@@ -259,9 +292,7 @@ def _method(r: KeyReader) -> None:
         r.fail("rl", f"{rl!r}: budwood's preference training is DPO (rl: dpo)")
         return
     r.set("training.method", "dpo")
-    beta = r.take("rl_beta", r.take("dpo_beta"))
-    if beta is not None:
-        r.set("training.dpo.beta", as_float(beta))
+    r.one_of(("rl_beta", "dpo_beta"), "training.dpo.beta", as_float)
     r.rename("rpo_alpha", "training.dpo.sft_weight", as_float)
     r.refuse("dpo_label_smoothing", "budwood's DPO has no label smoothing: remove it", unless=lambda v: v == 0)
 
@@ -274,7 +305,7 @@ def _logging(r: KeyReader) -> None:
         trackers.append("wandb")
         r.set("logging.wandb_project", str(project))
         r.rename("wandb_entity", "logging.wandb_entity", str)
-        r.rename("wandb_name", "logging.run_name", str)
+        r.one_of(("wandb_name", "mlflow_run_name"), "logging.run_name", str)
     if mode not in (None, "disabled", "online"):
         r.fail("wandb_mode", f"{mode!r}: set WANDB_MODE={mode} in the environment instead (wandb reads it)")
     r.refuse("wandb_watch", "budwood logs metrics, not gradients or parameters: remove it")
@@ -287,7 +318,8 @@ def _logging(r: KeyReader) -> None:
         trackers.append("mlflow")
     r.rename("mlflow_tracking_uri", "logging.mlflow_tracking_uri", str)
     r.rename("mlflow_experiment_name", "logging.mlflow_experiment", str)
-    r.rename("mlflow_run_name", "logging.run_name", str)
+    if r.get("logging.run_name") is None:
+        r.rename("mlflow_run_name", "logging.run_name", str)
     if trackers:
         r.set("logging.report_to", trackers)
     r.rename("logging_steps", "logging.every")

@@ -49,6 +49,28 @@ class KeyReader:
         value = self.raw.get(key)
         return default if unset(value) else value
 
+    def flag(self, key: str, default: Any = None) -> Any:
+        """The value as written, false included (take() reads false as "not used"): for keys whose false
+        asks for something."""
+        self.seen.add(key)
+        value = self.raw.get(key)
+        return default if value is None else value
+
+    def integer(self, key: str, value: Any) -> int | None:
+        """`value` as an int, or None after refusing `key` by name."""
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            self.fail(key, f"{value!r}: expected a whole number")
+            return None
+        try:
+            number = float(value)
+        except ValueError:
+            self.fail(key, f"{value!r}: expected a whole number")
+            return None
+        if not number.is_integer():
+            self.fail(key, f"{value!r}: expected a whole number")
+            return None
+        return int(number)
+
     def set(self, dotted: str, value: Any) -> None:
         node = self.native
         *parents, leaf = dotted.split(".")
@@ -75,7 +97,7 @@ class KeyReader:
         value = self.take(key)
         if value is None:
             return
-        if value in choices:
+        if isinstance(value, (str, int, float)) and value in choices:
             self.set(dotted, choices[value] if isinstance(choices, dict) else value)
         else:
             self.fail(key, f"{value!r}: budwood has {', '.join(sorted(choices))}")
@@ -96,6 +118,17 @@ class KeyReader:
 
     def fail(self, key: str, text: str) -> None:
         self.refusals.append(f"{key}: {text}")
+
+    def one_of(self, keys: tuple[str, ...], dotted: str, convert=None) -> None:
+        """Keys that say the same thing (rl_beta and dpo_beta): the one given, and a refusal if they disagree."""
+        values = {k: self.take(k) for k in keys}
+        given = {k: v for k, v in values.items() if v is not None}
+        if len({repr(v) for v in given.values()}) > 1:
+            self.fail(" and ".join(given), f"{', '.join(f'{v!r}' for v in given.values())}: they say the same thing "
+                      "differently; give one")
+        elif given:
+            value = next(iter(given.values()))
+            self.set(dotted, convert(value) if convert else value)
 
     def finish(self, known: tuple[str, ...] = ()) -> Converted:
         """Refuse every key not read (with a did-you-mean among the keys this reader knows), then raise all

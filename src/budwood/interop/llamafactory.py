@@ -77,20 +77,21 @@ def _model(r: KeyReader) -> None:
     r.note("trust_remote_code", "budwood never runs code from a model repository; architectures transformers "
            "knows load without it (one that needs it is refused when loading)")
     bits = r.take("quantization_bit")
-    method = r.take("quantization_method", "bitsandbytes")
+    method = r.take("quantization_method", "bnb")
     kind = r.take("quantization_type", "nf4")
-    double = r.take("double_quantization", True)
-    if bits is not None:
-        if method != "bitsandbytes":
+    double = r.flag("double_quantization", True)
+    if bits is not None and (bits := r.integer("quantization_bit", bits)) is not None:
+        if method not in ("bnb", "bitsandbytes"):
             r.fail("quantization_method", f"{method!r}: budwood quantises with bitsandbytes (or int8 on CPU)")
-        elif int(bits) == 4 and kind == "nf4":
+        elif bits == 4 and kind == "nf4":
             r.set("quantization", "nf4")
-        elif int(bits) == 8:
+        elif bits == 8:
             r.set("quantization", "int8")
         else:
             r.fail("quantization_bit", f"{bits!r} ({kind}): budwood has 4-bit nf4 and 8-bit")
-        if not double and int(bits) == 4:
-            r.fail("double_quantization", "budwood's nf4 always quantises the quantisation constants too; remove it")
+        if double is not True and bits == 4:
+            r.fail("double_quantization", f"{double!r}: budwood's nf4 always quantises the quantisation constants "
+                   "too; remove it")
 
 
 def _method(r: KeyReader) -> None:
@@ -109,13 +110,14 @@ def _method(r: KeyReader) -> None:
     else:
         for key in ("pref_beta", "pref_loss", "pref_ftx"):
             r.refuse(key, "set stage: dpo to use it")
-    r.refuse("do_train", "budwood train always trains", unless=lambda v: v is True)
+    if r.flag("do_train", True) is not True:
+        r.fail("do_train", "false: budwood train always trains; to evaluate, run budwood eval")
     for key in ("do_eval", "do_predict"):
         r.refuse(key, "evaluate the adapter afterwards: budwood eval OUTPUT_DIR")
     finetuning = r.take("finetuning_type", "lora")
     if finetuning != "lora":
         r.fail("finetuning_type", f"{finetuning!r}: budwood trains LoRA adapters (finetuning_type: lora)")
-    rank = int(r.take("lora_rank", 8))
+    rank = r.integer("lora_rank", r.take("lora_rank", 8)) or 8
     r.set("lora.r", rank)
     r.set("lora.alpha", as_float(r.take("lora_alpha", rank * 2)))
     r.set("lora.dropout", as_float(r.take("lora_dropout", 0.0)))
@@ -181,10 +183,20 @@ def _source(name: str, info: dict, folder: Path, stage: str, r: KeyReader, key: 
         source["format"] = "sharegpt" if not ranking else "auto"
         messages = columns.pop("messages", "conversations")
         renames = {"prompt" if ranking else "conversations": messages}
-        for extra in ("system", "tools", *(("chosen", "rejected") if ranking else ())):
+        for extra in ("chosen", "rejected") if ranking else ("system", "tools"):
             if extra in columns:
                 renames[extra] = columns.pop(extra)
-        source["columns"] = renames
+        if ranking:
+            for extra in ("system", "tools"):  # TRL's pair form has no place for them: refused below, not dropped
+                if extra in columns:
+                    r.fail(where, f"columns.{extra}: budwood's preference pairs carry no separate {extra}; put it in "
+                           "the conversation")
+                    columns.pop(extra)
+            for tag in ("observation_tag", "function_tag"):
+                if tag in tags:
+                    r.fail(where, f"tags.{tag}: budwood's preference pairs have no tool turns")
+                    tags.pop(tag)
+        source["columns"] = {ours: theirs for ours, theirs in renames.items() if ours != theirs}
         fields = {ours: tags.pop(theirs) for theirs, ours in SHAREGPT_TAGS.items() if theirs in tags}
         roles = {ours: [tags.pop(theirs)] for theirs, ours in SHAREGPT_ROLES.items() if theirs in tags}
         if ranking:  # the pair becomes TRL's conversational form: role/content, user/assistant
@@ -225,7 +237,13 @@ def _data(r: KeyReader) -> None:
                    "without column renames")
         else:
             r.set("data.validation", found[0]["path"])
-    r.rename("val_size", "data.validation_split", as_float)
+    share = as_float(r.take("val_size"))
+    if share is not None:
+        if isinstance(share, (int, float)) and not isinstance(share, bool) and 0 <= share < 0.5:
+            r.set("data.validation_split", float(share))
+        else:
+            r.fail("val_size", f"{share!r}: budwood holds out a share below 0.5 of the training data; give one, or "
+                   "an eval_dataset")
     template = r.take("template")
     if template is not None:
         r.set("data.chat_template", str(template))
@@ -267,8 +285,11 @@ def _training(r: KeyReader) -> None:
     r.choose("lr_scheduler_type", "training.scheduler", SCHEDULERS)
     r.choose("optim", "training.optimizer", OPTIMIZERS)
     r.take("bf16")
-    if r.raw.get("bf16") in PRECISION:
-        r.set("training.precision", PRECISION[r.raw["bf16"]])
+    value = r.raw.get("bf16")
+    if isinstance(value, (str, bool)) and value in PRECISION:
+        r.set("training.precision", PRECISION[value])
+    elif value is not None:
+        r.fail("bf16", f"{value!r}: expected true or false")
     r.refuse("fp16", "budwood trains in bf16 or fp32; set bf16: true instead")
     r.refuse("pure_bf16", "budwood keeps the LoRA weights and optimizer state in fp32 under bf16; use bf16: true")
     r.set("training.gradient_checkpointing", not r.take("disable_gradient_checkpointing"))  # on by default there

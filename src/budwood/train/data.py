@@ -58,7 +58,10 @@ def mix_sources(sources: list, pools: list[list[Example]], seed: int) -> list[Ex
         if take:
             rng = random.Random(f"{seed}:{i}:{source.path}")
             mixed += [examples[j] for j in sorted(rng.sample(range(len(examples)), take))]
-        if not examples or (not whole and not take):
+        if not examples:
+            raise DataError(f"{source.path}: no examples left to train on (after data.validation_split and "
+                            "max_examples)")
+        if not whole and not take:
             raise DataError(f"{source.path}: weight {source.weight} of {len(examples)} examples leaves none to "
                             "train on; raise its weight")
     return mixed
@@ -126,7 +129,8 @@ def prepare_data(config: TrainConfig, tokenizer) -> PreparedData:
     if augmented is not convs:  # what was trained on, recipes included
         fingerprints["train"]["augmented"] = {"examples": len(augmented), "fingerprint": data_fingerprint(augmented)}
     if val_convs:
-        fingerprints["validation"] = {"path": str(dc.validation or dc.train), "examples": len(val_convs),
+        fingerprints["validation"] = {"path": str(dc.validation or dc.train or "data.sources"),
+                                      "examples": len(val_convs),
                                       "fingerprint": data_fingerprint(val_convs),
                                       "split": dc.validation_split if val_ds is None else None}
     return PreparedData(train, validation, fingerprints, issues, reliability)

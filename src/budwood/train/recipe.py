@@ -63,6 +63,7 @@ class Stopped:
 
     reason: StopReason | str
     signal: bool
+    detail: str | None = None  # what happened, where the reason alone does not say (the loss watchdog's numbers)
 
 
 class Progress(Protocol):
@@ -390,7 +391,10 @@ class TrainingRun:
                     self._validate()
                 if step % self.save_every == 0 and step < self.total_steps:
                     self.checkpoint()
-                reason = self._loss_watchdog(result) or self._stop_requested()
+                watchdog = self._loss_watchdog(result)
+                if watchdog:
+                    return Stopped(StopReason.LOSS_WATCHDOG, signal=False, detail=watchdog)
+                reason = self._stop_requested()
                 if reason:
                     return Stopped(reason, signal=False)
         except KeyboardInterrupt:
@@ -406,8 +410,8 @@ class TrainingRun:
         self.high_loss_steps = self.high_loss_steps + 1 if result.train_loss > threshold else 0
         if self.high_loss_steps < self.t.loss_watchdog_patience:
             return None
-        return (f"{StopReason.LOSS_WATCHDOG}: the training loss stayed above {threshold} for "
-                f"{self.high_loss_steps} steps (training.loss_watchdog_threshold)")
+        return (f"the training loss stayed above {threshold} for {self.high_loss_steps} steps "
+                "(training.loss_watchdog_threshold)")
 
     def step(self) -> StepResult:
         """One optimizer step over the next gradient_accumulation micro-batches of the plan. The loss is
@@ -529,6 +533,10 @@ class TrainingRun:
         save = self.state.step > 0 and (self.strategy.saves_on_signal or not stopped.signal)
         path = self.checkpoint() if save else None
         self.metrics.close()
+        if reason is StopReason.LOSS_WATCHDOG:  # a diverged run: continuing it is not the advice
+            raise TrainingInterrupted(f"{reason}: {stopped.detail}; stopped at step {self.state.step}, checkpoint "
+                                      f"{path}; lower the learning rate or raise the threshold and train again",
+                                      step=self.state.step, checkpoint=path, reason=reason)
         raise TrainingInterrupted(f"{reason} at step {self.state.step}; " + (
             f"checkpoint saved to {path}; run again with --resume to continue" if path
             else "nothing to save yet"), step=self.state.step, checkpoint=path, reason=reason)

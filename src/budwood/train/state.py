@@ -98,9 +98,9 @@ def resume_hash(config: TrainConfig) -> str:
     resolved.pop("output_dir", None)
     resolved.pop("init_adapter", None)  # checked by its fingerprint, as the data is
     # keys added since checkpoints were first written, at their defaults: those checkpoints still resume
-    for key, default in (("sources", []), ("chat_template", None)):
-        if resolved["data"].get(key, default) == default:
-            resolved["data"].pop(key, None)
+    resolved["data"].pop("chat_template", None)  # a check before training, not a setting of it
+    if resolved["data"].get("sources") == []:
+        resolved["data"].pop("sources")
     if resolved.get("quantization") == "none":
         resolved.pop("quantization")
     if resolved["training"].get("method") == "sft" and resolved["training"].get("dpo") is None:

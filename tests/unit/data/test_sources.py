@@ -101,3 +101,34 @@ def test_sharegpt_preference_pairs_read_as_trl_pairs(tmp_path):
                       {"user": ("human",), "assistant": ("gpt",)})
     ds = read_dataset(tmp_path / "p.json", fields=fields)
     assert ds.kind == "preference" and ds.examples[0].chosen[-1].content == "Paris."
+
+
+def test_hostile_values_are_errors_with_their_line_not_tracebacks(tmp_path):
+    good = json.dumps(chat_rows(1, "q", "a")[0])
+    path = tmp_path / "h.jsonl"
+    path.write_text("\n".join([good, '{"messages": ' + "1" * 5000 + "}",
+                               '{"messages": [{"role": "user", "content": "\\ud800"}, '
+                               '{"role": "assistant", "content": "a"}]}']))
+    ds = read_dataset(path, raise_errors=False)
+    assert [(e.line, e.code) for e in ds.errors] == [(2, "invalid_json"), (3, "invalid_unicode")]
+    pretty = tmp_path / "p.json"
+    pretty.write_text(json.dumps(ALPACA, indent=2)[:-30] + "\n  oops\n]")
+    err = read_dataset(pretty, raise_errors=False).errors[0]
+    assert err.code == "invalid_json" and err.line == 24  # the line of the damage, not 1
+    with pytest.raises(DataError, match="cannot read it"):
+        read_dataset(tmp_path / "h.jsonl" / "x.jsonl")
+
+
+def test_csv_json_cells_decode_only_where_the_format_takes_structure(tmp_path):
+    path = tmp_path / "j.csv"
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["instruction", "output"])
+        w.writerow(["Give JSON.", '{"name": "x"}'])
+    assert read_dataset(path).examples[0].messages[-1].content == '{"name": "x"}'
+
+
+def test_renames_happen_at_once_not_in_a_chain():
+    fields = FieldMap({"instruction": "question", "input": "instruction"})
+    assert fields.apply({"question": "Q", "instruction": "I", "output": "O"}) == {
+        "output": "O", "instruction": "Q", "input": "I"}

@@ -154,3 +154,51 @@ def test_keys_left_out_get_the_dialects_defaults_not_budwoods(tmp_path, monkeypa
                                       "train_on_eos: all}]\nwarmup_steps: 5\n")
     with pytest.raises(ConfigError, match="datasets\\[0\\].train_on_eos: 'all': budwood trains the end-of-turn"):
         load_train_config(tmp_path / "ax2.yml")
+
+
+def test_odd_values_and_pairs_that_disagree_are_refused_by_name_not_crashes(tmp_path, monkeypatch):
+    (tmp_path / "ax.yml").write_text(
+        "base_model: x/y\nadapter: lora\ndatasets:\n  - path: d.jsonl\n    type: {field_instruction: q}\n"
+        "  - path: e.txt\n    ds_type: csv\n  - path: f.jsonl\n    type: chat_template.default\n"
+        "optimizer: [adamw]\nbf16: [true]\nmicro_batch_size: 2x\nval_set_size: 200\neval_steps: 0.1\n"
+        "rl: dpo\nrl_beta: 0.1\ndpo_beta: 0.2\nshuffle_merged_datasets: false\n"
+        "batch_size: 16\ngradient_accumulation_steps: 2\n")
+    with pytest.raises(ConfigError) as e:
+        convert(tmp_path / "ax.yml")
+    text = str(e.value)
+    for expected in ("datasets[0].type: {'field_instruction': 'q'}", "datasets[1].ds_type: 'csv': budwood reads",
+                     "datasets[2].type: 'chat_template.default'", "optimizer: ['adamw']", "bf16: [True]",
+                     "micro_batch_size: '2x': expected a whole number", "val_set_size: 200: budwood holds out",
+                     "eval_steps: 0.1",
+                     "rl_beta and dpo_beta: 0.1, 0.2", "shuffle_merged_datasets: false",
+                     "batch_size: and gradient_accumulation_steps are both set"):
+        assert expected in text, expected
+    _llama_factory_data(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lf.yaml").write_text("model_name_or_path: x/y\ndataset: identity\nquantization_bit: 4\n"
+                                      "quantization_method: bnb\ndouble_quantization: false\ndo_train: false\n"
+                                      "lora_rank: 8x\nbf16: 'yes'\nval_size: 100\n")
+    with pytest.raises(ConfigError) as e:
+        convert(tmp_path / "lf.yaml")
+    text = str(e.value)
+    for expected in ("double_quantization: False", "do_train: false", "lora_rank: '8x'", "bf16: 'yes'",
+                     "val_size: 100: budwood holds out"):
+        assert expected in text, expected
+    assert "quantization_method" not in text  # bnb is LLaMA-Factory's name for bitsandbytes
+
+
+def test_axolotl_chat_template_data_with_sharegpt_roles_reads_by_default(tmp_path):
+    from budwood.data.formats import read_dataset
+
+    rows = [{"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]}
+            for i in range(2)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "ax.yml").write_text(
+        f"base_model: x/y\nadapter: lora\ndatasets:\n  - path: {tmp_path / 'd.jsonl'}\n    type: chat_template\n"
+        "    field_messages: conversations\n    message_property_mappings: {role: from, content: value}\n")
+    cfg, _ = load_train_config(tmp_path / "ax.yml")
+    source = cfg.data.sources[0]
+    ds = read_dataset(source.path, source.format, fields=source.field_map())
+    assert [(m.role, m.content) for m in ds.examples[1].messages] == [("user", "q1"), ("assistant", "a1")]
+    t = cfg.training  # Axolotl's defaults for what the file leaves out
+    assert (t.batch_size, t.epochs, t.max_seq_len) == (1, 1.0, 512)

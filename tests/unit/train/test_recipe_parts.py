@@ -105,8 +105,12 @@ def test_the_loss_watchdog_stops_after_patience_steps_above_its_threshold(tmp_pa
     """Axolotl's loss_watchdog_threshold/patience: every step's loss here is 1.0."""
     run = _Run(tmp_path, total=10, loss_watchdog_threshold=0.5, loss_watchdog_patience=3)
     stopped = run.train()
-    assert run.state.step == 3 and stopped.reason.startswith("loss watchdog: the training loss stayed above 0.5 for "
-                                                             "3 steps") and not stopped.signal
+    assert run.state.step == 3 and stopped.reason is StopReason.LOSS_WATCHDOG and not stopped.signal
+    assert stopped.detail.startswith("the training loss stayed above 0.5 for 3 steps")
+    with pytest.raises(TrainingInterrupted, match="^loss watchdog: the training loss stayed above 0.5 for 3 steps.*"
+                                                  "lower the learning rate") as e:
+        run.interrupt(stopped)
+    assert e.value.reason is StopReason.LOSS_WATCHDOG
     assert _Run(tmp_path, total=4, loss_watchdog_threshold=2.0).train() is None  # never above it
 
 
